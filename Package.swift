@@ -1,0 +1,73 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strictSwift: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "DeviceMapper",
+    products: [
+        .library(name: "DeviceMapper", targets: ["DeviceMapper"]),
+        .executable(name: "dm-bench", targets: ["dm-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // libdevmapper and the kernel's loop and block-device headers.
+        .systemLibrary(
+            name: "CDeviceMapper",
+            pkgConfig: "devmapper",
+            providers: [.apt(["libdevmapper-dev"])]
+        ),
+        // The one compiled C file: libdevmapper's variadic log callback.
+        .target(
+            name: "CDeviceMapperShims",
+            dependencies: ["CDeviceMapper"]
+        ),
+        .target(
+            name: "DeviceMapper",
+            dependencies: [
+                "CDeviceMapper",
+                "CDeviceMapperShims",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .executableTarget(
+            name: "dm-bench",
+            dependencies: [
+                "DeviceMapper",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "DeviceMapperTests",
+            dependencies: [
+                "DeviceMapper",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "DeviceMapperPrivilegedTests",
+            dependencies: [
+                "DeviceMapper",
+                "CDeviceMapper",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,20 @@
+// Calls glibc declares only under _GNU_SOURCE.
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+#include "CDeviceMapperShims.h"
+
+ssize_t CDeviceMapperShims_copyFileRange(int inputFD, int64_t *inputOffset,
+                                         int outputFD, int64_t *outputOffset,
+                                         size_t count) {
+    loff_t in = *inputOffset, out = *outputOffset;
+    ssize_t copied = copy_file_range(inputFD, &in, outputFD, &out, count, 0);
+    *inputOffset = in;
+    *outputOffset = out;
+    return copied;
+}
+
+int CDeviceMapperShims_renameNoReplace(const char *from, const char *to) {
+    return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE);
+}

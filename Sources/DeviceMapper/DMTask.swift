@@ -1,0 +1,174 @@
+// The thin layer over libdevmapper's dm_task API: one task value per ioctl,
+// destroyed on every path, and nothing else. The domain logic is in
+// DeviceMapperControl.swift and above.
+
+import CDeviceMapper
+import SystemPackage
+
+/// The device-mapper ioctls this library issues, with the names errors print.
+enum DMTaskType: Sendable {
+    case create, remove, info, list, table, status, version
+
+    var rawValue: CInt {
+        switch self {
+        case .create: CInt(DM_DEVICE_CREATE)
+        case .remove: CInt(DM_DEVICE_REMOVE)
+        case .info: CInt(DM_DEVICE_INFO)
+        case .list: CInt(DM_DEVICE_LIST)
+        case .table: CInt(DM_DEVICE_TABLE)
+        case .status: CInt(DM_DEVICE_STATUS)
+        case .version: CInt(DM_DEVICE_VERSION)
+        }
+    }
+
+    var name: String {
+        switch self {
+        case .create: "DM_DEVICE_CREATE"
+        case .remove: "DM_DEVICE_REMOVE"
+        case .info: "DM_DEVICE_INFO"
+        case .list: "DM_DEVICE_LIST"
+        case .table: "DM_DEVICE_TABLE"
+        case .status: "DM_DEVICE_STATUS"
+        case .version: "DM_DEVICE_VERSION"
+        }
+    }
+}
+
+/// One line of a device-mapper table or status: a target over a range of sectors.
+public struct DMTarget: Hashable, Sendable, CustomStringConvertible {
+    public var startSector: UInt64
+    public var lengthSectors: UInt64
+    /// The target type, e.g. `snapshot` or `linear`.
+    public var type: String
+    /// The table's parameters for `DM_DEVICE_TABLE`, the status text for `DM_DEVICE_STATUS`.
+    public var parameters: String
+
+    public init(startSector: UInt64, lengthSectors: UInt64, type: String, parameters: String) {
+        self.startSector = startSector
+        self.lengthSectors = lengthSectors
+        self.type = type
+        self.parameters = parameters
+    }
+
+    /// The line as `dmsetup table` prints it: `start length type parameters`.
+    public var description: String { "\(startSector) \(lengthSectors) \(type) \(parameters)" }
+}
+
+/// What `DM_DEVICE_INFO` (or any task's `dm_task_get_info`) says about a device.
+public struct DMDeviceInfo: Hashable, Sendable {
+    public var number: DeviceNumber
+    public var openCount: Int32
+    public var targetCount: Int32
+    public var isSuspended: Bool
+    public var isReadOnly: Bool
+    public var hasLiveTable: Bool
+    /// A deferred remove is pending: the device goes when its last opener closes it.
+    public var hasDeferredRemove: Bool
+}
+
+/// One `struct dm_task`, destroyed when the value goes away.
+struct DMTask: ~Copyable {
+    let handle: OpaquePointer
+    let type: DMTaskType
+
+    /// `nil` when libdevmapper cannot make a task; on a kernel without device-mapper
+    /// that is the only sign, and passing NULL on would crash inside libdevmapper.
+    /// The corresponding C function is `dm_task_create`.
+    init?(_ type: DMTaskType) {
+        guard let handle = dm_task_create(type.rawValue) else { return nil }
+        self.handle = handle
+        self.type = type
+    }
+
+    deinit { dm_task_destroy(handle) }
+
+    /// The corresponding C function is `dm_task_set_name`.
+    func setName(_ name: DeviceName) -> Bool { dm_task_set_name(handle, name.rawValue) != 0 }
+
+    /// The corresponding C function is `dm_task_add_target`.
+    func addTarget(_ target: DMTarget) -> Bool {
+        dm_task_add_target(handle, target.startSector, target.lengthSectors, target.type, target.parameters) != 0
+    }
+
+    /// The corresponding C function is `dm_task_set_cookie`.
+    func setCookie(_ cookie: inout UInt32, flags: UInt16) -> Bool { dm_task_set_cookie(handle, &cookie, flags) != 0 }
+
+    /// Skips the open-count query that libdevmapper would otherwise add.
+    /// The corresponding C function is `dm_task_no_open_count`.
+    func skipOpenCount() -> Bool { dm_task_no_open_count(handle) != 0 }
+
+    /// The corresponding C function is `dm_task_set_ro`.
+    func setReadOnly() -> Bool { dm_task_set_ro(handle) != 0 }
+
+    /// The corresponding C function is `dm_task_deferred_remove`.
+    func setDeferredRemove() -> Bool { dm_task_deferred_remove(handle) != 0 }
+
+    /// The corresponding C function is `dm_task_set_add_node`.
+    func addNodeOnCreate() -> Bool { dm_task_set_add_node(handle, DM_ADD_NODE_ON_CREATE) != 0 }
+
+    /// Issues the ioctl(s).
+    /// The corresponding C function is `dm_task_run`.
+    func run() -> Bool { dm_task_run(handle) != 0 }
+
+    /// The errno of the task's last ioctl, or nil if it had none.
+    /// The corresponding C function is `dm_task_get_errno`.
+    var errno: Errno? {
+        let value = dm_task_get_errno(handle)
+        return value == 0 ? nil : Errno(rawValue: value)
+    }
+
+    /// The device's state after `run`, or nil if it does not exist.
+    /// The corresponding C function is `dm_task_get_info`.
+    func info() -> DMDeviceInfo? {
+        var info = dm_info()
+        guard dm_task_get_info(handle, &info) != 0, info.exists != 0 else { return nil }
+        return DMDeviceInfo(
+            number: DeviceNumber(major: info.major, minor: info.minor),
+            openCount: info.open_count,
+            targetCount: info.target_count,
+            isSuspended: info.suspended != 0,
+            isReadOnly: info.read_only != 0,
+            hasLiveTable: info.live_table != 0,
+            hasDeferredRemove: info.deferred_remove != 0)
+    }
+
+    /// The names and device numbers a `DM_DEVICE_LIST` returned.
+    /// The corresponding C function is `dm_task_get_names`.
+    func names() -> [(name: String, number: DeviceNumber)] {
+        guard var entry = dm_task_get_names(handle), entry.pointee.dev != 0 else { return [] }
+        var result: [(name: String, number: DeviceNumber)] = []
+        while true {
+            let name = String(cString: CDeviceMapper_dm_names_name(entry))
+            result.append((name, DeviceNumber(rawValue: entry.pointee.dev)))
+            let next = entry.pointee.next
+            if next == 0 { break }
+            entry = UnsafeMutableRawPointer(entry).advanced(by: Int(next)).assumingMemoryBound(to: dm_names.self)
+        }
+        return result
+    }
+
+    /// The target lines a `DM_DEVICE_TABLE` or `DM_DEVICE_STATUS` returned.
+    /// The corresponding C function is `dm_get_next_target`.
+    func targets() -> [DMTarget] {
+        var result: [DMTarget] = []
+        var next: UnsafeMutableRawPointer? = nil
+        repeat {
+            var start: UInt64 = 0, length: UInt64 = 0
+            var type: UnsafeMutablePointer<CChar>? = nil, parameters: UnsafeMutablePointer<CChar>? = nil
+            next = dm_get_next_target(handle, next, &start, &length, &type, &parameters)
+            if let type {
+                result.append(DMTarget(
+                    startSector: start, lengthSectors: length, type: String(cString: type),
+                    parameters: parameters.map { String(cString: $0) } ?? ""))
+            }
+        } while next != nil
+        return result
+    }
+}
+
+/// Waits until udev has processed the events of the task that set `cookie`, then
+/// lets libdevmapper create or remove `/dev/mapper` nodes itself where udev does not.
+/// The corresponding C function is `dm_udev_wait`.
+func dmUdevWait(_ cookie: UInt32) {
+    _ = dm_udev_wait(cookie)
+}

@@ -1,0 +1,250 @@
+// Device-mapper devices by name: create with a table, remove (with bounded
+// retries on EBUSY), info, list, table and status. Each call is one or two
+// dm_task runs (DMTask.swift), serialised process-wide, with libdevmapper's
+// log lines and the kernel's errno turned into a DeviceMapperError.
+
+import CDeviceMapper
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Logging
+import Synchronization
+import SystemPackage
+
+/// Flags that tell udev's device-mapper rules what to skip for a device
+/// (`DM_UDEV_*_FLAG`, passed with the udev cookie).
+public struct DMUdevFlags: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+
+    /// In: no blkid scan or `/dev/disk/by-*` links (`DM_UDEV_DISABLE_DISK_RULES_FLAG`).
+    /// A scan that holds the device open is the usual cause of `EBUSY` on remove.
+    public static let disableDiskRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_DISK_RULES_FLAG))
+    /// In: no rules of other packages, such as LVM or multipath (`DM_UDEV_DISABLE_OTHER_RULES_FLAG`).
+    public static let disableOtherRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_OTHER_RULES_FLAG))
+    /// In: no subsystem rules (`DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG`).
+    public static let disableSubsystemRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG))
+
+    /// What sandbox devices use: udev makes the node and scans nothing.
+    public static let sandboxDevice: DMUdevFlags = [.disableDiskRules, .disableOtherRules, .disableSubsystemRules]
+}
+
+/// How `DeviceMapperControl.remove` retries a device that is busy.
+public struct BusyRetryPolicy: Sendable, Hashable {
+    /// Attempts in all, the first included.
+    public var attempts: Int
+    /// The pause between attempts, in microseconds.
+    public var intervalMicroseconds: UInt32
+
+    public init(attempts: Int, intervalMicroseconds: UInt32) {
+        self.attempts = max(1, attempts)
+        self.intervalMicroseconds = intervalMicroseconds
+    }
+
+    /// 20 attempts 50 ms apart: about one second, then `EBUSY` is the answer.
+    public static let `default` = BusyRetryPolicy(attempts: 20, intervalMicroseconds: 50_000)
+    /// One attempt.
+    public static let none = BusyRetryPolicy(attempts: 1, intervalMicroseconds: 0)
+}
+
+/// A device-mapper device as `DM_DEVICE_LIST` reports it.
+public struct DMListedDevice: Hashable, Sendable {
+    public var name: String
+    public var number: DeviceNumber
+    /// The type of the live table's first target, e.g. `snapshot`; nil if it has no live table.
+    public var targetType: String?
+}
+
+/// Only one thread at a time calls into libdevmapper: it keeps process-wide state
+/// (its list of pending `/dev/mapper` node operations, its control descriptor and
+/// its log routing) without locks of its own.
+private let libdevmapperCallLock = Mutex<Void>(())
+
+/// Operations on device-mapper devices through `/dev/mapper/control`.
+public enum DeviceMapperControl {
+    private static let logger = Logger(label: "DeviceMapper.DeviceMapperControl")
+
+    /// Throws `.deviceMapperUnavailable` with a plain explanation if the running kernel has
+    /// no device-mapper driver; else returns. Reads `/proc/misc` and opens the control node:
+    /// the node's mere existence proves nothing, as libdevmapper creates it by itself.
+    public static func checkAvailable() throws(DeviceMapperError) {
+        if let error = unavailabilityError(operation: "open /dev/mapper/control") { throw error }
+    }
+
+    /// The kernel's device-mapper driver version, e.g. `4.47.0`.
+    /// The corresponding ioctl is `DM_VERSION`.
+    public static func driverVersion() throws(DeviceMapperError) -> String {
+        try run(.version, subject: nil) { _ in true } result: { task in
+            var buffer = [UInt8](repeating: 0, count: 64)
+            _ = buffer.withUnsafeMutableBytes { bytes in
+                dm_task_get_driver_version(task.handle, bytes.baseAddress!.assumingMemoryBound(to: CChar.self), bytes.count)
+            }
+            return String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self)
+        }
+    }
+
+    /// Creates device `name`, loads `targets` and resumes it, so it is ready to use.
+    ///
+    /// When udev runs, waits on a udev cookie until udev has made `/dev/mapper/<name>`;
+    /// when it does not, libdevmapper makes the node itself. If the table fails to
+    /// load, libdevmapper removes the half-made device. `EEXIST` means the name is taken.
+    /// The corresponding ioctls are `DM_DEV_CREATE`, `DM_TABLE_LOAD` and `DM_DEV_SUSPEND`.
+    @discardableResult
+    public static func create(
+        name: DeviceName, targets: [DMTarget], readOnly: Bool = false, udevFlags: DMUdevFlags = .sandboxDevice
+    ) throws(DeviceMapperError) -> DMDeviceInfo {
+        let info = try run(.create, subject: name.rawValue, udevFlags: udevFlags) { task in
+            guard task.setName(name), task.skipOpenCount(), task.addNodeOnCreate() else { return false }
+            if readOnly && !task.setReadOnly() { return false }
+            for target in targets where !task.addTarget(target) { return false }
+            return true
+        } result: { task in
+            task.info()
+        }
+        guard let info else {
+            throw DeviceMapperError(code: .unexpectedKernelOutput, operation: "dm_task_get_info(DM_DEVICE_CREATE)",
+                                    subject: name.rawValue, detail: "the device was created but reports no info")
+        }
+        return info
+    }
+
+    /// Removes device `name`. While it is busy (`EBUSY`: someone holds it open) the
+    /// remove is retried as `retry` says, then fails with `errno == .resourceBusy` and
+    /// the device is left as it was. A missing device fails with `.deviceNotFound`
+    /// (`ENXIO`). With `deferred`, a busy device is removed by the kernel when its
+    /// last opener closes it, and the call returns at once.
+    /// The corresponding ioctl is `DM_DEV_REMOVE`.
+    public static func remove(
+        name: DeviceName, deferred: Bool = false, retry: BusyRetryPolicy = .default,
+        udevFlags: DMUdevFlags = .sandboxDevice
+    ) throws(DeviceMapperError) {
+        var attempt = 1
+        while true {
+            do {
+                try run(.remove, subject: name.rawValue, udevFlags: udevFlags) { task in
+                    guard task.setName(name), task.skipOpenCount() else { return false }
+                    return !deferred || task.setDeferredRemove()
+                } result: { _ in () }
+                return
+            } catch let error where error.errno == .resourceBusy && attempt < retry.attempts {
+                logger.debug("device busy, retrying remove", metadata: ["name": "\(name)", "attempt": "\(attempt)"])
+                attempt += 1
+                usleep(retry.intervalMicroseconds)
+            }
+        }
+    }
+
+    /// The device's state, or nil if no device has that name.
+    /// The corresponding ioctl is `DM_DEV_STATUS`.
+    public static func info(name: DeviceName) throws(DeviceMapperError) -> DMDeviceInfo? {
+        try run(.info, subject: name.rawValue) { task in task.setName(name) } result: { task in task.info() }
+    }
+
+    /// Whether a device named `name` exists.
+    public static func exists(name: DeviceName) throws(DeviceMapperError) -> Bool {
+        try info(name: name) != nil
+    }
+
+    /// Every device-mapper device, with its first target's type when `withTargetTypes`.
+    /// The corresponding ioctls are `DM_LIST_DEVICES`, then `DM_TABLE_STATUS` per device.
+    public static func list(withTargetTypes: Bool = true) throws(DeviceMapperError) -> [DMListedDevice] {
+        let names = try run(.list, subject: nil) { _ in true } result: { task in task.names() }
+        var devices: [DMListedDevice] = []
+        for (name, number) in names {
+            var targetType: String? = nil
+            if withTargetTypes, let validName = try? DeviceName(name) {
+                do {
+                    targetType = try table(name: validName).first?.type
+                } catch where error.code == .deviceNotFound {
+                    continue  // Removed since the list was taken.
+                }
+            }
+            devices.append(DMListedDevice(name: name, number: number, targetType: targetType))
+        }
+        return devices
+    }
+
+    /// The device's live table.
+    /// The corresponding ioctl is `DM_TABLE_STATUS` (table form).
+    public static func table(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
+        try run(.table, subject: name.rawValue) { task in
+            task.setName(name) && task.skipOpenCount()
+        } result: { task in task.targets() }
+    }
+
+    /// The device's status lines, one per target.
+    /// The corresponding ioctl is `DM_TABLE_STATUS`.
+    public static func status(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
+        try run(.status, subject: name.rawValue) { task in
+            task.setName(name) && task.skipOpenCount()
+        } result: { task in task.targets() }
+    }
+
+    /// Runs one task under the process-wide lock: create it, let `configure` set it up,
+    /// run it (with a udev cookie when `udevFlags` is given, always waited on), and
+    /// read `result` from it. Turns every failure into a `DeviceMapperError`.
+    private static func run<T>(
+        _ type: DMTaskType,
+        subject: String?,
+        udevFlags: DMUdevFlags? = nil,
+        configure: (borrowing DMTask) -> Bool,
+        result: (borrowing DMTask) -> T
+    ) throws(DeviceMapperError) -> T {
+        LibdevmapperLog.installed
+        let outcome: Result<T, DeviceMapperError> = libdevmapperCallLock.withLock { _ in
+            _ = LibdevmapperLog.drainCaptured()
+            let operation = "dm_task_run(\(type.name))"
+            guard let task = DMTask(type) else {
+                let messages = LibdevmapperLog.drainCaptured()
+                var error = unavailabilityError(operation: "dm_task_create(\(type.name))")
+                    ?? DeviceMapperError(code: .deviceMapperCallFailed, operation: "dm_task_create(\(type.name))",
+                                         subject: subject, detail: "libdevmapper could not create a task")
+                error.subject = subject
+                error.libdevmapperMessages = messages
+                return .failure(error)
+            }
+            guard configure(task) else {
+                return .failure(DeviceMapperError(
+                    code: .deviceMapperCallFailed, operation: "set up \(type.name) task", subject: subject,
+                    errno: .noMemory, libdevmapperMessages: LibdevmapperLog.drainCaptured()))
+            }
+            var cookie: UInt32 = 0
+            let cookieSet = udevFlags.map { task.setCookie(&cookie, flags: $0.rawValue) } ?? false
+            let succeeded = task.run()
+            // Always waited on once set, even after a failed run: libdevmapper's rule.
+            if cookieSet { dmUdevWait(cookie) }
+            if succeeded { return .success(result(task)) }
+            let errno = task.errno
+            var error = DeviceMapperError(
+                code: errno.map(DeviceMapperError.code(for:)) ?? .deviceMapperCallFailed,
+                operation: operation, subject: subject, errno: errno,
+                libdevmapperMessages: LibdevmapperLog.drainCaptured())
+            if error.code == .systemCallFailed { error.code = .deviceMapperCallFailed }
+            if errno == .operationNotSupportedByDevice || errno == .noSuchFileOrDirectory,
+               let unavailable = unavailabilityError(operation: operation) {
+                error.code = unavailable.code
+                error.detail = unavailable.detail
+            }
+            return .failure(error)
+        }
+        return try outcome.get()
+    }
+
+    /// An error saying device-mapper is missing from the kernel, or nil if it is there.
+    static func unavailabilityError(operation: String) -> DeviceMapperError? {
+        let listed = readSmallFile("/proc/misc")?.split(separator: "\n").contains { $0.hasSuffix(" device-mapper") } ?? false
+        let openResult = system_open("/dev/mapper/control", O_RDWR)
+        if case .success(let fd) = openResult { system_close(fd) }
+        if listed, case .success = openResult { return nil }
+        var errno: Errno = .operationNotSupportedByDevice
+        if case .failure(let openErrno) = openResult { errno = openErrno }
+        return DeviceMapperError(
+            code: .deviceMapperUnavailable, operation: operation, subject: "/dev/mapper/control", errno: errno,
+            detail: "The running kernel has no device-mapper driver"
+                + (listed ? "" : " (/proc/misc has no device-mapper entry)")
+                + ". Load it with `modprobe dm-mod` (and `modprobe dm-snapshot` for snapshots), "
+                + "or boot a kernel built with CONFIG_BLK_DEV_DM")
+    }
+}

@@ -1,0 +1,131 @@
+public import SystemPackage
+
+/// The one error type the library throws.
+///
+/// It says what failed (`operation`, usually the system call or `dm_task` type),
+/// on what (`subject`: a device name, a device node or a file path), the kernel's
+/// errno where there was one, and libdevmapper's own log lines for the call.
+public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
+    /// What kind of failure this is. New codes may be added; switch with a `default`.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        enum Storage: Hashable, Sendable {
+            case deviceMapperUnavailable
+            case invalidName
+            case invalidArgument
+            case systemCallFailed
+            case deviceMapperCallFailed
+            case deviceNotFound
+            case deviceBusy
+            case fileExists
+            case invalidCowStore
+            case cowStoreInUse
+            case loopDeviceUnavailable
+            case unexpectedKernelOutput
+        }
+        let storage: Storage
+
+        /// The running kernel has no device-mapper driver (load it with `modprobe dm-mod`).
+        public static let deviceMapperUnavailable = Code(storage: .deviceMapperUnavailable)
+        /// A device name failed validation; nothing was touched.
+        public static let invalidName = Code(storage: .invalidName)
+        /// An argument is unusable: an origin that is not a block device, a size that is
+        /// not a multiple of 512 bytes, an image that is empty or a directory.
+        public static let invalidArgument = Code(storage: .invalidArgument)
+        /// A system call (`open`, `ioctl`, `fstat`, ...) failed; see `errno`.
+        public static let systemCallFailed = Code(storage: .systemCallFailed)
+        /// A libdevmapper task failed; see `errno` and `libdevmapperMessages`.
+        public static let deviceMapperCallFailed = Code(storage: .deviceMapperCallFailed)
+        /// The named device-mapper device does not exist (`ENXIO`).
+        public static let deviceNotFound = Code(storage: .deviceNotFound)
+        /// The device is held open by someone else (`EBUSY`), after bounded retries.
+        public static let deviceBusy = Code(storage: .deviceBusy)
+        /// A file the call would create already exists (`EEXIST`); it was left untouched.
+        public static let fileExists = Code(storage: .fileExists)
+        /// A copy-on-write store is missing, corrupt, invalidated or of another format.
+        public static let invalidCowStore = Code(storage: .invalidCowStore)
+        /// A copy-on-write store is still attached to a loop device, so it may change under a reader.
+        public static let cowStoreInUse = Code(storage: .cowStoreInUse)
+        /// No free loop device could be configured after bounded retries.
+        public static let loopDeviceUnavailable = Code(storage: .loopDeviceUnavailable)
+        /// The kernel returned text or data this library cannot parse.
+        public static let unexpectedKernelOutput = Code(storage: .unexpectedKernelOutput)
+
+        public var description: String {
+            switch storage {
+            case .deviceMapperUnavailable: "device-mapper unavailable"
+            case .invalidName: "invalid device name"
+            case .invalidArgument: "invalid argument"
+            case .systemCallFailed: "system call failed"
+            case .deviceMapperCallFailed: "device-mapper call failed"
+            case .deviceNotFound: "device not found"
+            case .deviceBusy: "device busy"
+            case .fileExists: "file exists"
+            case .invalidCowStore: "invalid copy-on-write store"
+            case .cowStoreInUse: "copy-on-write store in use"
+            case .loopDeviceUnavailable: "no loop device available"
+            case .unexpectedKernelOutput: "unexpected kernel output"
+            }
+        }
+    }
+
+    /// What kind of failure this is.
+    public var code: Code
+    /// The operation that failed, e.g. `ioctl(LOOP_CONFIGURE)` or `dm_task_run(DM_DEVICE_CREATE)`.
+    public var operation: String
+    /// What it failed on: a device name, a device node or a file path.
+    public var subject: String?
+    /// The kernel's errno, where the failure came with one.
+    public var errno: Errno?
+    /// A plain-words explanation, where the library has more to say than the code.
+    public var detail: String?
+    /// libdevmapper's error and warning lines logged during the failed call.
+    public var libdevmapperMessages: [String]
+
+    public init(
+        code: Code,
+        operation: String,
+        subject: String? = nil,
+        errno: Errno? = nil,
+        detail: String? = nil,
+        libdevmapperMessages: [String] = []
+    ) {
+        self.code = code
+        self.operation = operation
+        self.subject = subject
+        self.errno = errno
+        self.detail = detail
+        self.libdevmapperMessages = libdevmapperMessages
+    }
+
+    public var description: String {
+        var text = "\(operation) failed"
+        if let subject { text += " for \(subject)" }
+        text += ": \(code)"
+        if let errno { text += " (\(errno), errno \(errno.rawValue))" }
+        if let detail { text += ". \(detail)" }
+        if !libdevmapperMessages.isEmpty {
+            text += ". libdevmapper: " + libdevmapperMessages.joined(separator: "; ")
+        }
+        return text
+    }
+}
+
+extension DeviceMapperError {
+    /// A failed system call, classified by its errno.
+    static func syscall(_ call: String, _ errno: Errno, subject: String? = nil, detail: String? = nil) -> DeviceMapperError {
+        DeviceMapperError(code: code(for: errno), operation: call, subject: subject, errno: errno, detail: detail)
+    }
+
+    static func code(for errno: Errno) -> Code {
+        switch errno {
+        case .resourceBusy: .deviceBusy
+        case .fileExists: .fileExists
+        case .noSuchAddressOrDevice: .deviceNotFound
+        default: .systemCallFailed
+        }
+    }
+
+    static func invalidArgument(_ operation: String, subject: String?, _ detail: String) -> DeviceMapperError {
+        DeviceMapperError(code: .invalidArgument, operation: operation, subject: subject, errno: .invalidArgument, detail: detail)
+    }
+}

@@ -1,0 +1,50 @@
+// libdevmapper logs through a callback. It is routed here, so that nothing
+// reaches stderr: every line goes to a Logger, and the error and warning lines
+// of a call in progress are kept to be attached to the error it throws.
+
+import CDeviceMapperShims
+import Logging
+import Synchronization
+
+enum LibdevmapperLog {
+    /// The logger libdevmapper's lines go to.
+    static let logger = Logger(label: "DeviceMapper.libdevmapper")
+
+    /// Error and warning lines since the last `drainCaptured()`. Only the holder of
+    /// `libdevmapperCallLock` calls into libdevmapper, so these belong to its call.
+    private static let captured = Mutex<[String]>([])
+
+    /// Installs the trampoline once per process, before the first libdevmapper call.
+    static let installed: Void = {
+        // libdevmapper's levels: 2 fatal, 3 error, 4 warning, 5 notice, 6 info, 7 debug.
+        // Debug lines are formatted only when someone asked for them.
+        let maximumLevel: CInt = logger.logLevel <= .debug ? 7 : 5
+        CDeviceMapperShims_installLogSink(maximumLevel) { level, file, line, errnoOrClass, message in
+            LibdevmapperLog.receive(level: level, errnoOrClass: errnoOrClass, message: message)
+        }
+    }()
+
+    private static func receive(level: CInt, errnoOrClass: CInt, message: UnsafePointer<CChar>?) {
+        guard let message else { return }
+        let text = String(cString: message)
+        let severity = level & 0x7  // High bits carry _LOG_STDERR and _LOG_ONCE.
+        if severity <= 4 {
+            captured.withLock { $0.append(text) }
+        }
+        let metadata: Logger.Metadata = severity <= 3 && errnoOrClass != 0 ? ["errno": "\(errnoOrClass)"] : [:]
+        switch severity {
+        case ...3: logger.error("\(text)", metadata: metadata)
+        case 4: logger.warning("\(text)")
+        case 5, 6: logger.debug("\(text)")
+        default: logger.trace("\(text)")
+        }
+    }
+
+    /// Takes the lines captured since the last call.
+    static func drainCaptured() -> [String] {
+        captured.withLock { lines in
+            defer { lines.removeAll(keepingCapacity: true) }
+            return lines
+        }
+    }
+}

@@ -1,0 +1,298 @@
+// Loop devices through their ioctls: LOOP_CTL_GET_FREE, LOOP_CONFIGURE (or
+// LOOP_SET_FD + LOOP_SET_STATUS64 on kernels before 5.8), LOOP_CLR_FD,
+// LOOP_GET_STATUS64, and BLKGETSIZE64 for any block device.
+
+import CDeviceMapper
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Synchronization
+public import SystemPackage
+
+/// A loop device node, e.g. `/dev/loop3`, with its device number.
+public struct LoopDevice: Hashable, Sendable, CustomStringConvertible {
+    /// The loop device's index: 3 for `/dev/loop3`.
+    public let index: Int
+    /// Its major:minor pair, for device-mapper tables.
+    public let number: DeviceNumber
+
+    /// `/dev/loopN`.
+    public var path: FilePath { FilePath("/dev/loop\(index)") }
+
+    public var description: String { path.string }
+}
+
+/// A loop device this process has attached and still holds open.
+///
+/// Every loop device the library attaches is autoclear: the kernel detaches it
+/// when its last opener closes it. Holding `descriptor` keeps it attached;
+/// a device-mapper table that names it holds it too. Close it once something
+/// else holds the device, or to let it go.
+public struct OpenLoopDevice: Sendable {
+    public let device: LoopDevice
+    public let descriptor: FileDescriptor
+
+    /// Closes this process's descriptor. If nothing else holds the device, the kernel detaches it.
+    public func close() {
+        system_close(descriptor)
+    }
+}
+
+/// What `LOOP_GET_STATUS64` reports about an attached loop device.
+public struct LoopDeviceStatus: Hashable, Sendable {
+    /// The backing file's identity (its device and inode).
+    public var backingFile: FileIdentity
+    /// The first 63 bytes of the path given at attach time (`lo_file_name`).
+    public var fileName: String
+    /// `LO_FLAGS_READ_ONLY`.
+    public var isReadOnly: Bool
+    /// `LO_FLAGS_AUTOCLEAR`.
+    public var isAutoclear: Bool
+}
+
+/// How `attachLoopDevice` configures the device. `.automatic` uses `LOOP_CONFIGURE`
+/// and falls back to `.legacy` where the kernel lacks it.
+package enum LoopAttachMethod: Sendable {
+    case automatic
+    /// `LOOP_SET_FD` then `LOOP_SET_STATUS64`, as kernels before 5.8 need.
+    case legacy
+}
+
+/// How many times a loop attach retries after another process took the free device first.
+let loopAttachAttempts = 20
+
+/// `/dev/loop-control`, opened once per process and kept: reopening it on every
+/// attach costs a path lookup on the hot path.
+private let loopControl = Mutex<FileDescriptor?>(nil)
+
+private func loopControlDescriptor() throws(DeviceMapperError) -> FileDescriptor {
+    let result: Result<FileDescriptor, Errno> = loopControl.withLock { cached in
+        if let cached { return .success(cached) }
+        let opened = system_open("/dev/loop-control", O_RDWR)
+        if case .success(let fd) = opened { cached = fd }
+        return opened
+    }
+    return try result.get("open", subject: "/dev/loop-control")
+}
+
+/// Attaches `backingFile` to a free loop device, autoclear, and read-only when asked.
+///
+/// Asks `/dev/loop-control` for a free index (`LOOP_CTL_GET_FREE`), then configures
+/// that device in one call (`LOOP_CONFIGURE`). Another process can take the same index
+/// between the two calls; that shows as `EBUSY`, and the attach starts again after a
+/// short jittered backoff, a bounded number of times. On kernels without
+/// `LOOP_CONFIGURE` it uses `LOOP_SET_FD` and `LOOP_SET_STATUS64`.
+///
+/// The returned descriptor keeps the device attached until it is closed; see `OpenLoopDevice`.
+public func attachLoopDevice(backingFile: FilePath, readOnly: Bool) throws(DeviceMapperError) -> OpenLoopDevice {
+    try attachLoopDevice(backingFile: backingFile, readOnly: readOnly, method: .automatic)
+}
+
+package func attachLoopDevice(backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod) throws(DeviceMapperError) -> OpenLoopDevice {
+    let backing = try system_open(backingFile, readOnly ? O_RDONLY : O_RDWR).get("open", subject: backingFile.string)
+    defer { system_close(backing) }
+    let backingStatus = try system_fstat(backing).get("fstat", subject: backingFile.string)
+    if (backingStatus.st_mode & S_IFMT) == S_IFDIR {
+        throw .invalidArgument("attach loop device", subject: backingFile.string, "the backing file is a directory")
+    }
+    let control = try loopControlDescriptor()
+
+    for attempt in 0..<loopAttachAttempts {
+        if attempt > 0 { backoffAfterBusy(attempt: attempt) }
+        let index = try system_ioctl(control, UInt(LOOP_CTL_GET_FREE), 0, name: "LOOP_CTL_GET_FREE")
+            .get("ioctl(LOOP_CTL_GET_FREE)", subject: "/dev/loop-control")
+        let path = FilePath("/dev/loop\(index)")
+        let loop: FileDescriptor
+        switch system_open(path, O_RDWR) {
+        case .success(let fd): loop = fd
+        case .failure(.noSuchFileOrDirectory):
+            continue  // The node is not there yet, or was removed again: ask for another.
+        case .failure(let errno):
+            throw DeviceMapperError.syscall("open", errno, subject: path.string)
+        }
+        let configured = configure(loop: loop, backing: backing, backingFile: backingFile, readOnly: readOnly, method: method)
+        switch configured {
+        case .success:
+            let loopStatus: stat
+            switch system_fstat(loop) {
+            case .success(let status): loopStatus = status
+            case .failure(let errno):
+                // Closing the autoclear device detaches it.
+                system_close(loop)
+                throw DeviceMapperError.syscall("fstat", errno, subject: path.string)
+            }
+            let device = LoopDevice(index: Int(index), number: DeviceNumber(rawValue: UInt64(loopStatus.st_rdev)))
+            return OpenLoopDevice(device: device, descriptor: loop)
+        case .failure(.resourceBusy):
+            system_close(loop)
+            continue
+        case .failure(let error):
+            system_close(loop)
+            throw error
+        }
+    }
+    throw DeviceMapperError(
+        code: .loopDeviceUnavailable, operation: "attach loop device", subject: backingFile.string,
+        errno: .resourceBusy,
+        detail: "every free loop device was taken by another process first, \(loopAttachAttempts) times")
+}
+
+/// Configures an open, unbound loop device. `EBUSY` means someone else bound it first.
+private func configure(
+    loop: FileDescriptor, backing: FileDescriptor, backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod
+) -> Result<Void, DeviceMapperError> {
+    var flags = UInt32(LO_FLAGS_AUTOCLEAR)
+    if readOnly { flags |= UInt32(LO_FLAGS_READ_ONLY) }
+
+    if method == .automatic {
+        var config = loop_config()
+        config.fd = UInt32(backing.rawValue)
+        config.info.lo_flags = flags
+        setFileName(&config.info, backingFile)
+        switch system_ioctl(loop, UInt(LOOP_CONFIGURE), &config, name: "LOOP_CONFIGURE") {
+        case .success: return .success(())
+        case .failure(.inappropriateIOCTLForDevice), .failure(.invalidArgument):
+            break  // No LOOP_CONFIGURE before Linux 5.8: take the two-step path.
+        case .failure(.resourceBusy): return .failure(.syscall("ioctl(LOOP_CONFIGURE)", .resourceBusy))
+        case .failure(let errno): return .failure(.syscall("ioctl(LOOP_CONFIGURE)", errno, subject: backingFile.string))
+        }
+    }
+
+    // LOOP_SET_FD takes read-only from the backing descriptor's open mode.
+    switch system_ioctl(loop, UInt(LOOP_SET_FD), backing.rawValue, name: "LOOP_SET_FD") {
+    case .success: break
+    case .failure(let errno): return .failure(.syscall("ioctl(LOOP_SET_FD)", errno, subject: backingFile.string))
+    }
+    var info = loop_info64()
+    info.lo_flags = UInt32(LO_FLAGS_AUTOCLEAR)
+    setFileName(&info, backingFile)
+    switch system_ioctl(loop, UInt(LOOP_SET_STATUS64), &info, name: "LOOP_SET_STATUS64") {
+    case .success: return .success(())
+    case .failure(let errno):
+        // Not autoclear yet, so closing would not detach it: undo the bind by hand.
+        _ = system_ioctl(loop, UInt(LOOP_CLR_FD), 0, name: "LOOP_CLR_FD")
+        return .failure(.syscall("ioctl(LOOP_SET_STATUS64)", errno, subject: backingFile.string))
+    }
+}
+
+/// Writes the path into `lo_file_name`, a fixed 64-byte field that is informational only.
+private func setFileName(_ info: inout loop_info64, _ path: FilePath) {
+    withUnsafeMutableBytes(of: &info.lo_file_name) { field in
+        let bytes = Array(path.string.utf8.prefix(field.count - 1))
+        field.copyBytes(from: bytes)
+        field[bytes.count] = 0
+    }
+}
+
+/// Sleeps 1-2 ms times the attempt number, so racing attachers spread out.
+func backoffAfterBusy(attempt: Int) {
+    let baseMicroseconds = 1_000 * attempt
+    usleep(UInt32(baseMicroseconds + Int.random(in: 0...baseMicroseconds)))
+}
+
+/// Detaches a loop device from its backing file now (or, if it is still open
+/// elsewhere, when its last opener closes it).
+/// The corresponding ioctl is `LOOP_CLR_FD`.
+public func detachLoopDevice(_ device: FilePath) throws(DeviceMapperError) {
+    let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
+    defer { system_close(fd) }
+    _ = try system_ioctl(fd, UInt(LOOP_CLR_FD), 0, name: "LOOP_CLR_FD").get("ioctl(LOOP_CLR_FD)", subject: device.string)
+}
+
+/// Reads a loop device's backing-file identity and flags.
+/// The corresponding ioctl is `LOOP_GET_STATUS64`; `ENXIO` means nothing is attached.
+public func loopDeviceStatus(_ device: FilePath) throws(DeviceMapperError) -> LoopDeviceStatus {
+    let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
+    defer { system_close(fd) }
+    return try loopDeviceStatus(descriptor: fd, subject: device.string)
+}
+
+func loopDeviceStatus(descriptor fd: FileDescriptor, subject: String) throws(DeviceMapperError) -> LoopDeviceStatus {
+    var info = loop_info64()
+    _ = try system_ioctl(fd, UInt(LOOP_GET_STATUS64), &info, name: "LOOP_GET_STATUS64")
+        .get("ioctl(LOOP_GET_STATUS64)", subject: subject)
+    let fileName = withUnsafeBytes(of: &info.lo_file_name) { field in
+        String(decoding: field.prefix { $0 != 0 }, as: UTF8.self)
+    }
+    return LoopDeviceStatus(
+        backingFile: FileIdentity(device: info.lo_device, inode: info.lo_inode),
+        fileName: fileName,
+        isReadOnly: info.lo_flags & UInt32(LO_FLAGS_READ_ONLY) != 0,
+        isAutoclear: info.lo_flags & UInt32(LO_FLAGS_AUTOCLEAR) != 0)
+}
+
+/// A loop device and the file behind it, as sysfs lists them.
+public struct LoopDeviceAttachment: Hashable, Sendable {
+    public var device: LoopDevice
+    /// The backing file's full path (`/sys/block/loopN/loop/backing_file`), with
+    /// ` (deleted)` at the end if it was unlinked.
+    public var backingFile: FilePath
+}
+
+/// Every attached loop device and its backing file, from `/sys/block/loop*/loop/backing_file`.
+public func attachedLoopDevices() -> [LoopDeviceAttachment] {
+    guard let directory = opendir("/sys/block") else { return [] }
+    defer { closedir(directory) }
+    var result: [LoopDeviceAttachment] = []
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        guard name.hasPrefix("loop"), let index = Int(name.dropFirst(4)) else { continue }
+        guard let backing = readSmallFile(FilePath("/sys/block/\(name)/loop/backing_file")),
+              let dev = readSmallFile(FilePath("/sys/block/\(name)/dev")),
+              let number = parseDeviceNumber(dev)
+        else { continue }  // Not attached: sysfs has no loop/ directory for it.
+        result.append(LoopDeviceAttachment(
+            device: LoopDevice(index: index, number: number), backingFile: FilePath(backing)))
+    }
+    return result.sorted { $0.device.index < $1.device.index }
+}
+
+/// Parses sysfs's `major:minor` text.
+func parseDeviceNumber(_ text: String) -> DeviceNumber? {
+    let parts = text.split(separator: ":")
+    guard parts.count == 2, let major = UInt32(parts[0]), let minor = UInt32(parts[1]) else { return nil }
+    return DeviceNumber(major: major, minor: minor)
+}
+
+/// Reads a small text file (sysfs, procfs) and trims the trailing newline; nil if it cannot be read.
+func readSmallFile(_ path: FilePath) -> String? {
+    guard case .success(let fd) = system_open(path, O_RDONLY) else { return nil }
+    defer { system_close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let count = chunk.withUnsafeMutableBytes { buffer in
+            valueOrErrno { read(fd.rawValue, buffer.baseAddress, buffer.count) }
+        }
+        guard case .success(let n) = count else { return nil }
+        if n == 0 { break }
+        bytes += chunk[0..<n]
+    }
+    var text = String(decoding: bytes, as: UTF8.self)
+    while text.hasSuffix("\n") { text.removeLast() }
+    return text
+}
+
+/// A block device's size in bytes.
+/// The corresponding ioctl is `BLKGETSIZE64`.
+func blockDeviceSizeBytes(descriptor fd: FileDescriptor, subject: String) throws(DeviceMapperError) -> Int64 {
+    var size: UInt64 = 0
+    _ = try system_ioctl(fd, CDeviceMapper_BLKGETSIZE64(), &size, name: "BLKGETSIZE64")
+        .get("ioctl(BLKGETSIZE64)", subject: subject)
+    return Int64(size)
+}
+
+/// The size in bytes of the block device at `device`, for `SnapshotDevice.create`'s
+/// `originSizeBytes`. Throws `.invalidArgument` if `device` is not a block device.
+/// The corresponding ioctl is `BLKGETSIZE64`.
+public func originSizeBytes(of device: FilePath) throws(DeviceMapperError) -> Int64 {
+    let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
+    defer { system_close(fd) }
+    let status = try system_fstat(fd).get("fstat", subject: device.string)
+    guard (status.st_mode & S_IFMT) == S_IFBLK else {
+        throw .invalidArgument("originSizeBytes", subject: device.string, "not a block device")
+    }
+    return try blockDeviceSizeBytes(descriptor: fd, subject: device.string)
+}

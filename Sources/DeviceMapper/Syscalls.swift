@@ -1,0 +1,164 @@
+// The syscall seam: one small function per C call, each returning
+// `Result<_, Errno>`. Everything above builds on these. In debug builds a
+// test can force any of them to fail with a chosen errno (FaultInjection.swift).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#else
+#error("DeviceMapper supports Linux only")
+#endif
+import CDeviceMapperShims
+import SystemPackage
+
+/// Runs `body` until it stops failing with `EINTR`, turning `-1` plus `errno` into `.failure`.
+@inline(__always)
+func valueOrErrno<T: FixedWidthInteger>(
+    retryOnInterrupt: Bool = true,
+    _ body: () -> T
+) -> Result<T, Errno> {
+    while true {
+        Glibc.errno = 0
+        let value = body()
+        if value != -1 { return .success(value) }
+        let error = Errno(rawValue: Glibc.errno)
+        if retryOnInterrupt && error == .interrupted { continue }
+        return .failure(error)
+    }
+}
+
+/// The name a forced failure is keyed by, e.g. `ioctl(LOOP_CONFIGURE)`.
+@inline(__always)
+func injectedFault(_ call: @autoclosure () -> String) -> Errno? {
+    #if DEBUG
+    return FaultInjection.fault(for: call())
+    #else
+    return nil
+    #endif
+}
+
+/// `ioctl(fd, request, arg)` with an integer argument.
+/// The corresponding C function is `ioctl`.
+func system_ioctl(_ fd: FileDescriptor, _ request: UInt, _ argument: CInt, name: StaticString) -> Result<CInt, Errno> {
+    if let fault = injectedFault("ioctl(\(name))") { return .failure(fault) }
+    return valueOrErrno { ioctl(fd.rawValue, request, argument) }
+}
+
+/// `ioctl(fd, request, &value)` with a pointer argument.
+/// The corresponding C function is `ioctl`.
+func system_ioctl(_ fd: FileDescriptor, _ request: UInt, _ pointer: UnsafeMutableRawPointer, name: StaticString) -> Result<CInt, Errno> {
+    if let fault = injectedFault("ioctl(\(name))") { return .failure(fault) }
+    return valueOrErrno { ioctl(fd.rawValue, request, pointer) }
+}
+
+/// Opens `path`, always with `O_CLOEXEC`.
+/// The corresponding C function is `open`.
+func system_open(_ path: FilePath, _ flags: CInt, permissions: mode_t = 0) -> Result<FileDescriptor, Errno> {
+    if let fault = injectedFault("open") { return .failure(fault) }
+    return path.withPlatformString { cPath in
+        valueOrErrno { open(cPath, flags | O_CLOEXEC, permissions) }
+    }.map(FileDescriptor.init(rawValue:))
+}
+
+/// The corresponding C function is `fstat`.
+func system_fstat(_ fd: FileDescriptor) -> Result<stat, Errno> {
+    if let fault = injectedFault("fstat") { return .failure(fault) }
+    var status = stat()
+    return valueOrErrno { fstat(fd.rawValue, &status) }.map { _ in status }
+}
+
+/// The corresponding C function is `stat`.
+func system_stat(_ path: FilePath) -> Result<stat, Errno> {
+    if let fault = injectedFault("stat") { return .failure(fault) }
+    var status = stat()
+    return path.withPlatformString { cPath in
+        valueOrErrno { stat(cPath, &status) }
+    }.map { _ in status }
+}
+
+/// The corresponding C function is `ftruncate`.
+func system_ftruncate(_ fd: FileDescriptor, _ length: Int64) -> Result<Void, Errno> {
+    if let fault = injectedFault("ftruncate") { return .failure(fault) }
+    return valueOrErrno { ftruncate(fd.rawValue, off_t(length)) }.map { _ in () }
+}
+
+/// The corresponding C function is `fsync`.
+func system_fsync(_ fd: FileDescriptor) -> Result<Void, Errno> {
+    if let fault = injectedFault("fsync") { return .failure(fault) }
+    return valueOrErrno { fsync(fd.rawValue) }.map { _ in () }
+}
+
+/// The corresponding C function is `rename`.
+func system_rename(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
+    if let fault = injectedFault("rename") { return .failure(fault) }
+    return from.withPlatformString { cFrom in
+        to.withPlatformString { cTo in
+            valueOrErrno { rename(cFrom, cTo) }
+        }
+    }.map { _ in () }
+}
+
+/// The corresponding C function is `unlink`.
+func system_unlink(_ path: FilePath) -> Result<Void, Errno> {
+    if let fault = injectedFault("unlink") { return .failure(fault) }
+    return path.withPlatformString { cPath in
+        valueOrErrno { unlink(cPath) }
+    }.map { _ in () }
+}
+
+/// Reads up to `count` bytes at `offset` without moving the file offset.
+/// The corresponding C function is `pread`.
+func system_pread(_ fd: FileDescriptor, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64) -> Result<Int, Errno> {
+    if let fault = injectedFault("pread") { return .failure(fault) }
+    return valueOrErrno { pread(fd.rawValue, buffer, count, off_t(offset)) }
+}
+
+/// Writes up to `count` bytes at `offset` without moving the file offset.
+/// The corresponding C function is `pwrite`.
+func system_pwrite(_ fd: FileDescriptor, _ buffer: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Result<Int, Errno> {
+    if let fault = injectedFault("pwrite") { return .failure(fault) }
+    return valueOrErrno { pwrite(fd.rawValue, buffer, count, off_t(offset)) }
+}
+
+/// The corresponding C function is `lseek`; used with `SEEK_DATA` and `SEEK_HOLE`.
+func system_lseek(_ fd: FileDescriptor, _ offset: Int64, _ whence: CInt) -> Result<Int64, Errno> {
+    if let fault = injectedFault("lseek") { return .failure(fault) }
+    return valueOrErrno { lseek(fd.rawValue, off_t(offset), whence) }.map(Int64.init)
+}
+
+/// Copies `count` bytes between two files inside the kernel.
+/// The corresponding C function is `copy_file_range`.
+func system_copy_file_range(_ input: FileDescriptor, _ inputOffset: Int64, _ output: FileDescriptor, _ outputOffset: Int64, _ count: Int) -> Result<Int, Errno> {
+    if let fault = injectedFault("copy_file_range") { return .failure(fault) }
+    var inOffset = inputOffset
+    var outOffset = outputOffset
+    return valueOrErrno { CDeviceMapperShims_copyFileRange(input.rawValue, &inOffset, output.rawValue, &outOffset, count) }
+}
+
+/// Closes a descriptor; never retried, as `close` must not be.
+/// The corresponding C function is `close`.
+func system_close(_ fd: FileDescriptor) {
+    _ = Glibc.close(fd.rawValue)
+}
+
+extension Result where Failure == Errno {
+    /// Unwraps the value, or throws the errno as a `DeviceMapperError` naming the call and subject.
+    func get(_ call: String, subject: String? = nil) throws(DeviceMapperError) -> Success {
+        switch self {
+        case .success(let value): return value
+        case .failure(let errno): throw DeviceMapperError.syscall(call, errno, subject: subject)
+        }
+    }
+}
+
+/// Renames `from` to `to`, failing with `EEXIST` rather than replacing `to`.
+/// The corresponding C function is `renameat2` with `RENAME_NOREPLACE`.
+func system_renameNoReplace(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
+    if let fault = injectedFault("renameat2") { return .failure(fault) }
+    return from.withPlatformString { cFrom in
+        to.withPlatformString { cTo in
+            valueOrErrno { CDeviceMapperShims_renameNoReplace(cFrom, cTo) }
+        }
+    }.map { _ in () }
+}

@@ -1,0 +1,1 @@
+print("dm-bench: not yet")
