@@ -18,3 +18,5 @@ ssize_t CDeviceMapperShims_copyFileRange(int inputFD, int64_t *inputOffset,
 int CDeviceMapperShims_renameNoReplace(const char *from, const char *to) {
     return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE);
 }
+
+const int CDeviceMapperShims_O_DIRECT = O_DIRECT;

@@ -7,11 +7,13 @@ import SystemPackage
 
 /// The device-mapper ioctls this library issues, with the names errors print.
 enum DMTaskType: Sendable {
-    case create, remove, info, list, table, status, version
+    case create, reload, resume, remove, info, list, table, status, version
 
     var rawValue: CInt {
         switch self {
         case .create: CInt(DM_DEVICE_CREATE)
+        case .reload: CInt(DM_DEVICE_RELOAD)
+        case .resume: CInt(DM_DEVICE_RESUME)
         case .remove: CInt(DM_DEVICE_REMOVE)
         case .info: CInt(DM_DEVICE_INFO)
         case .list: CInt(DM_DEVICE_LIST)
@@ -24,6 +26,8 @@ enum DMTaskType: Sendable {
     var name: String {
         switch self {
         case .create: "DM_DEVICE_CREATE"
+        case .reload: "DM_DEVICE_RELOAD"
+        case .resume: "DM_DEVICE_RESUME"
         case .remove: "DM_DEVICE_REMOVE"
         case .info: "DM_DEVICE_INFO"
         case .list: "DM_DEVICE_LIST"
@@ -103,8 +107,10 @@ struct DMTask: ~Copyable {
     /// The corresponding C function is `dm_task_deferred_remove`.
     func setDeferredRemove() -> Bool { dm_task_deferred_remove(handle) != 0 }
 
+    /// Makes libdevmapper create the `/dev/mapper` node (where udev does not) on resume,
+    /// once the device has a table.
     /// The corresponding C function is `dm_task_set_add_node`.
-    func addNodeOnCreate() -> Bool { dm_task_set_add_node(handle, DM_ADD_NODE_ON_CREATE) != 0 }
+    func addNodeOnResume() -> Bool { dm_task_set_add_node(handle, DM_ADD_NODE_ON_RESUME) != 0 }
 
     /// Issues the ioctl(s).
     /// The corresponding C function is `dm_task_run`.

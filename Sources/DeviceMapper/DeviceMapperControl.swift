@@ -55,6 +55,12 @@ public struct DMListedDevice: Hashable, Sendable {
     public var number: DeviceNumber
     /// The type of the live table's first target, e.g. `snapshot`; nil if it has no live table.
     public var targetType: String?
+
+    public init(name: String, number: DeviceNumber, targetType: String?) {
+        self.name = name
+        self.number = number
+        self.targetType = targetType
+    }
 }
 
 /// Only one thread at a time calls into libdevmapper: it keeps process-wide state
@@ -87,27 +93,55 @@ public enum DeviceMapperControl {
 
     /// Creates device `name`, loads `targets` and resumes it, so it is ready to use.
     ///
-    /// When udev runs, waits on a udev cookie until udev has made `/dev/mapper/<name>`;
-    /// when it does not, libdevmapper makes the node itself. If the table fails to
-    /// load, libdevmapper removes the half-made device. `EEXIST` means the name is taken.
+    /// Three tasks, so that each step's errno reaches the caller (libdevmapper's
+    /// one-call create-with-table loses it): `DM_DEVICE_CREATE`, `DM_DEVICE_RELOAD`
+    /// with the table, and `DM_DEVICE_RESUME` with a udev cookie. When udev runs,
+    /// `/dev/mapper/<name>` exists when this returns; when it does not, libdevmapper
+    /// makes the node itself. If the load or resume fails, the new device is removed.
+    /// A name already in use fails with `.fileExists` (`EEXIST`; the kernel says `EBUSY`).
     /// The corresponding ioctls are `DM_DEV_CREATE`, `DM_TABLE_LOAD` and `DM_DEV_SUSPEND`.
     @discardableResult
     public static func create(
         name: DeviceName, targets: [DMTarget], readOnly: Bool = false, udevFlags: DMUdevFlags = .sandboxDevice
     ) throws(DeviceMapperError) -> DMDeviceInfo {
-        let info = try run(.create, subject: name.rawValue, udevFlags: udevFlags) { task in
-            guard task.setName(name), task.skipOpenCount(), task.addNodeOnCreate() else { return false }
-            if readOnly && !task.setReadOnly() { return false }
-            for target in targets where !task.addTarget(target) { return false }
-            return true
-        } result: { task in
-            task.info()
+        do {
+            try run(.create, subject: name.rawValue) { task in
+                task.setName(name) && task.skipOpenCount() && task.addNodeOnResume()
+            } result: { _ in () }
+        } catch where error.errno == .resourceBusy {
+            // dm-ioctl's dm_hash_insert answers EBUSY only for a name or uuid in use.
+            throw DeviceMapperError(
+                code: .fileExists, operation: error.operation, subject: name.rawValue, errno: .fileExists,
+                detail: "a device-mapper device with this name already exists",
+                libdevmapperMessages: error.libdevmapperMessages)
         }
-        guard let info else {
-            throw DeviceMapperError(code: .unexpectedKernelOutput, operation: "dm_task_get_info(DM_DEVICE_CREATE)",
-                                    subject: name.rawValue, detail: "the device was created but reports no info")
+        do throws(DeviceMapperError) {
+            try run(.reload, subject: name.rawValue) { task in
+                guard task.setName(name), task.skipOpenCount() else { return false }
+                if readOnly && !task.setReadOnly() { return false }
+                for target in targets where !task.addTarget(target) { return false }
+                return true
+            } result: { _ in () }
+            let info = try run(.resume, subject: name.rawValue, udevFlags: udevFlags) { task in
+                task.setName(name) && task.skipOpenCount() && task.addNodeOnResume()
+            } result: { task in
+                task.info()
+            }
+            guard let info else {
+                throw DeviceMapperError(code: .unexpectedKernelOutput, operation: "dm_task_get_info(DM_DEVICE_RESUME)",
+                                        subject: name.rawValue, detail: "the device was created but reports no info")
+            }
+            return info
+        } catch {
+            do {
+                try remove(name: name, udevFlags: udevFlags)
+            } catch let revertError {
+                logger.error("could not remove the half-made device", metadata: [
+                    "name": "\(name)", "error": "\(revertError)",
+                ])
+            }
+            throw error
         }
-        return info
     }
 
     /// Removes device `name`. While it is busy (`EBUSY`: someone holds it open) the

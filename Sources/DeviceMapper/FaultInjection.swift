@@ -9,11 +9,18 @@ package import SystemPackage
 /// `ioctl(LOOP_CONFIGURE)`, `ioctl(LOOP_SET_FD)`, `pwrite`, ...
 /// Faults are process-wide; tests that set them must not run concurrently.
 package enum FaultInjection {
-    private static let faults = Mutex<[String: Errno]>([:])
+    private struct Fault {
+        var errno: Errno
+        /// How many more calls fail; nil for all of them.
+        var remaining: Int?
+    }
 
-    /// Makes every later call named `call` fail with `errno` until `clear` is called.
-    package static func inject(_ errno: Errno, into call: String) {
-        faults.withLock { $0[call] = errno }
+    private static let faults = Mutex<[String: Fault]>([:])
+
+    /// Makes later calls named `call` fail with `errno`: the next `times` of them,
+    /// or every one until `clear` when `times` is nil.
+    package static func inject(_ errno: Errno, into call: String, times: Int? = nil) {
+        faults.withLock { $0[call] = Fault(errno: errno, remaining: times) }
     }
 
     /// Removes every injected fault.
@@ -21,15 +28,30 @@ package enum FaultInjection {
         faults.withLock { $0.removeAll() }
     }
 
-    /// Runs `body` with `errno` injected into `call`, and removes it afterwards.
+    /// Runs `body` with every call named `call` failing with `errno`, then removes the fault.
     package static func with<T>(_ errno: Errno, injectedInto call: String, _ body: () throws -> T) rethrows -> T {
         inject(errno, into: call)
         defer { faults.withLock { _ = $0.removeValue(forKey: call) } }
         return try body()
     }
 
+    /// Runs `body` with the first `times` calls named `call` failing with `errno`.
+    package static func withFirst<T>(_ errno: Errno, injectedInto call: String, times: Int, _ body: () throws -> T) rethrows -> T {
+        inject(errno, into: call, times: times)
+        defer { faults.withLock { _ = $0.removeValue(forKey: call) } }
+        return try body()
+    }
+
     static func fault(for call: String) -> Errno? {
-        faults.withLock { $0.isEmpty ? nil : $0[call] }
+        faults.withLock { faults in
+            guard !faults.isEmpty, var fault = faults[call] else { return nil }
+            if let remaining = fault.remaining {
+                if remaining <= 0 { return nil }
+                fault.remaining = remaining - 1
+                faults[call] = fault
+            }
+            return fault.errno
+        }
     }
 }
 #endif

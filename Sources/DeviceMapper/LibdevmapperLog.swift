@@ -31,12 +31,14 @@ enum LibdevmapperLog {
         if severity <= 4 {
             captured.withLock { $0.append(text) }
         }
-        let metadata: Logger.Metadata = severity <= 3 && errnoOrClass != 0 ? ["errno": "\(errnoOrClass)"] : [:]
+        // The caller gets error and warning lines inside the error it catches, and logs
+        // that as it sees fit; logging them loudly here too would say everything twice.
+        var metadata: Logger.Metadata = ["level": "\(severity)"]
+        if severity <= 3 && errnoOrClass > 0 { metadata["errno"] = "\(errnoOrClass)" }
         switch severity {
-        case ...3: logger.error("\(text)", metadata: metadata)
-        case 4: logger.warning("\(text)")
-        case 5, 6: logger.debug("\(text)")
-        default: logger.trace("\(text)")
+        case ...4: logger.info("\(text)", metadata: metadata)
+        case 5, 6: logger.debug("\(text)", metadata: metadata)
+        default: logger.trace("\(text)", metadata: metadata)
         }
     }
 

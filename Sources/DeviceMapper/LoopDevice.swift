@@ -97,6 +97,14 @@ package func attachLoopDevice(backingFile: FilePath, readOnly: Bool, method: Loo
     if (backingStatus.st_mode & S_IFMT) == S_IFDIR {
         throw .invalidArgument("attach loop device", subject: backingFile.string, "the backing file is a directory")
     }
+    return try attachLoopDevice(backing: backing, backingFile: backingFile, readOnly: readOnly, method: method)
+}
+
+/// Attaches an already open backing file; `backingFile` names it in `lo_file_name` and errors.
+/// The caller keeps and closes `backing`: the loop device holds its own reference.
+func attachLoopDevice(
+    backing: FileDescriptor, backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod = .automatic
+) throws(DeviceMapperError) -> OpenLoopDevice {
     let control = try loopControlDescriptor()
 
     for attempt in 0..<loopAttachAttempts {
@@ -125,11 +133,10 @@ package func attachLoopDevice(backingFile: FilePath, readOnly: Bool, method: Loo
             }
             let device = LoopDevice(index: Int(index), number: DeviceNumber(rawValue: UInt64(loopStatus.st_rdev)))
             return OpenLoopDevice(device: device, descriptor: loop)
-        case .failure(.resourceBusy):
-            system_close(loop)
-            continue
         case .failure(let error):
             system_close(loop)
+            // Another process bound this device between LOOP_CTL_GET_FREE and now.
+            if error.errno == .resourceBusy { continue }
             throw error
         }
     }
@@ -155,7 +162,6 @@ private func configure(
         case .success: return .success(())
         case .failure(.inappropriateIOCTLForDevice), .failure(.invalidArgument):
             break  // No LOOP_CONFIGURE before Linux 5.8: take the two-step path.
-        case .failure(.resourceBusy): return .failure(.syscall("ioctl(LOOP_CONFIGURE)", .resourceBusy))
         case .failure(let errno): return .failure(.syscall("ioctl(LOOP_CONFIGURE)", errno, subject: backingFile.string))
         }
     }

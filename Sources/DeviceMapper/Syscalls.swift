@@ -136,6 +136,13 @@ func system_copy_file_range(_ input: FileDescriptor, _ inputOffset: Int64, _ out
     return valueOrErrno { CDeviceMapperShims_copyFileRange(input.rawValue, &inOffset, output.rawValue, &outOffset, count) }
 }
 
+/// Takes (`LOCK_EX`), tests (`LOCK_EX | LOCK_NB`) or drops an advisory whole-file lock.
+/// The corresponding C function is `flock`.
+func system_flock(_ fd: FileDescriptor, _ operation: CInt) -> Result<Void, Errno> {
+    if let fault = injectedFault("flock") { return .failure(fault) }
+    return valueOrErrno { flock(fd.rawValue, operation) }.map { _ in () }
+}
+
 /// Closes a descriptor; never retried, as `close` must not be.
 /// The corresponding C function is `close`.
 func system_close(_ fd: FileDescriptor) {

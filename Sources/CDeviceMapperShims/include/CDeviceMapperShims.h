@@ -24,4 +24,7 @@ ssize_t CDeviceMapperShims_copyFileRange(int inputFD, int64_t *inputOffset,
 /// instead of replacing `to`. Returns 0, or -1 with errno set.
 int CDeviceMapperShims_renameNoReplace(const char *from, const char *to);
 
+/// `O_DIRECT`, which glibc defines only under `_GNU_SOURCE`.
+extern const int CDeviceMapperShims_O_DIRECT;
+
 #endif

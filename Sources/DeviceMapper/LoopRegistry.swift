@@ -1,0 +1,152 @@
+// One shared read-only loop device per base image file, reference counted.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+public import Logging
+import Synchronization
+public import SystemPackage
+
+/// Shares one read-only, autoclear loop device per base image among all the
+/// snapshots of that image, and detaches it when the last user releases it.
+///
+/// Images are keyed by file identity (device and inode), not by path: two paths
+/// to one file share a device, and a new file written at an old path gets a new
+/// device, never the old image's. Thread-safe.
+public final class LoopRegistry: Sendable {
+    private struct Entry {
+        var loop: OpenLoopDevice
+        var referenceCount: Int
+        /// The paths it was acquired by, so `release` finds it after its file was replaced.
+        var paths: Set<FilePath>
+    }
+
+    private let entries = Mutex<[FileIdentity: Entry]>([:])
+    private let logger: Logger
+
+    public init(logger: Logger = Logger(label: "DeviceMapper.LoopRegistry")) {
+        self.logger = logger
+    }
+
+    deinit { releaseAll() }
+
+    /// The read-only loop device for the image at `imagePath`, attached on first use.
+    ///
+    /// Fails with a clear error, and attaches nothing, if the image is missing, a
+    /// directory, empty, or not a whole number of 512-byte sectors.
+    public func acquire(imagePath: FilePath) throws(DeviceMapperError) -> FilePath {
+        let image = try system_open(imagePath, O_RDONLY).get("open", subject: imagePath.string)
+        defer { system_close(image) }
+        let status = try system_fstat(image).get("fstat", subject: imagePath.string)
+        try Self.validateImage(status, path: imagePath)
+        let identity = FileIdentity(status)
+
+        let result: Result<LoopDevice, DeviceMapperError> = entries.withLock { entries in
+            if var entry = entries[identity] {
+                entry.referenceCount += 1
+                entry.paths.insert(imagePath)
+                entries[identity] = entry
+                logger.debug("reusing origin loop device", metadata: [
+                    "image": "\(imagePath)", "device": "\(entry.loop.device)", "references": "\(entry.referenceCount)",
+                ])
+                return .success(entry.loop.device)
+            }
+            do throws(DeviceMapperError) {
+                let loop = try attachLoopDevice(backing: image, backingFile: imagePath, readOnly: true)
+                entries[identity] = Entry(loop: loop, referenceCount: 1, paths: [imagePath])
+                logger.info("origin loop device attached", metadata: [
+                    "image": "\(imagePath)", "device": "\(loop.device)",
+                ])
+                return .success(loop.device)
+            } catch {
+                return .failure(error)
+            }
+        }
+        return try result.get().path
+    }
+
+    /// Drops one reference to the image's device; the last one closes it, and the
+    /// kernel detaches it once no snapshot uses it either. The device is the one of
+    /// the file now at `imagePath`, or, if that holds no reference, the one of the
+    /// earlier file acquired by this path (a template rebuilt in place still releases
+    /// the old image's device). Releasing an image that holds no reference does
+    /// nothing but log a warning.
+    public func release(imagePath: FilePath) {
+        let identity = currentIdentity(imagePath)
+        entries.withLock { entries in
+            guard let key = Self.key(for: imagePath, identity: identity, in: entries), var entry = entries[key] else {
+                logger.warning("release of an image that holds no reference", metadata: ["image": "\(imagePath)"])
+                return
+            }
+            entry.referenceCount -= 1
+            if entry.referenceCount > 0 {
+                entries[key] = entry
+                logger.debug("origin loop device released", metadata: [
+                    "image": "\(imagePath)", "device": "\(entry.loop.device)", "references": "\(entry.referenceCount)",
+                ])
+                return
+            }
+            entries[key] = nil
+            entry.loop.close()
+            logger.info("origin loop device detached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
+        }
+    }
+
+    /// Releases every device, whatever its count: for the agent's shutdown.
+    public func releaseAll() {
+        let released = entries.withLock { entries in
+            defer { entries.removeAll() }
+            return Array(entries.values)
+        }
+        for entry in released {
+            entry.loop.close()
+            logger.info("origin loop device detached", metadata: [
+                "image": "\(entry.paths.sorted { $0.string < $1.string }.first?.string ?? "?")", "device": "\(entry.loop.device)",
+            ])
+        }
+    }
+
+    /// How many unreleased `acquire`s the image at `imagePath` has. If the file now at
+    /// that path holds none but an earlier file was acquired by this path (and since
+    /// replaced), this answers for that earlier image, as `release` would.
+    public func referenceCount(imagePath: FilePath) -> Int {
+        let identity = currentIdentity(imagePath)
+        return entries.withLock { entries in
+            Self.key(for: imagePath, identity: identity, in: entries).flatMap { entries[$0]?.referenceCount } ?? 0
+        }
+    }
+
+    /// The file now at `path`, if any.
+    private func currentIdentity(_ path: FilePath) -> FileIdentity? {
+        guard case .success(let status) = system_stat(path) else { return nil }
+        return FileIdentity(status)
+    }
+
+    /// The entry for the file now at `path`, else the one last acquired by that path
+    /// (its file has since been replaced or removed).
+    private static func key(for path: FilePath, identity: FileIdentity?, in entries: [FileIdentity: Entry]) -> FileIdentity? {
+        if let identity, entries[identity] != nil { return identity }
+        return entries.first { $0.value.paths.contains(path) }?.key
+    }
+
+    private static func validateImage(_ status: stat, path: FilePath) throws(DeviceMapperError) {
+        let kind = status.st_mode & S_IFMT
+        if kind == S_IFDIR {
+            throw .invalidArgument("LoopRegistry.acquire", subject: path.string, "the image is a directory")
+        }
+        guard kind == S_IFREG || kind == S_IFBLK else {
+            throw .invalidArgument("LoopRegistry.acquire", subject: path.string, "the image is not a regular file")
+        }
+        if kind == S_IFREG {
+            if status.st_size == 0 {
+                throw .invalidArgument("LoopRegistry.acquire", subject: path.string, "the image is empty")
+            }
+            if status.st_size % 512 != 0 {
+                throw .invalidArgument("LoopRegistry.acquire", subject: path.string,
+                                       "the image is \(status.st_size) bytes, not a whole number of 512-byte sectors")
+            }
+        }
+    }
+}

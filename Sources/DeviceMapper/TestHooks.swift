@@ -1,0 +1,39 @@
+#if DEBUG
+import Synchronization
+#endif
+
+/// Points in the lifecycle where a debug build can stop, so the crash tests can
+/// `SIGKILL` a process exactly there and check what a crash leaves behind.
+package enum TestHookPoint: String, Sendable, CaseIterable {
+    /// `SnapshotDevice.create`/`restore`: the CoW loop device is attached, the dm device not yet made.
+    case afterCowLoopAttach
+    /// `SnapshotDevice.create`: the dm device exists, the call has not returned.
+    case afterSnapshotCreate
+    /// `SnapshotDevice.flatten`: one block of the output was written (called per block).
+    case afterFlattenBlock
+}
+
+#if DEBUG
+/// Debug-build hooks; release builds compile every `hit` away.
+package enum TestHooks {
+    private static let handler = Mutex<(@Sendable (TestHookPoint) -> Void)?>(nil)
+
+    /// Calls `body` at every hook point from now on (nil removes it).
+    package static func install(_ body: (@Sendable (TestHookPoint) -> Void)?) {
+        handler.withLock { $0 = body }
+    }
+
+    static func hit(_ point: TestHookPoint) {
+        let body = handler.withLock { $0 }
+        body?(point)
+    }
+}
+#endif
+
+/// Marks a lifecycle point for the crash tests; nothing in release builds.
+@inline(__always)
+func testHook(_ point: @autoclosure () -> TestHookPoint) {
+    #if DEBUG
+    TestHooks.hit(point())
+    #endif
+}

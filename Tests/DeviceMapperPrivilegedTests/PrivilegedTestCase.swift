@@ -1,0 +1,158 @@
+import DeviceMapper
+import Foundation
+import SystemPackage
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Base class of the privileged suite: real root, real loop devices, real device-mapper.
+///
+/// Each test gets a fresh directory (on the guest's tmpfs under the VM rig) and a
+/// unique device-name prefix. Whatever a test leaves behind (devices with its prefix,
+/// loop devices over its files) is removed in tearDown, and reported as a failure:
+/// a leak is a defect even when the test's own assertions passed.
+///
+/// Run by hand without root or device-mapper, the tests skip with the reason. Under
+/// `make test` (`DM_REQUIRE_PRIVILEGED=1`) they fail instead, so a skip never passes.
+class PrivilegedTestCase: XCTestCase {
+    private(set) var directory: FilePath = ""
+    private(set) var prefix = ""
+    /// Set by tests that leave devices on purpose (they clean up themselves).
+    var expectsLeftovers = false
+    nonisolated(unsafe) private static var counter = 0  // XCTest runs tests one at a time.
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        if let reason = Self.missingPrivilege() {
+            if ProcessInfo.processInfo.environment["DM_REQUIRE_PRIVILEGED"] == "1" {
+                throw PrivilegeMissing(reason: reason)  // A failure, not a skip.
+            }
+            throw XCTSkip(reason)
+        }
+        Self.counter += 1
+        prefix = "dmtest-\(getpid())-\(Self.counter)-"
+        let base = ProcessInfo.processInfo.environment["DM_TEST_TMPDIR"] ?? NSTemporaryDirectory()
+        var template = Array("\(base)/dmtest.XXXXXX".utf8CString)
+        guard mkdtemp(&template) != nil else { throw POSIXError(.EIO) }
+        directory = FilePath(String(decoding: template.dropLast().map(UInt8.init(bitPattern:)), as: UTF8.self))
+    }
+
+    override func tearDownWithError() throws {
+        defer { try? FileManager.default.removeItem(atPath: directory.string) }
+        guard !prefix.isEmpty else { return }
+        let leftovers = (try? devices(withPrefix: prefix)) ?? []
+        let report = cleanupStaleDevices(prefix: prefix)
+        XCTAssertTrue(report.failures.isEmpty, "cleanup failed: \(report.failures.map { "\($0.name): \($0.error)" })")
+        let loops = loopDevices(backedBy: directory)
+        for loop in loops { try? detachLoopDevice(loop.device.path) }
+        if !expectsLeftovers {
+            XCTAssertEqual(leftovers, [], "test left device-mapper devices behind")
+            XCTAssertEqual(loops.map(\.backingFile), [], "test left loop devices behind")
+        }
+        try super.tearDownWithError()
+    }
+
+    /// Why this process cannot run privileged tests, or nil if it can.
+    static func missingPrivilege() -> String? {
+        if geteuid() != 0 { return "needs root (run under `make test`, or as root on a host with device-mapper)" }
+        do {
+            try DeviceMapperControl.checkAvailable()
+        } catch {
+            return "needs a kernel with device-mapper: \(error)"
+        }
+        return nil
+    }
+
+    // MARK: - Helpers
+
+    /// A unique device name for this test.
+    func deviceName(_ suffix: String) -> String { prefix + suffix }
+
+    /// A path in this test's directory.
+    func path(_ name: String) -> FilePath { directory.appending(name) }
+
+    /// Writes a file of `sizeBytes` deterministic pseudo-random bytes.
+    @discardableResult
+    func makeImage(_ name: String, sizeBytes: Int, seed: UInt64 = 1) throws -> FilePath {
+        let file = path(name)
+        try Data(pseudoRandomBytes(count: sizeBytes, seed: seed)).write(to: URL(fileURLWithPath: file.string))
+        return file
+    }
+
+    /// The names of the device-mapper devices that start with `prefix`.
+    func devices(withPrefix prefix: String) throws -> [String] {
+        try DeviceMapperControl.list(withTargetTypes: false).map(\.name).filter { $0.hasPrefix(prefix) }.sorted()
+    }
+
+    /// Loop devices whose backing file lies under `directory`.
+    func loopDevices(backedBy directory: FilePath) -> [LoopDeviceAttachment] {
+        attachedLoopDevices().filter { $0.backingFile.string.hasPrefix(directory.string + "/") }
+    }
+
+    /// Reads `count` bytes at `offset` of a file or device.
+    func read(_ path: FilePath, offset: Int64 = 0, count: Int) throws -> [UInt8] {
+        let fd = try FileDescriptor.open(path, .readOnly)
+        return try fd.closeAfter {
+            var bytes = [UInt8](repeating: 0, count: count)
+            let n = try bytes.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: offset, into: $0) }
+            return Array(bytes.prefix(n))
+        }
+    }
+
+    /// Writes `bytes` at `offset` of a file (created if missing) or device, and flushes them.
+    func write(_ path: FilePath, offset: Int64 = 0, _ bytes: [UInt8]) throws {
+        let fd = try FileDescriptor.open(path, .readWrite, options: .create, permissions: .ownerReadWrite)
+        try fd.closeAfter {
+            _ = try bytes.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: offset, $0) }
+            XCTAssertEqual(fsync(fd.rawValue), 0)
+        }
+    }
+
+    /// A file's allocated size in bytes (`st_blocks`), to tell sparse files.
+    func allocatedBytes(_ path: FilePath) throws -> Int64 {
+        var status = stat()
+        guard stat(path.string, &status) == 0 else { throw Errno(rawValue: errno) }
+        return Int64(status.st_blocks) * 512
+    }
+
+    /// Waits up to `seconds` for `condition`, for kernel work that finishes
+    /// asynchronously (a deferred remove runs from a workqueue after the last close).
+    func eventually(_ seconds: Double = 5, _ condition: () throws -> Bool) rethrows -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if try condition() { return true }
+            usleep(20_000)
+        }
+        return try condition()
+    }
+
+    func fileExists(_ path: FilePath) -> Bool {
+        FileManager.default.fileExists(atPath: path.string)
+    }
+}
+
+struct PrivilegeMissing: Error, CustomStringConvertible {
+    var reason: String
+    var description: String { "privileged suite cannot run (DM_REQUIRE_PRIVILEGED=1): \(reason)" }
+}
+
+/// Deterministic bytes from a 64-bit xorshift generator.
+func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    var bytes = [UInt8](repeating: 0, count: count)
+    bytes.withUnsafeMutableBytes { buffer in
+        var index = 0
+        while index < count {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            withUnsafeBytes(of: state) { word in
+                for byte in word where index < count {
+                    buffer[index] = byte
+                    index += 1
+                }
+            }
+        }
+    }
+    return bytes
+}

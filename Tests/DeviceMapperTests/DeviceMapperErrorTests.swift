@@ -1,0 +1,32 @@
+import DeviceMapper
+import SystemPackage
+import XCTest
+
+final class DeviceMapperErrorTests: XCTestCase {
+    func testDescriptionCarriesEveryPart() {
+        let error = DeviceMapperError(
+            code: .fileExists, operation: "dm_task_run(DM_DEVICE_CREATE)", subject: "wrenn-1", errno: .fileExists,
+            detail: "the name is taken", libdevmapperMessages: ["device-mapper: create ioctl on wrenn-1 failed: Device or resource busy"])
+        let text = error.description
+        XCTAssertTrue(text.hasPrefix("dm_task_run(DM_DEVICE_CREATE) failed for wrenn-1: file exists"), text)
+        XCTAssertTrue(text.contains("errno \(Errno.fileExists.rawValue)"), text)
+        XCTAssertTrue(text.contains("the name is taken"), text)
+        XCTAssertTrue(text.contains("libdevmapper: device-mapper: create ioctl"), text)
+    }
+
+    func testDescriptionWithoutOptionalParts() {
+        let error = DeviceMapperError(code: .invalidCowStore, operation: "SnapshotDevice.restore")
+        XCTAssertEqual(error.description, "SnapshotDevice.restore failed: invalid copy-on-write store")
+        XCTAssertNil(error.errno)
+    }
+
+    func testCodesAreDistinctAndNamed() {
+        let codes: [DeviceMapperError.Code] = [
+            .deviceMapperUnavailable, .invalidName, .invalidArgument, .systemCallFailed, .deviceMapperCallFailed,
+            .deviceNotFound, .deviceBusy, .fileExists, .invalidCowStore, .cowStoreInUse, .loopDeviceUnavailable,
+            .unexpectedKernelOutput,
+        ]
+        XCTAssertEqual(Set(codes).count, codes.count)
+        XCTAssertEqual(Set(codes.map(\.description)).count, codes.count)
+    }
+}
