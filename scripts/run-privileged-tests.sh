@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Run the privileged XCTest suite (tests that need root, loop devices and
+# device-mapper), on the host when it can, otherwise in a VM.
+#
+#   scripts/run-privileged-tests.sh XCTEST_BUNDLE [--udev]
+#
+#   XCTEST_BUNDLE  e.g. .build/debug/DeviceMapperPackageTests.xctest (on Linux
+#                  an executable; build it with `swift build --build-tests`)
+#   --udev         run with systemd-udevd active (exports DM_TEST_UDEV=1)
+#
+# Where it runs:
+#   - directly, if we are root and the host kernel has device-mapper
+#     (scripts/has-device-mapper.sh), with DM_TEST_TMPDIR set to a fresh
+#     temporary directory;
+#   - otherwise through scripts/vm-run.sh (DM_TEST_TMPDIR is a tmpfs there).
+#   DM_FORCE_VM=1 always uses the VM.
+#
+# DM_REQUIRE_PRIVILEGED=1 is exported so the tests fail instead of skipping when
+# their environment is missing. Which tests run: every test class of the
+# module $DM_PRIVILEGED_MODULE (default DeviceMapperPrivilegedTests). Linux
+# XCTest has no module-level filter (a bare module name selects 0 tests and
+# exits 0), so the class list comes from `BUNDLE --list-tests` and is passed as
+# one comma-separated argument: Module.ClassA,Module.ClassB.
+#
+# Output is shown live and saved to $DM_PRIVILEGED_LOG (default
+# .build/privileged-tests.log). Exit status is non-zero if the run failed, if
+# no XCTest summary line was found, if no test ran, or if any test was
+# skipped. The last line is a one-line verdict.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+module=${DM_PRIVILEGED_MODULE:-DeviceMapperPrivilegedTests}
+
+die() { printf 'run-privileged-tests: error: %s\n' "$*" >&2; exit 2; }
+
+bundle=""
+udev=0
+for a in "$@"; do
+    case "$a" in
+        --udev) udev=1 ;;
+        -h|--help) sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown option $a" ;;
+        *) [[ -z "$bundle" ]] || die "more than one bundle given"; bundle=$a ;;
+    esac
+done
+[[ -n "$bundle" ]] || die "usage: run-privileged-tests.sh XCTEST_BUNDLE [--udev]"
+[[ -f "$bundle" && -x "$bundle" ]] || die "$bundle is not an executable XCTest bundle (swift build --build-tests?)"
+bundle=$(cd "$(dirname "$bundle")" && pwd)/$(basename "$bundle")
+
+log_file=${DM_PRIVILEGED_LOG:-$root/.build/privileged-tests.log}
+mkdir -p "$(dirname "$log_file")"
+
+# --- which tests ---------------------------------------------------------------
+# Listing tests is harmless and needs no privileges, so do it on the host.
+listing=$("$bundle" --list-tests 2>&1) || die "$bundle --list-tests failed: $listing"
+classes=$(grep -E "^${module}\.[^/]+/" <<<"$listing" | cut -d/ -f1 | sort -u | paste -sd, -) || true
+[[ -n "$classes" ]] || die "no tests of module $module in $bundle"
+
+export DM_REQUIRE_PRIVILEGED=1
+
+# --- where ---------------------------------------------------------------------
+where=""
+cmd=()
+tmpdir=""
+cleanup() { [[ -z "$tmpdir" ]] || rm -rf "$tmpdir"; }
+trap cleanup EXIT
+if [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-mapper.sh"; then
+    where="on host"
+    tmpdir=$(mktemp -d "${TMPDIR:-/tmp}/dm-test.XXXXXX")
+    export DM_TEST_TMPDIR=$tmpdir
+    unset DM_IN_VM
+    if [[ $udev == 1 ]]; then
+        udevadm control --ping >/dev/null 2>&1 || die "--udev: systemd-udevd is not running on this host"
+        export DM_TEST_UDEV=1
+    else
+        unset DM_TEST_UDEV
+    fi
+    cmd=("$bundle" "$classes")
+else
+    where="in VM"
+    vm_args=()
+    [[ $udev == 1 ]] && vm_args+=(--udev)
+    cmd=("$here/vm-run.sh" "${vm_args[@]}" -- "$bundle" "$classes")
+fi
+
+echo "run-privileged-tests: $module ($(tr ',' '\n' <<<"$classes" | wc -l) classes) $where, udev=$([[ $udev == 1 ]] && echo on || echo off), log: $log_file"
+
+# --- run -----------------------------------------------------------------------
+start=$(date +%s)
+set +e
+# stdin from /dev/null: nothing in the suite reads it; in the VM case this also
+# lets vm-run.sh apply its timeout.
+"${cmd[@]}" </dev/null 2>&1 | tee "$log_file"
+rc=${PIPESTATUS[0]}
+set -e
+secs=$(( $(date +%s) - start ))
+
+# --- verdict -------------------------------------------------------------------
+if [[ "$where" == "in VM" ]]; then
+    accel=$(grep -m1 -oE '^vm-run: booting .* \((tcg|kvm),' "$log_file" | grep -oE '(tcg|kvm)' | tail -n1 || true)
+    accel=${accel:-unknown accel}
+    where="in VM, ${accel^^}"
+fi
+
+# XCTest's summary lines look like
+#   Executed 12 tests, with 0 failures (0 unexpected) in 1.2 (1.3) seconds
+#   Executed 1 test, with 1 test skipped and 2 failures (0 unexpected) in ...
+# (the "skipped" clause only appears when S > 0). One is printed per class and
+# one for the whole run; the last one is the grand total.
+summary=$(tr -d '\r' <"$log_file" | grep -E '^[[:space:]]*Executed [0-9]+ tests?, with ' | tail -n1 || true)
+fail() {
+    echo "privileged suite: FAILED: $* ($where, ${secs}s, exit $rc)" >&2
+    exit 1
+}
+[[ -n "$summary" ]] || fail "no XCTest summary line found (crash or boot failure? see $log_file)"
+re='Executed ([0-9]+) tests?, with (([0-9]+) tests? skipped and )?([0-9]+) failures? \(([0-9]+) unexpected\)'
+[[ "$summary" =~ $re ]] || fail "cannot parse summary: $summary"
+n=${BASH_REMATCH[1]}
+s=${BASH_REMATCH[3]:-0}
+f=${BASH_REMATCH[4]}
+u=${BASH_REMATCH[5]}
+failed_tests=$(tr -d '\r' <"$log_file" | grep -cE "^Test Case '.*' failed \(" || true)
+passed=$(( n - s - failed_tests ))
+((passed >= 0)) || passed=0
+
+verdict="privileged suite: $passed passed, $failed_tests failed ($f failures, $u unexpected), $s skipped ($where, ${secs}s)"
+problems=()
+((rc == 0)) || problems+=("exit status $rc")
+((n > 0)) || problems+=("no tests executed")
+((s == 0)) || problems+=("$s skipped (skips count as failures here)")
+((f == 0)) || problems+=("$f failures")
+if ((${#problems[@]})); then
+    echo "$verdict"
+    joined=$(printf '%s; ' "${problems[@]}")
+    fail "${joined%; }"
+fi
+echo "$verdict"
