@@ -1,0 +1,48 @@
+# Everything runs from here. On a fresh Debian 12 machine, as root:
+#   make bench   set up, build, and run the default benchmark (in a VM if the
+#                host kernel has no device-mapper)
+#   make test    set up, build, and run every test: unit, privileged (in a VM if
+#                needed), sanitizers and a bounded fuzz run
+SHELL := /bin/bash
+SWIFT ?= swift
+XCTEST_BUNDLE := .build/debug/DeviceMapperPackageTests.xctest
+FUZZ_SECONDS ?= 60
+
+.PHONY: all deps build test unit-test privileged-test privileged-test-udev sanitize fuzz bench clean
+
+all: build
+
+deps:
+	@bash scripts/deps.sh
+
+build: deps
+	$(SWIFT) build
+
+# Unit tests first (no root, no device-mapper), then the privileged suite against
+# a real kernel, then the udev variant, the sanitizers and the fuzzer.
+test: deps
+	$(SWIFT) build --build-tests
+	$(MAKE) --no-print-directory unit-test privileged-test privileged-test-udev sanitize fuzz
+	@echo "make test: all stages passed"
+
+unit-test:
+	$(SWIFT) test --skip-build --filter '^DeviceMapperTests\.'
+
+# Fails when the suite ran zero tests or skipped any.
+privileged-test:
+	bash scripts/run-privileged-tests.sh $(XCTEST_BUNDLE)
+
+privileged-test-udev:
+	bash scripts/run-privileged-tests.sh $(XCTEST_BUNDLE) --udev
+
+sanitize:
+	bash scripts/sanitize.sh
+
+fuzz:
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
+
+bench: deps
+	bash scripts/bench.sh
+
+clean:
+	rm -rf .build .build-*
