@@ -1,1 +1,4 @@
-print("dm-bench: not yet")
+// The entry point: everything else is in DMBench.swift and the figure files.
+import ArgumentParser
+
+DMBench.main()
