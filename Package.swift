@@ -40,13 +40,29 @@ let package = Package(
             ],
             swiftSettings: strictSwift
         ),
+        // dm-bench's C baselines: the library's calls in C, and the dm ioctls without libdevmapper.
+        .target(
+            name: "CBenchBaseline",
+            dependencies: ["CDeviceMapper"],
+            linkerSettings: [.linkedLibrary("devmapper")]
+        ),
         .executableTarget(
             name: "dm-bench",
             dependencies: [
                 "DeviceMapper",
+                "CBenchBaseline",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        // Stops a lifecycle call at a test hook, for the crash tests to SIGKILL (debug builds).
+        .executableTarget(
+            name: "dm-crash-helper",
+            dependencies: [
+                "DeviceMapper",
+                .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strictSwift
         ),

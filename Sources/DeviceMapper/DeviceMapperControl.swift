@@ -10,7 +10,6 @@ import Glibc
 import Musl
 #endif
 import Logging
-import Synchronization
 import SystemPackage
 
 /// Flags that tell udev's device-mapper rules what to skip for a device
@@ -66,7 +65,7 @@ public struct DMListedDevice: Hashable, Sendable {
 /// Only one thread at a time calls into libdevmapper: it keeps process-wide state
 /// (its list of pending `/dev/mapper` node operations, its control descriptor and
 /// its log routing) without locks of its own.
-private let libdevmapperCallLock = Mutex<Void>(())
+private let libdevmapperCallLock = Locked<Void>(())
 
 /// Operations on device-mapper devices through `/dev/mapper/control`.
 public enum DeviceMapperControl {

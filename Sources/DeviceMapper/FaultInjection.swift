@@ -1,5 +1,4 @@
 #if DEBUG
-import Synchronization
 package import SystemPackage
 
 /// Debug-build seam that makes a named system call fail with a chosen errno,
@@ -15,7 +14,7 @@ package enum FaultInjection {
         var remaining: Int?
     }
 
-    private static let faults = Mutex<[String: Fault]>([:])
+    private static let faults = Locked<[String: Fault]>([:])
 
     /// Makes later calls named `call` fail with `errno`: the next `times` of them,
     /// or every one until `clear` when `times` is nil.

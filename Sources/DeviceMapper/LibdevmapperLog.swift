@@ -4,7 +4,6 @@
 
 import CDeviceMapperShims
 import Logging
-import Synchronization
 
 enum LibdevmapperLog {
     /// The logger libdevmapper's lines go to.
@@ -12,7 +11,7 @@ enum LibdevmapperLog {
 
     /// Error and warning lines since the last `drainCaptured()`. Only the holder of
     /// `libdevmapperCallLock` calls into libdevmapper, so these belong to its call.
-    private static let captured = Mutex<[String]>([])
+    private static let captured = Locked<[String]>([])
 
     /// Installs the trampoline once per process, before the first libdevmapper call.
     static let installed: Void = {

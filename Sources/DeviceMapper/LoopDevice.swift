@@ -8,7 +8,6 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import Synchronization
 public import SystemPackage
 
 /// A loop device node, e.g. `/dev/loop3`, with its device number.
@@ -65,7 +64,7 @@ let loopAttachAttempts = 20
 
 /// `/dev/loop-control`, opened once per process and kept: reopening it on every
 /// attach costs a path lookup on the hot path.
-private let loopControl = Mutex<FileDescriptor?>(nil)
+private let loopControl = Locked<FileDescriptor?>(nil)
 
 private func loopControlDescriptor() throws(DeviceMapperError) -> FileDescriptor {
     let result: Result<FileDescriptor, Errno> = loopControl.withLock { cached in

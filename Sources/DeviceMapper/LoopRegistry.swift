@@ -6,7 +6,6 @@ import Glibc
 import Musl
 #endif
 public import Logging
-import Synchronization
 public import SystemPackage
 
 /// Shares one read-only, autoclear loop device per base image among all the
@@ -23,7 +22,7 @@ public final class LoopRegistry: Sendable {
         var paths: Set<FilePath>
     }
 
-    private let entries = Mutex<[FileIdentity: Entry]>([:])
+    private let entries = Locked<[FileIdentity: Entry]>([:])
     private let logger: Logger
 
     public init(logger: Logger = Logger(label: "DeviceMapper.LoopRegistry")) {

@@ -91,7 +91,8 @@ public struct SnapshotDevice: Sendable, Hashable {
             throw DeviceMapperError.syscall("open", errno, subject: cowPath.string)
         }
         defer { system_close(cowFile) }
-        let header = try CowHeader.read(from: cowFile, path: cowPath)
+        let currentSize = try cowStoreSizeBytes(cowFile, path: cowPath)
+        let header = try CowHeader.read(from: cowFile, path: cowPath, storeSizeBytes: currentSize)
         guard header.isValid else {
             throw DeviceMapperError(
                 code: .invalidCowStore, operation: "SnapshotDevice.restore", subject: cowPath.string,
@@ -104,8 +105,7 @@ public struct SnapshotDevice: Sendable, Hashable {
         }
         // A store sized by older code may be too small to hold every chunk: grow it (sparse).
         let cowSize = requiredCowSizeBytes(originSizeBytes: originSizeBytes, chunkSizeBytes: Int64(header.chunkSizeBytes))
-        let currentSize = try system_fstat(cowFile).get("fstat", subject: cowPath.string).st_size
-        if Int64(currentSize) < cowSize {
+        if currentSize < cowSize {
             try system_ftruncate(cowFile, cowSize).get("ftruncate", subject: cowPath.string)
         }
 

@@ -1,7 +1,3 @@
-#if DEBUG
-import Synchronization
-#endif
-
 /// Points in the lifecycle where a debug build can stop, so the crash tests can
 /// `SIGKILL` a process exactly there and check what a crash leaves behind.
 package enum TestHookPoint: String, Sendable, CaseIterable {
@@ -16,7 +12,7 @@ package enum TestHookPoint: String, Sendable, CaseIterable {
 #if DEBUG
 /// Debug-build hooks; release builds compile every `hit` away.
 package enum TestHooks {
-    private static let handler = Mutex<(@Sendable (TestHookPoint) -> Void)?>(nil)
+    private static let handler = Locked<(@Sendable (TestHookPoint) -> Void)?>(nil)
 
     /// Calls `body` at every hook point from now on (nil removes it).
     package static func install(_ body: (@Sendable (TestHookPoint) -> Void)?) {

@@ -1,0 +1,159 @@
+// dm-crash-helper: runs one lifecycle call and stops it at a test hook, so that a
+// crash test can SIGKILL the process exactly there and check what a crash leaves.
+//
+//   dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
+//   dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
+//   dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock
+//                           [--block N] [--write DATA_FILE@OFFSET]...
+//
+// Each command acquires ORIGIN_IMAGE through a LoopRegistry, as the agent does.
+// `flatten` creates a snapshot with a new CoW file, writes each DATA_FILE's bytes to the
+// snapshot at OFFSET (flushed), and flattens it to OUTPUT, stopping after the Nth block
+// (default 1). At the hook the helper writes `READY <point>` to stdout (unbuffered) and
+// blocks until it is killed. Logs go to stderr.
+//
+// Exit status: 2 for a usage error or a release build (the hooks exist in debug builds
+// only), 1 if the call failed or returned without reaching the hook.
+
+import DeviceMapper
+import SystemPackage
+#if DEBUG
+import Synchronization
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Writes `text` straight to a descriptor: no stdio buffer to flush before a SIGKILL.
+func emit(_ text: String, to fd: CInt) {
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if written < 0 && errno == EINTR { continue }
+        guard written > 0 else { return }
+        bytes = bytes.dropFirst(written)
+    }
+}
+
+func fail(_ message: String, status: Int32) -> Never {
+    emit("dm-crash-helper: \(message)\n", to: STDERR_FILENO)
+    exit(status)
+}
+
+func usage() -> Never {
+    fail("""
+        usage:
+          dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
+          dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
+          dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock [--block N] [--write FILE@OFFSET]...
+        """, status: 2)
+}
+
+struct Arguments {
+    var command: String
+    var positional: [String] = []
+    var stopAt: String?
+    var block = 1
+    var writes: [(file: FilePath, offset: Int64)] = []
+
+    init(_ arguments: [String]) {
+        guard let command = arguments.first else { usage() }
+        self.command = command
+        var rest = arguments.dropFirst()[...]
+        while let argument = rest.popFirst() {
+            switch argument {
+            case "--stop-at":
+                guard let value = rest.popFirst() else { usage() }
+                stopAt = value
+            case "--block":
+                guard let value = rest.popFirst(), let number = Int(value), number >= 1 else { usage() }
+                block = number
+            case "--write":
+                guard let value = rest.popFirst(), let at = value.lastIndex(of: "@"),
+                      let offset = Int64(value[value.index(after: at)...]), offset >= 0
+                else { usage() }
+                writes.append((FilePath(String(value[..<at])), offset))
+            default:
+                if argument.hasPrefix("--") { usage() }
+                positional.append(argument)
+            }
+        }
+    }
+}
+
+/// Writes the whole of `data` to `device` at `offset`, and flushes it.
+func writeData(_ data: FilePath, to device: FilePath, at offset: Int64) throws {
+    let input = try FileDescriptor.open(data, .readOnly)
+    let bytes = try input.closeAfter {
+        let size = try input.seek(offset: 0, from: .end)
+        var bytes = [UInt8](repeating: 0, count: Int(size))
+        _ = try bytes.withUnsafeMutableBytes { try input.read(fromAbsoluteOffset: 0, into: $0) }
+        return bytes
+    }
+    let output = try FileDescriptor.open(device, .writeOnly)
+    try output.closeAfter {
+        _ = try bytes.withUnsafeBytes { try output.writeAll(toAbsoluteOffset: offset, $0) }
+        guard fsync(output.rawValue) == 0 else { throw Errno(rawValue: errno) }
+    }
+}
+
+#if DEBUG
+/// Runs the command and stops at the hook; returns only on failure.
+func run(_ arguments: Arguments) -> Never {
+    let allowed: [String: [TestHookPoint]] = [
+        "create": [.afterCowLoopAttach, .afterSnapshotCreate],
+        "restore": [.afterCowLoopAttach],
+        "flatten": [.afterFlattenBlock],
+    ]
+    guard let points = allowed[arguments.command] else { usage() }
+    guard let stopAt = arguments.stopAt.flatMap(TestHookPoint.init(rawValue:)), points.contains(stopAt) else {
+        fail("\(arguments.command) stops at \(points.map(\.rawValue).joined(separator: " or ")) (--stop-at)", status: 2)
+    }
+    guard arguments.positional.count == (arguments.command == "flatten" ? 4 : 3) else { usage() }
+    let name = arguments.positional[0]
+    let image = FilePath(arguments.positional[1])
+    let cowPath = FilePath(arguments.positional[2])
+
+    // Stops at the chosen hit of the chosen point; every other hit passes.
+    let hits = Mutex(0)
+    let wantedHit = stopAt == .afterFlattenBlock ? arguments.block : 1
+    TestHooks.install { point in
+        guard point == stopAt else { return }
+        let hit = hits.withLock { count in
+            count += 1
+            return count
+        }
+        guard hit == wantedHit else { return }
+        emit("READY \(point.rawValue)\n", to: STDOUT_FILENO)
+        while true { pause() }  // Until SIGKILL.
+    }
+
+    do {
+        let registry = LoopRegistry()
+        let origin = try registry.acquire(imagePath: image)
+        let size = try originSizeBytes(of: origin)
+        switch arguments.command {
+        case "create":
+            _ = try SnapshotDevice.create(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+        case "restore":
+            _ = try SnapshotDevice.restore(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+        default:
+            let snapshot = try SnapshotDevice.create(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+            for (file, offset) in arguments.writes {
+                try writeData(file, to: snapshot.devicePath, at: offset)
+            }
+            try snapshot.flatten(to: FilePath(arguments.positional[3]))
+        }
+    } catch {
+        fail("\(arguments.command) failed: \(error)", status: 1)
+    }
+    fail("\(arguments.command) returned without reaching \(stopAt.rawValue)", status: 1)
+}
+
+run(Arguments(Array(CommandLine.arguments.dropFirst())))
+#else
+fail("the test hooks exist in debug builds only; build without -c release", status: 2)
+#endif

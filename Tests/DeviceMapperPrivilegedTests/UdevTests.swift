@@ -1,0 +1,125 @@
+import DeviceMapper
+import Foundation
+import SystemPackage
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `/dev/mapper` nodes with and without udev. These run in both the plain and the
+/// `--udev` run of the rig and check, each time, which of the two they are in:
+/// without udev, libdevmapper makes the node itself (a block device node); with
+/// udev, udev makes it from the `dmsetup` package's rules (a symlink to `../dm-N`)
+/// and `create` waits for that through the udev cookie.
+final class UdevTests: PrivilegedTestCase {
+    let imageSize = 4 << 20
+
+    /// The rig says udev runs (`--udev`: DM_TEST_UDEV=1).
+    var udevRequested: Bool { ProcessInfo.processInfo.environment["DM_TEST_UDEV"] == "1" }
+    /// libdevmapper's own test of whether udev runs: its control socket exists.
+    var udevControlSocketExists: Bool { access("/run/udev/control", F_OK) == 0 }
+
+    func testUdevRunsExactlyWhenTheRunSaysSo() throws {
+        if udevRequested {
+            XCTAssertTrue(udevControlSocketExists, "DM_TEST_UDEV=1 but /run/udev/control is missing")
+            XCTAssertFalse(udevDaemons().isEmpty, "DM_TEST_UDEV=1 but no systemd-udevd process")
+            // The device-mapper rules come from the dmsetup package.
+            let rules = try FileManager.default.contentsOfDirectory(atPath: "/lib/udev/rules.d").filter { $0.contains("dm") && $0.hasSuffix(".rules") }
+            XCTAssertTrue(rules.contains("55-dm.rules"), "the rule that makes /dev/mapper/NAME: \(rules)")
+            XCTAssertTrue(rules.contains("95-dm-notify.rules"), "the rule that completes the udev cookie: \(rules)")
+        } else if ProcessInfo.processInfo.environment["DM_IN_VM"] == "1" {
+            // The plain run of the rig stops udev: the system must really be udev-less.
+            XCTAssertFalse(udevControlSocketExists, "the plain run must have no /run/udev/control")
+            XCTAssertEqual(udevDaemons(), [], "the plain run must have no systemd-udevd")
+        }
+    }
+
+    func testCreateReturnsOnlyWhenTheNodeExists() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize)
+        let registry = LoopRegistry()
+        defer { registry.releaseAll() }
+        let origin = try registry.acquire(imagePath: image)
+        let udev = udevControlSocketExists
+        if udevRequested { XCTAssertTrue(udev) }
+
+        for index in 0..<5 {
+            let snapshot = try SnapshotDevice.create(name: deviceName("n\(index)"), origin: origin, cowPath: path("n\(index).cow"), originSizeBytes: Int64(imageSize))
+            // Checked at once: no waiting, no settling.
+            let node = try XCTUnwrap(fileStatus(snapshot.devicePath, followingSymlink: false),
+                                     "\(snapshot.devicePath) must exist when create returns")
+            let number = try XCTUnwrap(DeviceMapperControl.info(name: DeviceName(snapshot.name))).number
+            let udevRecord = "/run/udev/data/b\(number.major):\(number.minor)"
+            if udev {
+                XCTAssertEqual(node.st_mode & S_IFMT, S_IFLNK, "udev makes /dev/mapper/NAME a symlink")
+                XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: snapshot.devicePath.string), "../dm-\(number.minor)")
+                XCTAssertEqual(access(udevRecord, F_OK), 0, "udev knows the device: \(udevRecord)")
+            } else {
+                XCTAssertEqual(node.st_mode & S_IFMT, S_IFBLK, "without udev libdevmapper makes a block device node")
+                XCTAssertNotEqual(access(udevRecord, F_OK), 0)
+            }
+            let target = try XCTUnwrap(fileStatus(snapshot.devicePath, followingSymlink: true))
+            XCTAssertEqual(DeviceNumber(rawValue: UInt64(target.st_rdev)), number, "the node is the device")
+            XCTAssertEqual(try read(snapshot.devicePath, count: 4096), try read(image, count: 4096))
+
+            try snapshot.remove()
+            XCTAssertNil(fileStatus(snapshot.devicePath, followingSymlink: false), "the node is gone when remove returns")
+            if udev { XCTAssertNotEqual(access(udevRecord, F_OK), 0, "udev forgot the device") }
+        }
+        registry.releaseAll()
+        XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty })
+    }
+
+    func testTwoHundredCreateRemoveCyclesSeeNoEBUSY() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize)
+        let registry = LoopRegistry()
+        defer { registry.releaseAll() }
+        let origin = try registry.acquire(imagePath: image)
+        if udevRequested { XCTAssertTrue(udevControlSocketExists) }
+        let block = pseudoRandomBytes(count: 4096, seed: 17)
+        var busy: [String] = []
+        for index in 0..<200 {
+            let cow = path("cycle.cow")
+            let snapshot = try SnapshotDevice.create(name: deviceName("cycle"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+            // Use it as a guest would: a write and a close, which udev's watch sees.
+            try write(snapshot.devicePath, offset: Int64(index % 64) * 4096, block)
+            // One attempt, no retry: any EBUSY at all is counted.
+            if let error = try removeOnce(snapshot) {
+                busy.append("cycle \(index): \(error)")
+                try snapshot.remove()
+            }
+            XCTAssertEqual(unlink(cow.string), 0)
+        }
+        let busyCount = busy.count
+        XCTAssertEqual(busy, [], "\(busyCount) of 200 removes saw EBUSY")
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+        registry.releaseAll()
+        XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty }, "\(loopDevices(backedBy: directory))")
+    }
+
+    /// One remove attempt, without retries: the `EBUSY` error if the device was busy.
+    func removeOnce(_ snapshot: SnapshotDevice) throws -> DeviceMapperError? {
+        do {
+            try DeviceMapperControl.remove(name: DeviceName(snapshot.name), retry: .none)
+            return nil
+        } catch where error.errno == .resourceBusy {
+            return error
+        }
+    }
+
+    /// `lstat` or `stat`, or nil if there is no such file.
+    func fileStatus(_ path: FilePath, followingSymlink: Bool) -> stat? {
+        var status = stat()
+        let result = followingSymlink ? stat(path.string, &status) : lstat(path.string, &status)
+        return result == 0 ? status : nil
+    }
+
+    /// The pids of running `systemd-udevd` processes (daemon and workers).
+    func udevDaemons() -> [Int] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap(Int.init).filter { pid in
+            let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+            return comm.trimmingCharacters(in: .whitespacesAndNewlines) == "systemd-udevd"
+        }.sorted()
+    }
+}
