@@ -23,17 +23,17 @@ build: deps
 test: deps
 	$(SWIFT) build --build-tests
 	$(MAKE) --no-print-directory unit-test privileged-test privileged-test-udev sanitize fuzz
-	@echo "make test: all stages passed"
+	@bash scripts/test-summary.sh .build/unit-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log
 
 unit-test:
-	$(SWIFT) test --skip-build --filter '^DeviceMapperTests\.'
+	set -o pipefail; $(SWIFT) test --skip-build --filter '^DeviceMapperTests\.' 2>&1 | tee .build/unit-tests.log
 
 # Fails when the suite ran zero tests or skipped any.
 privileged-test:
-	bash scripts/run-privileged-tests.sh $(XCTEST_BUNDLE)
+	DM_PRIVILEGED_LOG=.build/privileged-tests.log bash scripts/run-privileged-tests.sh $(XCTEST_BUNDLE)
 
 privileged-test-udev:
-	bash scripts/run-privileged-tests.sh $(XCTEST_BUNDLE) --udev
+	DM_PRIVILEGED_LOG=.build/privileged-tests-udev.log bash scripts/run-privileged-tests.sh $(XCTEST_BUNDLE) --udev
 
 sanitize:
 	bash scripts/sanitize.sh

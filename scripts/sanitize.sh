@@ -19,8 +19,9 @@
 # code that is not ours; leaks of the library's own resources (descriptors, loop
 # and device-mapper devices) are what the privileged suite's tearDown checks.
 #
-# Output: .build-tsan/sanitize-*.log, .build-asan/sanitize-asan.log. The last line
-# is a one-line verdict per stage.
+# Output: .build-tsan/sanitize-{thread,tsan-privileged}.log, .build-asan/sanitize-address.log
+# (and sanitize-build.log in each). The last lines
+# are a one-line verdict per stage.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

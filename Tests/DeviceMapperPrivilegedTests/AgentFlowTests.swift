@@ -62,7 +62,7 @@ final class AgentFlowTests: PrivilegedTestCase {
         try snapshot.remove()
         registry.release(imagePath: image)
         XCTAssertEqual(try devices(withPrefix: prefix), [])
-        XCTAssertEqual(loopDevices(backedBy: directory), [], "a paused sandbox holds no device")
+        assertLoopDevices([], "a paused sandbox holds no device")
         XCTAssertTrue(fileExists(cow))
 
         // resume
@@ -70,7 +70,7 @@ final class AgentFlowTests: PrivilegedTestCase {
         XCTAssertEqual(try read(resumed.devicePath, count: imageSize), try expectedDisk(base: image))
         try resumed.remove()
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     func testPauseOfABusySandboxIsAHardErrorAndALaterResumeSucceeds() throws {
@@ -107,7 +107,7 @@ final class AgentFlowTests: PrivilegedTestCase {
                       "the stale device's loop devices went with it: \(loopDevices(backedBy: directory))")
         try resumed.remove()
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     func testTemplateFromAPausedSandboxBootsAsANewOrigin() throws {
@@ -124,7 +124,7 @@ final class AgentFlowTests: PrivilegedTestCase {
         try copy.flatten(to: template)
         try copy.remove()
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains(".partial-") }, [])
         XCTAssertLessThan(try allocatedBytes(template), Int64(imageSize) + (1 << 20))
 
@@ -146,7 +146,7 @@ final class AgentFlowTests: PrivilegedTestCase {
         try resumed.remove()
         registry.release(imagePath: image)
         XCTAssertEqual(try devices(withPrefix: prefix), [])
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     func testShutdownReleasesEveryOrigin() throws {
@@ -165,7 +165,7 @@ final class AgentFlowTests: PrivilegedTestCase {
         registry.releaseAll()
         XCTAssertEqual(registry.referenceCount(imagePath: imageA), 0)
         XCTAssertEqual(registry.referenceCount(imagePath: imageB), 0)
-        XCTAssertEqual(Set(loopDevices(backedBy: directory).map(\.backingFile)), [imageA, path("a2.cow")])
+        assertLoopDevices([imageA, path("a2.cow")], "the running sandbox keeps its origin")
         XCTAssertEqual(try read(a2.devicePath, offset: writes[0].offset, count: writes[0].bytes.count), writes[0].bytes)
         try a2.remove()
         XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty }, "\(loopDevices(backedBy: directory))")
@@ -208,8 +208,8 @@ final class AgentFlowTests: PrivilegedTestCase {
         }
         XCTAssertEqual(registry.referenceCount(imagePath: image), 1)
         XCTAssertEqual(try devices(withPrefix: prefix), [])
-        XCTAssertEqual(loopDevices(backedBy: directory).map(\.backingFile), [image])
+        assertLoopDevices([image], "only the shared origin remains")
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 }

@@ -171,7 +171,7 @@ final class BadInputTests: PrivilegedTestCase {
                        [other.string, path("never-existed.img").string])
 
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
         XCTAssertEqual(try listing(), files)
     }
 
@@ -232,7 +232,7 @@ final class BadInputTests: PrivilegedTestCase {
         XCTAssertEqual(try listing(), files, "no new file", file: file, line: line)
         XCTAssertFalse(fileExists(cow), file: file, line: line)
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [], file: file, line: line)
+        assertLoopDevices([], file: file, line: line)
     }
 }
 

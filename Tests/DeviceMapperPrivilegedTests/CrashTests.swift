@@ -48,7 +48,7 @@ final class CrashTests: PrivilegedTestCase {
         XCTAssertEqual(try read(snapshot.devicePath, count: 4096), try read(image, count: 4096))
         try snapshot.remove()
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     func testKillAfterSnapshotCreateLeavesAStaleDeviceThatCleanupRemoves() throws {
@@ -72,7 +72,7 @@ final class CrashTests: PrivilegedTestCase {
         XCTAssertEqual(try read(restored.devicePath, count: imageSize), try read(image, count: imageSize))
         try restored.remove()
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     func testKillDuringRestoreKeepsTheCowFileIntact() throws {
@@ -87,7 +87,7 @@ final class CrashTests: PrivilegedTestCase {
             try write(snapshot.devicePath, offset: 12_345, data)
             try snapshot.remove()
         }
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
         let storeBefore = try read(cow, count: 64 << 20)
 
         let helper = try CrashHelper(["restore", deviceName("c"), image.string, cow.string, "--stop-at", "afterCowLoopAttach"])
@@ -149,7 +149,7 @@ final class CrashTests: PrivilegedTestCase {
         XCTAssertEqual(try read(output, count: flattenImageSize), expected)
         try restored.remove()
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     // MARK: - Helpers
@@ -202,7 +202,7 @@ final class CrashTests: PrivilegedTestCase {
         XCTAssertEqual(try read(restored.devicePath, count: size), expected)
         try restored.remove()
         registry.release(imagePath: image)
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     /// The names of the `.partial-` temporary files in the test's directory.

@@ -46,7 +46,7 @@ final class DeviceMapperControlTests: PrivilegedTestCase {
         try DeviceMapperControl.remove(name: name)
         XCTAssertFalse(try DeviceMapperControl.exists(name: name))
         XCTAssertFalse(fileExists(FilePath(name.devicePath)))
-        XCTAssertEqual(loopDevices(backedBy: directory), [], "autoclear loop devices go with the snapshot")
+        assertLoopDevices([], "autoclear loop devices go with the snapshot")
     }
 
     func testCreateOfExistingNameGivesEEXIST() throws {

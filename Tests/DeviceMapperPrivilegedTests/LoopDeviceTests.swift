@@ -26,7 +26,7 @@ final class LoopDeviceTests: PrivilegedTestCase {
 
         try detachLoopDevice(loop.device.path)
         loop.close()
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
         XCTAssertThrowsError(try loopDeviceStatus(loop.device.path)) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.errno, .noSuchAddressOrDevice)
         }
@@ -60,7 +60,7 @@ final class LoopDeviceTests: PrivilegedTestCase {
         loop.close()
         XCTAssertEqual(loopDevices(backedBy: directory).map(\.device), [loop.device])
         try second.close()
-        XCTAssertEqual(loopDevices(backedBy: directory), [], "the last close should detach an autoclear device")
+        assertLoopDevices([], "the last close should detach an autoclear device")
     }
 
     func testConcurrentAttachesGetDistinctDevices() throws {
@@ -90,7 +90,7 @@ final class LoopDeviceTests: PrivilegedTestCase {
         XCTAssertTrue(status.isReadOnly)
         XCTAssertEqual(try read(loop.device.path, count: 4096), try read(image, count: 4096))
         loop.close()
-        XCTAssertEqual(loopDevices(backedBy: directory), [], "legacy path must be autoclear too")
+        assertLoopDevices([], "legacy path must be autoclear too")
     }
 
     func testBusyRaceIsRetried() throws {

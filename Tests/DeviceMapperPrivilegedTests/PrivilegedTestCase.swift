@@ -45,6 +45,8 @@ class PrivilegedTestCase: XCTestCase {
         let leftovers = (try? devices(withPrefix: prefix)) ?? []
         let report = cleanupStaleDevices(prefix: prefix)
         XCTAssertTrue(report.failures.isEmpty, "cleanup failed: \(report.failures.map { "\($0.name): \($0.error)" })")
+        // A udev worker may hold a just-released loop device open a moment longer.
+        _ = eventually { loopDevices(backedBy: directory).isEmpty }
         let loops = loopDevices(backedBy: directory)
         for loop in loops { try? detachLoopDevice(loop.device.path) }
         if !expectsLeftovers {
@@ -130,6 +132,26 @@ class PrivilegedTestCase: XCTestCase {
 
     func fileExists(_ path: FilePath) -> Bool {
         FileManager.default.fileExists(atPath: path.string)
+    }
+}
+
+extension PrivilegedTestCase {
+    /// Asserts that the loop devices over the test's files come to be exactly those over
+    /// `expected`. A loop device the library is done with detaches at its last close
+    /// (autoclear); with udev running, a udev worker that is scanning it (udev's rules
+    /// scan every loop device) may hold it open a moment longer, so this waits up to 5 s.
+    func assertLoopDevices(_ expected: [FilePath], _ message: String = "", file: StaticString = #filePath, line: UInt = #line) {
+        let wanted = expected.map(\.string).sorted()
+        let current = { self.loopDevices(backedBy: self.directory).map(\.backingFile.string).sorted() }
+        XCTAssertTrue(eventually { current() == wanted }, "loop devices over \(current()), expected \(wanted). \(message)",
+                      file: file, line: line)
+    }
+
+    /// Asserts that, within 5 s, `count` loop devices are backed by the test's files.
+    func assertLoopDeviceCount(_ count: Int, _ message: String = "", file: StaticString = #filePath, line: UInt = #line) {
+        let current = { self.loopDevices(backedBy: self.directory).map(\.backingFile.string).sorted() }
+        XCTAssertTrue(eventually { current().count == count }, "loop devices over \(current()), expected \(count). \(message)",
+                      file: file, line: line)
     }
 }
 

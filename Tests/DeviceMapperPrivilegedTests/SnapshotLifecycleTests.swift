@@ -41,7 +41,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         try snapshot.remove()
         XCTAssertFalse(try DeviceMapperControl.exists(name: DeviceName(snapshot.name)))
         XCTAssertTrue(fileExists(cow), "remove keeps the CoW file")
-        XCTAssertEqual(loopDevices(backedBy: directory).map(\.backingFile), [image], "only the origin stays attached")
+        assertLoopDevices([image], "only the origin stays attached")
 
         let restored = try SnapshotDevice.restore(name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(restored.devicePath, offset: 12_345, count: written.count), written)
@@ -94,8 +94,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
             XCTAssertEqual((error as? DeviceMapperError)?.errno, .fileExists)
         }
         XCTAssertFalse(fileExists(second), "the failed create removes the CoW file it made")
-        let attached = Set(loopDevices(backedBy: directory).map(\.backingFile))
-        XCTAssertEqual(attached, [image, path("first.cow")], "no loop device over the failed call's CoW file")
+        assertLoopDevices([image, path("first.cow")], "no loop device over the failed call's CoW file")
         try first.remove()
     }
 
@@ -114,7 +113,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         try holder.close()
         try snapshot.remove()
         XCTAssertFalse(try DeviceMapperControl.exists(name: DeviceName(snapshot.name)))
-        XCTAssertEqual(loopDevices(backedBy: directory).count, 1, "only the origin remains")
+        assertLoopDeviceCount(1, "only the origin remains")
     }
 
     func testDeferredRemoveOfBusySnapshot() throws {
@@ -126,7 +125,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         try holder.close()
         XCTAssertTrue(try eventually { try !DeviceMapperControl.exists(name: DeviceName(snapshot.name)) },
                       "the kernel removes it after the last close")
-        XCTAssertTrue(eventually { loopDevices(backedBy: directory).count == 1 }, "the CoW loop device went with it")
+        assertLoopDeviceCount(1, "the CoW loop device went with it")
     }
 
     func testRestoreReplacesAStaleSameNamedDevice() throws {
@@ -139,7 +138,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let restored = try SnapshotDevice.restore(name: deviceName("r"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(restored.devicePath, count: 4096), data)
         try restored.remove()
-        XCTAssertEqual(loopDevices(backedBy: directory).count, 1)
+        assertLoopDeviceCount(1)
     }
 
     func testRestoreRefusesCorruptMissingAndInvalidatedStores() throws {
@@ -165,7 +164,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
             }
         }
         XCTAssertEqual(try devices(withPrefix: prefix), [])
-        XCTAssertEqual(loopDevices(backedBy: directory).count, 1, "nothing but the origin is attached")
+        assertLoopDeviceCount(1, "nothing but the origin is attached")
         XCTAssertFalse(fileExists(path("missing.cow")), "restore never creates a CoW file")
     }
 
@@ -196,7 +195,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         registry.release(imagePath: link)
         registry.release(imagePath: link)
         XCTAssertEqual(registry.referenceCount(imagePath: link), 0)
-        XCTAssertEqual(loopDevices(backedBy: directory), [], "the last release detaches")
+        assertLoopDevices([], "the last release detaches")
         registry.release(imagePath: link)  // Never acquired now: a logged no-op.
     }
 
@@ -221,9 +220,9 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
             XCTAssertNoThrow(try XCTUnwrap(result).get(), "snapshot \(index)")
         }
         XCTAssertEqual(try devices(withPrefix: prefix), [])
-        XCTAssertEqual(loopDevices(backedBy: directory).count, 1, "only the shared origin remains")
+        assertLoopDeviceCount(1, "only the shared origin remains")
         registry.releaseAll()
-        XCTAssertEqual(loopDevices(backedBy: directory), [])
+        assertLoopDevices([])
     }
 
     func testCleanupRemovesStaleDevicesAndTheirLoopDevices() throws {
@@ -245,7 +244,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         XCTAssertEqual(try devices(withPrefix: prefix), [linear.rawValue])
         try DeviceMapperControl.remove(name: linear)
         registry.releaseAll()
-        XCTAssertEqual(loopDevices(backedBy: directory), [], "no loop device is backed by the test's files")
+        assertLoopDevices([], "no loop device is backed by the test's files")
         for index in 0..<5 { XCTAssertTrue(fileExists(path("stale\(index).cow")), "CoW files are kept") }
     }
 
