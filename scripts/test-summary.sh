@@ -19,5 +19,5 @@ for log in "$@"; do
     n=${BASH_REMATCH[1]} s=${BASH_REMATCH[3]:-0} f=${BASH_REMATCH[4]}
     passed=$((passed + n - s - f)) failed=$((failed + f)) skipped=$((skipped + s))
 done
-echo "make test: $passed passed, $failed failed, $skipped skipped"
+echo "total: $passed passed, $failed failed, $skipped skipped"
 ((failed == 0 && skipped == 0))
