@@ -12,18 +12,6 @@ import Glibc
 /// and no `package` symbols.)
 final class AgentFlowTests: PrivilegedTestCase {
     let imageSize = 8 << 20
-    var registry: LoopRegistry!
-
-    override func setUpWithError() throws {
-        try super.setUpWithError()
-        registry = LoopRegistry()
-    }
-
-    override func tearDownWithError() throws {
-        registry?.releaseAll()
-        registry = nil
-        try super.tearDownWithError()
-    }
 
     /// Two writes a guest might make: one inside a chunk, one across several.
     let writes: [(offset: Int64, bytes: [UInt8])] = [

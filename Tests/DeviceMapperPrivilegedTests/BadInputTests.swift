@@ -19,17 +19,9 @@ import Glibc
 /// (`SnapshotLifecycleTests.testRestoreRefusesCorruptMissingAndInvalidatedStores`).
 final class BadInputTests: PrivilegedTestCase {
     let imageSize = 4 << 20
-    var registry: LoopRegistry!
     private var mountPoints: [FilePath] = []
 
-    override func setUpWithError() throws {
-        try super.setUpWithError()
-        registry = LoopRegistry()
-    }
-
     override func tearDownWithError() throws {
-        registry?.releaseAll()
-        registry = nil
         for mountPoint in mountPoints.reversed() {
             XCTAssertEqual(umount2(mountPoint.string, Int32(MNT_DETACH)), 0, "umount \(mountPoint): \(Errno(rawValue: errno))")
         }

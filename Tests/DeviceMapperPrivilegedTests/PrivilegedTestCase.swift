@@ -19,6 +19,8 @@ import Glibc
 class PrivilegedTestCase: XCTestCase {
     private(set) var directory: FilePath = ""
     private(set) var prefix = ""
+    /// A registry for the test's origins, released in tearDown before the leak checks.
+    var registry: LoopRegistry!
     /// Set by tests that leave devices on purpose (they clean up themselves).
     var expectsLeftovers = false
     nonisolated(unsafe) private static var counter = 0  // XCTest runs tests one at a time.
@@ -37,10 +39,13 @@ class PrivilegedTestCase: XCTestCase {
         var template = Array("\(base)/dmtest.XXXXXX".utf8CString)
         guard mkdtemp(&template) != nil else { throw POSIXError(.EIO) }
         directory = FilePath(String(decoding: template.dropLast().map(UInt8.init(bitPattern:)), as: UTF8.self))
+        registry = LoopRegistry()
     }
 
     override func tearDownWithError() throws {
         defer { try? FileManager.default.removeItem(atPath: directory.string) }
+        registry?.releaseAll()
+        registry = nil
         guard !prefix.isEmpty else { return }
         let leftovers = (try? devices(withPrefix: prefix)) ?? []
         let report = cleanupStaleDevices(prefix: prefix)

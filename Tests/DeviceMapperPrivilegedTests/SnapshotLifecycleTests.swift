@@ -9,18 +9,6 @@ import Glibc
 
 final class SnapshotLifecycleTests: PrivilegedTestCase {
     let imageSize = 8 << 20
-    var registry: LoopRegistry!
-
-    override func setUpWithError() throws {
-        try super.setUpWithError()
-        registry = LoopRegistry()
-    }
-
-    override func tearDownWithError() throws {
-        registry?.releaseAll()
-        registry = nil
-        try super.tearDownWithError()
-    }
 
     /// Acquires a fresh base image's shared origin device.
     func makeOrigin(_ name: String = "base.img", seed: UInt64 = 7) throws -> (image: FilePath, device: FilePath) {
