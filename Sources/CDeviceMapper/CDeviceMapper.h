@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/types.h>
+#include <sys/xattr.h> // fgetxattr, fsetxattr: the store's origin record.
 #include <linux/fs.h>
 #include <linux/loop.h>
 #include <libdevmapper.h>

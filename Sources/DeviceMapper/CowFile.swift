@@ -7,6 +7,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import Logging
 public import SystemPackage
 
 /// The first 16 bytes of a persistent copy-on-write store (the kernel's `struct disk_header`),
@@ -53,7 +54,7 @@ public struct CowHeader: Sendable, Hashable {
         let operation = "CowHeader.read"
         var bytes = (UInt64(0), UInt64(0))
         let count = try withUnsafeMutableBytes(of: &bytes) { buffer throws(DeviceMapperError) in
-            try readCowBytes(fd, into: buffer, at: 0, subject: path.string)
+            try readFully(fd, into: buffer, at: 0, subject: path.string)
         }
         guard count == sizeBytes, storeSizeBytes >= Int64(sizeBytes) else {
             throw invalidCowStore(operation, path, "the file is \(storeSizeBytes) bytes long, shorter than a \(sizeBytes)-byte snapshot header")
@@ -140,6 +141,8 @@ public struct CowFile: Sendable {
     public let storeSizeBytes: Int64
 
     let file: CowFileDescriptor
+
+    static let logger = Logger(label: "DeviceMapper.CowFile")
 
     /// The chunk size in bytes.
     public var chunkSizeBytes: Int { header.chunkSizeBytes }
@@ -288,7 +291,7 @@ struct CowLayout {
             var entry: UInt64 = 0
             while entry < exceptionsPerArea {
                 let sliceStart = areaStart + Int64(entry) * Int64(CowException.sizeBytes)
-                let read = try readCowBytes(fd, into: buffer, at: sliceStart, subject: path.string)
+                let read = try readFully(fd, into: buffer, at: sliceStart, subject: path.string)
                 guard read == sliceBytes else {
                     throw invalidCowStore(operation, path, "the file ended at byte \(sliceStart + Int64(read)), "
                         + "inside metadata area \(area): it was truncated after it was opened")
@@ -417,7 +420,7 @@ func cowStoreSizeBytes(_ fd: FileDescriptor, path: FilePath, status: stat) throw
 }
 
 /// `pread` until `buffer` is full or the file ends; returns how many bytes were read.
-func readCowBytes(
+func readFully(
     _ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64, subject: String
 ) throws(DeviceMapperError) -> Int {
     guard let base = buffer.baseAddress else { return 0 }
@@ -428,6 +431,35 @@ func readCowBytes(
         done += count
     }
     return done
+}
+
+/// `pwrite` until every byte is written. A `pwrite` that writes nothing is an error
+/// (`EIO`), not a reason to try again forever.
+func writeFully(
+    _ fd: FileDescriptor, from buffer: UnsafeRawBufferPointer, at offset: Int64, subject: String
+) throws(DeviceMapperError) {
+    guard let base = buffer.baseAddress else { return }
+    var done = 0
+    while done < buffer.count {
+        let count = try system_pwrite(fd, base + done, buffer.count - done, offset + Int64(done)).get("pwrite", subject: subject)
+        guard count > 0 else {
+            throw DeviceMapperError(code: .systemCallFailed, operation: "pwrite", subject: subject, errno: .ioError,
+                                    detail: "pwrite wrote nothing at byte \(offset + Int64(done))")
+        }
+        done += count
+    }
+}
+
+/// Whether every byte in `bytes` is zero. Loads words unaligned: the bytes need no binding.
+func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+    let words = bytes.count / 8
+    var accumulated: UInt64 = 0
+    for index in 0..<words {
+        accumulated |= bytes.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self)
+        if index & 511 == 511, accumulated != 0 { return false }
+    }
+    for index in (words * 8)..<bytes.count { accumulated |= UInt64(bytes[index]) }
+    return accumulated == 0
 }
 
 func invalidCowStore(_ operation: String, _ path: FilePath, _ detail: String) -> DeviceMapperError {

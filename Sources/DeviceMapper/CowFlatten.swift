@@ -6,6 +6,7 @@ import Glibc
 import Musl
 #endif
 import CDeviceMapper
+import Logging
 public import SystemPackage
 
 extension CowFile {
@@ -20,8 +21,11 @@ extension CowFile {
     /// chunks that hold zeros are written, not punched: the origin may hold data there.
     ///
     /// Refuses, before writing anything:
-    /// - `.cowStoreInUse` if the store's file is attached to a loop device (a snapshot may
-    ///   be writing to it);
+    /// - `.cowStoreInUse` if the store is attached to a loop device (a snapshot may be
+    ///   writing to it) or an attach holds its in-use lock. The flatten holds a shared lock
+    ///   on the store until it is done, so no `restore` can attach it meanwhile;
+    /// - `.originMismatch` if the store's origin record names another base image than
+    ///   `origin` (a store without a record is flattened, with a warning logged);
     /// - `.invalidCowStore` if the kernel invalidated the store, or an exception names an
     ///   origin chunk past the origin's end or a CoW chunk past the store's end;
     /// - `.fileExists` if `output` exists; it is left untouched.
@@ -30,11 +34,9 @@ extension CowFile {
     /// place; on any failure the temporary file is removed and nothing appears at `output`.
     public func flatten(origin: FilePath, to output: FilePath) throws(DeviceMapperError) {
         let operation = "CowFile.flatten"
-        if let loop = try attachedLoopDevice() {
-            throw DeviceMapperError(
-                code: .cowStoreInUse, operation: operation, subject: path.string, errno: .resourceBusy,
-                detail: "the CoW file is attached to \(loop.path); remove the snapshot before flattening it")
-        }
+        let guardFile = try openLockDescription()
+        defer { system_close(guardFile) }
+        try lockStore(guardFile, path: path, operation: operation, checkUnlockedAttachments: true, shared: true)
         guard isValid else {
             throw invalidCowStore(operation, path, "the kernel invalidated this store (it overflowed or hit an I/O error); "
                 + "its data cannot be used")
@@ -56,6 +58,7 @@ extension CowFile {
             throw DeviceMapperError.invalidArgument(operation, subject: origin.string,
                                                     "the origin is neither a regular file nor a block device")
         }
+        try checkOrigin(originFile, sizeBytes: originSize, origin: origin, operation: operation)
         let changes = ChangedChunks(store: self, originSizeBytes: originSize, origin: origin, operation: operation)
         // A cheap pass first, so a store that does not fit this origin fails before any copying.
         try changes.forEachRun { _ throws(DeviceMapperError) in }
@@ -74,27 +77,50 @@ extension CowFile {
         }
     }
 
-    /// The loop device this store's file is attached to, if any, matched by device and inode.
-    ///
-    /// Asks each loop device for its backing file's identity (`LOOP_GET_STATUS64`); where that
-    /// cannot be opened (no permission), compares the identity of the path sysfs lists.
-    func attachedLoopDevice() throws(DeviceMapperError) -> LoopDevice? {
-        let status = try system_fstat(file.descriptor).get("fstat", subject: path.string)
-        let identity = FileIdentity(status)
-        for attachment in attachedLoopDevices() {
-            let backing: FileIdentity?
-            do {
-                backing = try loopDeviceStatus(attachment.device.path).backingFile
-            } catch {
-                if case .success(let backingStatus) = system_stat(attachment.backingFile) {
-                    backing = FileIdentity(backingStatus)
-                } else {
-                    backing = nil  // Detached meanwhile, or its file was deleted: not ours, which is open.
-                }
-            }
-            if backing == identity { return attachment.device }
+    /// The store's origin record (see `OriginRecord`), or nil if it has none: an older
+    /// agent's store, or one on a filesystem without extended attributes.
+    /// Throws `.invalidCowStore` if the attribute is there but unreadable.
+    /// The corresponding C function is `fgetxattr`.
+    public func originRecord() throws(DeviceMapperError) -> OriginRecord? {
+        try OriginRecord.read(from: file.descriptor, path: path)
+    }
+
+    /// Checks that this store can be read over `origin` (a base image file or a block
+    /// device): `.originMismatch` if its origin record names another image. A store without
+    /// a record passes, with a warning logged.
+    public func checkOrigin(_ origin: FilePath) throws(DeviceMapperError) {
+        let operation = "CowFile.checkOrigin"
+        let originFile = try system_open(origin, O_RDONLY).get("open", subject: origin.string)
+        defer { system_close(originFile) }
+        let status = try system_fstat(originFile).get("fstat", subject: origin.string)
+        let sizeBytes = try cowStoreSizeBytes(originFile, path: origin, status: status)
+        try checkOrigin(originFile, sizeBytes: sizeBytes, origin: origin, operation: operation)
+    }
+
+    private func checkOrigin(_ originFile: FileDescriptor, sizeBytes: Int64, origin: FilePath, operation: String) throws(DeviceMapperError) {
+        guard let record = try originRecord() else {
+            Self.logger.warning("the store has no origin record (an older agent made it); reading it without the origin check",
+                                metadata: ["cow": "\(path)", "origin": "\(origin)"])
+            return
         }
-        return nil
+        let fingerprint = try OriginFingerprint.compute(originFile, sizeBytes: sizeBytes, subject: origin.string)
+        try record.check(against: fingerprint, origin: origin, cowPath: path, operation: operation)
+    }
+
+    /// A second open file description of the store, for its in-use lock: the lock must not be
+    /// dropped by another holder of this value's shared descriptor. Checked to be the same file.
+    private func openLockDescription() throws(DeviceMapperError) -> FileDescriptor {
+        let fd = try system_open(path, O_RDONLY).get("open", subject: path.string)
+        let same: Bool
+        switch (system_fstat(fd), system_fstat(file.descriptor)) {
+        case (.success(let reopened), .success(let opened)): same = FileIdentity(reopened) == FileIdentity(opened)
+        default: same = false
+        }
+        guard same else {
+            system_close(fd)
+            throw invalidCowStore("CowFile.flatten", path, "the file at this path was replaced since the store was opened")
+        }
+        return fd
     }
 }
 
@@ -265,21 +291,13 @@ private final class RangeCopier {
         while done < count {
             let step = Int(min(count - done, Int64(Self.bufferBytes)))
             let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<step])
-            let read = try readCowBytes(source, into: slice, at: sourceOffset + done, subject: sourcePath.string)
+            let read = try readFully(source, into: slice, at: sourceOffset + done, subject: sourcePath.string)
             guard read == step else { throw sourceEnded(at: sourceOffset + done + Int64(read)) }
-            if !(skippingZeros && isAllZeroBytes(UnsafeRawBufferPointer(slice))) {
-                try writeAll(UnsafeRawBufferPointer(slice), at: outputOffset + done)
+            if !(skippingZeros && isAllZero(UnsafeRawBufferPointer(slice))) {
+                try writeFully(output.descriptor, from: UnsafeRawBufferPointer(slice), at: outputOffset + done,
+                                subject: output.temporaryPath.string)
             }
             done += Int64(step)
-        }
-    }
-
-    private func writeAll(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws(DeviceMapperError) {
-        guard let base = bytes.baseAddress else { return }
-        var done = 0
-        while done < bytes.count {
-            done += try system_pwrite(output.descriptor, base + done, bytes.count - done, offset + Int64(done))
-                .get("pwrite", subject: output.temporaryPath.string)
         }
     }
 
@@ -301,16 +319,4 @@ private func isCopyFileRangeUnsupported(_ errno: Errno) -> Bool {
     default:
         return false
     }
-}
-
-/// Whether every byte in `bytes` is zero.
-private func isAllZeroBytes(_ bytes: UnsafeRawBufferPointer) -> Bool {
-    let words = bytes.count / 8
-    var accumulated: UInt64 = 0
-    for index in 0..<words {
-        accumulated |= bytes.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self)
-        if index & 511 == 511, accumulated != 0 { return false }
-    }
-    for index in (words * 8)..<bytes.count { accumulated |= UInt64(bytes[index]) }
-    return accumulated == 0
 }

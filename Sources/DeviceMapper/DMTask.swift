@@ -68,6 +68,9 @@ public struct DMDeviceInfo: Hashable, Sendable {
     public var hasLiveTable: Bool
     /// A deferred remove is pending: the device goes when its last opener closes it.
     public var hasDeferredRemove: Bool
+    /// The device's UUID, or nil if it has none. Devices this library makes carry one
+    /// that starts with `SnapshotDevice.uuidPrefix`.
+    public var uuid: String?
 }
 
 /// One `struct dm_task`, destroyed when the value goes away.
@@ -88,6 +91,17 @@ struct DMTask: ~Copyable {
 
     /// The corresponding C function is `dm_task_set_name`.
     func setName(_ name: DeviceName) -> Bool { dm_task_set_name(handle, name.rawValue) != 0 }
+
+    /// The corresponding C function is `dm_task_set_uuid`.
+    func setUUID(_ uuid: DeviceUUID) -> Bool { dm_task_set_uuid(handle, uuid.rawValue) != 0 }
+
+    /// The device's UUID after `run`; nil if it has none.
+    /// The corresponding C function is `dm_task_get_uuid`.
+    var uuid: String? {
+        guard let pointer = dm_task_get_uuid(handle) else { return nil }
+        let text = String(cString: pointer)
+        return text.isEmpty ? nil : text
+    }
 
     /// The corresponding C function is `dm_task_add_target`.
     func addTarget(_ target: DMTarget) -> Bool {
@@ -135,7 +149,8 @@ struct DMTask: ~Copyable {
             isSuspended: info.suspended != 0,
             isReadOnly: info.read_only != 0,
             hasLiveTable: info.live_table != 0,
-            hasDeferredRemove: info.deferred_remove != 0)
+            hasDeferredRemove: info.deferred_remove != 0,
+            uuid: uuid)
     }
 
     /// The names and device numbers a `DM_DEVICE_LIST` returned.

@@ -63,7 +63,7 @@ private func copySparsely(
     var offset: Int64 = 0
     while offset < sizeBytes {
         let wanted = Int(min(Int64(blockSize), sizeBytes - offset))
-        let read = try readFully(source, into: buffer, count: wanted, at: offset, subject: subject)
+        let read = try readFully(source, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<wanted]), at: offset, subject: subject)
         guard read == wanted else {
             throw DeviceMapperError(code: .systemCallFailed, operation: "pread", subject: subject, errno: .ioError,
                                     detail: "the device ended at byte \(offset + Int64(read)) of \(sizeBytes)")
@@ -72,7 +72,8 @@ private func copySparsely(
         var runStart: Int? = nil
         var position = 0
         while position <= wanted {
-            let isData = position < wanted && !isAllZero(buffer, from: position, count: min(granule, wanted - position))
+            let isData = position < wanted
+                && !isAllZero(UnsafeRawBufferPointer(rebasing: buffer[position..<min(position + granule, wanted)]))
             if isData, runStart == nil { runStart = position }
             if !isData, let start = runStart {
                 try writeFully(file.descriptor, from: UnsafeRawBufferPointer(rebasing: buffer[start..<position]),
@@ -85,42 +86,4 @@ private func copySparsely(
         testHook(.afterFlattenBlock)
     }
     try system_ftruncate(file.descriptor, sizeBytes).get("ftruncate", subject: file.temporaryPath.string)
-}
-
-/// Whether `count` bytes at `start` are all zero.
-@inline(__always)
-private func isAllZero(_ buffer: UnsafeMutableRawBufferPointer, from start: Int, count: Int) -> Bool {
-    let base = buffer.baseAddress! + start
-    let words = count / 8
-    let wordPointer = base.assumingMemoryBound(to: UInt64.self)
-    var accumulated: UInt64 = 0
-    for index in 0..<words { accumulated |= wordPointer[index] }
-    for index in (words * 8)..<count { accumulated |= UInt64(base.load(fromByteOffset: index, as: UInt8.self)) }
-    return accumulated == 0
-}
-
-/// `pread` until `count` bytes or end of file; returns how many were read.
-func readFully(
-    _ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, count: Int, at offset: Int64, subject: String
-) throws(DeviceMapperError) -> Int {
-    var done = 0
-    while done < count {
-        let n = try system_pread(fd, buffer.baseAddress! + done, count - done, offset + Int64(done))
-            .get("pread", subject: subject)
-        if n == 0 { break }
-        done += n
-    }
-    return done
-}
-
-/// `pwrite` until every byte is written.
-func writeFully(
-    _ fd: FileDescriptor, from buffer: UnsafeRawBufferPointer, at offset: Int64, subject: String
-) throws(DeviceMapperError) {
-    var done = 0
-    while done < buffer.count {
-        let n = try system_pwrite(fd, buffer.baseAddress! + done, buffer.count - done, offset + Int64(done))
-            .get("pwrite", subject: subject)
-        done += n
-    }
 }

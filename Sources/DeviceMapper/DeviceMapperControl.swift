@@ -97,21 +97,26 @@ public enum DeviceMapperControl {
     /// with the table, and `DM_DEVICE_RESUME` with a udev cookie. When udev runs,
     /// `/dev/mapper/<name>` exists when this returns; when it does not, libdevmapper
     /// makes the node itself. If the load or resume fails, the new device is removed.
-    /// A name already in use fails with `.fileExists` (`EEXIST`; the kernel says `EBUSY`).
+    /// A name (or `uuid`) already in use fails with `.fileExists` (`EEXIST`; the kernel says
+    /// `EBUSY`). If the new device cannot be removed after a failed load or resume, the
+    /// error's `rollbackErrors` says so: the device may still exist and hold its table's devices.
     /// The corresponding ioctls are `DM_DEV_CREATE`, `DM_TABLE_LOAD` and `DM_DEV_SUSPEND`.
     @discardableResult
     public static func create(
-        name: DeviceName, targets: [DMTarget], readOnly: Bool = false, udevFlags: DMUdevFlags = .sandboxDevice
+        name: DeviceName, uuid: DeviceUUID? = nil, targets: [DMTarget], readOnly: Bool = false,
+        udevFlags: DMUdevFlags = .sandboxDevice
     ) throws(DeviceMapperError) -> DMDeviceInfo {
         do {
             try run(.create, subject: name.rawValue) { task in
-                task.setName(name) && task.skipOpenCount() && task.addNodeOnResume()
+                guard task.setName(name), task.skipOpenCount(), task.addNodeOnResume() else { return false }
+                return uuid.map { task.setUUID($0) } ?? true
             } result: { _ in () }
         } catch where error.errno == .resourceBusy {
             // dm-ioctl's dm_hash_insert answers EBUSY only for a name or uuid in use.
             throw DeviceMapperError(
                 code: .fileExists, operation: error.operation, subject: name.rawValue, errno: .fileExists,
-                detail: "a device-mapper device with this name already exists",
+                detail: uuid.map { "a device-mapper device with this name or UUID (\($0)) already exists" }
+                    ?? "a device-mapper device with this name already exists",
                 libdevmapperMessages: error.libdevmapperMessages)
         }
         do throws(DeviceMapperError) {
@@ -132,14 +137,16 @@ public enum DeviceMapperControl {
             }
             return info
         } catch {
+            var failure = error
             do {
                 try remove(name: name, udevFlags: udevFlags)
             } catch let revertError {
                 logger.error("could not remove the half-made device", metadata: [
                     "name": "\(name)", "error": "\(revertError)",
                 ])
+                failure.rollbackErrors.append(revertError)
             }
-            throw error
+            throw failure
         }
     }
 
@@ -155,6 +162,7 @@ public enum DeviceMapperControl {
     ) throws(DeviceMapperError) {
         var attempt = 1
         while true {
+            testHook(.beforeDeviceRemove)
             do {
                 try run(.remove, subject: name.rawValue, udevFlags: udevFlags) { task in
                     guard task.setName(name), task.skipOpenCount() else { return false }
@@ -237,6 +245,11 @@ public enum DeviceMapperControl {
                 error.subject = subject
                 error.libdevmapperMessages = messages
                 return .failure(error)
+            }
+            if let fault = injectedFault("dm_task_run(\(type.name))") {
+                // A forced failure, before any udev cookie exists (one set must be waited on).
+                return .failure(DeviceMapperError(
+                    code: DeviceMapperError.code(for: fault), operation: operation, subject: subject, errno: fault))
             }
             guard configure(task) else {
                 return .failure(DeviceMapperError(

@@ -19,6 +19,8 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
             case fileExists
             case invalidCowStore
             case cowStoreInUse
+            case originMismatch
+            case deviceNotOwned
             case loopDeviceUnavailable
             case unexpectedKernelOutput
         }
@@ -43,8 +45,15 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
         public static let fileExists = Code(storage: .fileExists)
         /// A copy-on-write store is missing, corrupt, invalidated or of another format.
         public static let invalidCowStore = Code(storage: .invalidCowStore)
-        /// A copy-on-write store is still attached to a loop device, so it may change under a reader.
+        /// A copy-on-write store is attached to a loop device (a live snapshot uses it), or another
+        /// process holds its in-use lock; attaching or reading it now could corrupt it or give nonsense.
         public static let cowStoreInUse = Code(storage: .cowStoreInUse)
+        /// A copy-on-write store's origin record names another base image than the one given:
+        /// resuming it there would show the old changes over the wrong base.
+        public static let originMismatch = Code(storage: .originMismatch)
+        /// A device-mapper device with this name exists, but this library did not make it
+        /// (its UUID lacks `SnapshotDevice.uuidPrefix`); it was left alone.
+        public static let deviceNotOwned = Code(storage: .deviceNotOwned)
         /// No free loop device could be configured after bounded retries.
         public static let loopDeviceUnavailable = Code(storage: .loopDeviceUnavailable)
         /// The kernel returned text or data this library cannot parse.
@@ -62,6 +71,8 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
             case .fileExists: "file exists"
             case .invalidCowStore: "invalid copy-on-write store"
             case .cowStoreInUse: "copy-on-write store in use"
+            case .originMismatch: "origin mismatch"
+            case .deviceNotOwned: "device not made by this library"
             case .loopDeviceUnavailable: "no loop device available"
             case .unexpectedKernelOutput: "unexpected kernel output"
             }
@@ -80,6 +91,10 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
     public var detail: String?
     /// libdevmapper's error and warning lines logged during the failed call.
     public var libdevmapperMessages: [String]
+    /// Failures while undoing the failed call's own work. When this is not empty, something
+    /// the call made may still exist (the description says what), and was left in place
+    /// rather than risk data: for example a store kept because its device could not be removed.
+    public var rollbackErrors: [DeviceMapperError] = []
 
     public init(
         code: Code,
@@ -105,6 +120,9 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
         if let detail { text += ". \(detail)" }
         if !libdevmapperMessages.isEmpty {
             text += ". libdevmapper: " + libdevmapperMessages.joined(separator: "; ")
+        }
+        for rollback in rollbackErrors {
+            text += ". Undoing it also failed: \(rollback)"
         }
         return text
     }

@@ -25,18 +25,26 @@ public struct LoopDevice: Hashable, Sendable, CustomStringConvertible {
 
 /// A loop device this process has attached and still holds open.
 ///
-/// Every loop device the library attaches is autoclear: the kernel detaches it
-/// when its last opener closes it. Holding `descriptor` keeps it attached;
-/// a device-mapper table that names it holds it too. Close it once something
-/// else holds the device, or to let it go.
-public struct OpenLoopDevice: Sendable {
+/// Every loop device the library attaches is autoclear: the kernel detaches it when its
+/// last opener closes it. This value owns one such opener, its descriptor, and closes it
+/// exactly once: at `close()`, or when the value goes away. It cannot be copied, so no
+/// copy can close a descriptor number the process has since reused for another file.
+/// A device-mapper table that names the device holds it too, so closing this once a
+/// table holds the device leaves it attached until that device is removed.
+public struct OpenLoopDevice: ~Copyable, Sendable {
     public let device: LoopDevice
-    public let descriptor: FileDescriptor
+    /// The descriptor this value owns; valid while it lives.
+    package let descriptor: FileDescriptor
 
-    /// Closes this process's descriptor. If nothing else holds the device, the kernel detaches it.
-    public func close() {
-        system_close(descriptor)
+    init(device: LoopDevice, descriptor: FileDescriptor) {
+        self.device = device
+        self.descriptor = descriptor
     }
+
+    deinit { system_close(descriptor) }
+
+    /// Closes this process's descriptor now. If nothing else holds the device, the kernel detaches it.
+    public consuming func close() {}
 }
 
 /// What `LOOP_GET_STATUS64` reports about an attached loop device.
@@ -238,11 +246,8 @@ public struct LoopDeviceAttachment: Hashable, Sendable {
 
 /// Every attached loop device and its backing file, from `/sys/block/loop*/loop/backing_file`.
 public func attachedLoopDevices() -> [LoopDeviceAttachment] {
-    guard let directory = opendir("/sys/block") else { return [] }
-    defer { closedir(directory) }
     var result: [LoopDeviceAttachment] = []
-    while let entry = readdir(directory) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    for name in directoryEntries("/sys/block") {
         guard name.hasPrefix("loop"), let index = Int(name.dropFirst(4)) else { continue }
         guard let backing = readSmallFile(FilePath("/sys/block/\(name)/loop/backing_file")),
               let dev = readSmallFile(FilePath("/sys/block/\(name)/dev")),
@@ -252,6 +257,14 @@ public func attachedLoopDevices() -> [LoopDeviceAttachment] {
             device: LoopDevice(index: index, number: number), backingFile: FilePath(backing)))
     }
     return result.sorted { $0.device.index < $1.device.index }
+}
+
+/// The loop device index of a device number, from sysfs (`/sys/dev/block/M:m`).
+func loopIndex(of number: DeviceNumber) -> Int? {
+    guard let name = readSmallFile(FilePath("/sys/dev/block/\(number)/uevent"))?
+        .split(separator: "\n").first(where: { $0.hasPrefix("DEVNAME=loop") })
+    else { return nil }
+    return Int(name.dropFirst("DEVNAME=loop".count))
 }
 
 /// Parses sysfs's `major:minor` text.

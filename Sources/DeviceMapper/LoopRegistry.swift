@@ -15,11 +15,22 @@ public import SystemPackage
 /// to one file share a device, and a new file written at an old path gets a new
 /// device, never the old image's. Thread-safe.
 public final class LoopRegistry: Sendable {
-    private struct Entry {
-        var loop: OpenLoopDevice
+    /// One attached image. A class, so that the dictionary can hold the non-copyable loop
+    /// device; the descriptor closes when the entry leaves the dictionary.
+    private final class Entry {
+        let loop: OpenLoopDevice
         var referenceCount: Int
         /// The paths it was acquired by, so `release` finds it after its file was replaced.
         var paths: Set<FilePath>
+
+        init(loop: consuming OpenLoopDevice, path: FilePath) {
+            self.loop = loop
+            referenceCount = 1
+            paths = [path]
+            OriginFingerprints.register(self.loop.device.number)
+        }
+
+        deinit { OriginFingerprints.forget(loop.device.number) }
     }
 
     private let entries = Locked<[FileIdentity: Entry]>([:])
@@ -43,22 +54,21 @@ public final class LoopRegistry: Sendable {
         let identity = FileIdentity(status)
 
         let result: Result<LoopDevice, DeviceMapperError> = entries.withLock { entries in
-            if var entry = entries[identity] {
+            if let entry = entries[identity] {
                 entry.referenceCount += 1
                 entry.paths.insert(imagePath)
-                entries[identity] = entry
                 logger.debug("reusing origin loop device", metadata: [
                     "image": "\(imagePath)", "device": "\(entry.loop.device)", "references": "\(entry.referenceCount)",
                 ])
                 return .success(entry.loop.device)
             }
             do throws(DeviceMapperError) {
-                let loop = try attachLoopDevice(backing: image, backingFile: imagePath, readOnly: true)
-                entries[identity] = Entry(loop: loop, referenceCount: 1, paths: [imagePath])
+                let entry = Entry(loop: try attachLoopDevice(backing: image, backingFile: imagePath, readOnly: true), path: imagePath)
+                entries[identity] = entry
                 logger.info("origin loop device attached", metadata: [
-                    "image": "\(imagePath)", "device": "\(loop.device)",
+                    "image": "\(imagePath)", "device": "\(entry.loop.device)",
                 ])
-                return .success(loop.device)
+                return .success(entry.loop.device)
             } catch {
                 return .failure(error)
             }
@@ -75,20 +85,18 @@ public final class LoopRegistry: Sendable {
     public func release(imagePath: FilePath) {
         let identity = currentIdentity(imagePath)
         entries.withLock { entries in
-            guard let key = Self.key(for: imagePath, identity: identity, in: entries), var entry = entries[key] else {
+            guard let key = Self.key(for: imagePath, identity: identity, in: entries), let entry = entries[key] else {
                 logger.warning("release of an image that holds no reference", metadata: ["image": "\(imagePath)"])
                 return
             }
             entry.referenceCount -= 1
             if entry.referenceCount > 0 {
-                entries[key] = entry
                 logger.debug("origin loop device released", metadata: [
                     "image": "\(imagePath)", "device": "\(entry.loop.device)", "references": "\(entry.referenceCount)",
                 ])
                 return
             }
-            entries[key] = nil
-            entry.loop.close()
+            entries[key] = nil  // The last reference to the entry: its descriptor closes here.
             logger.info("origin loop device detached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
         }
     }
@@ -100,11 +108,11 @@ public final class LoopRegistry: Sendable {
             return Array(entries.values)
         }
         for entry in released {
-            entry.loop.close()
             logger.info("origin loop device detached", metadata: [
                 "image": "\(entry.paths.sorted { $0.string < $1.string }.first?.string ?? "?")", "device": "\(entry.loop.device)",
             ])
         }
+        // `released` holds the last references: the descriptors close as it goes away.
     }
 
     /// How many unreleased `acquire`s the image at `imagePath` has. If the file now at

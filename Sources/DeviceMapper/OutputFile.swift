@@ -78,7 +78,7 @@ private func partialPrefix(_ outputName: String) -> String { ".\(outputName).par
 private func createLockedFile(in directory: FilePath, outputName: String) throws(DeviceMapperError) -> (FilePath, FileDescriptor) {
     for _ in 0..<8 {
         let path = directory.appending(partialPrefix(outputName) + "\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        let fd = try system_open(path, O_RDWR | O_CREAT | O_EXCL, permissions: 0o644).get("open", subject: path.string)
+        let fd = try system_open(path, O_RDWR | O_CREAT | O_EXCL, permissions: 0o600).get("open", subject: path.string)
         if case .failure(let errno) = system_flock(fd, LOCK_EX) {
             _ = system_unlink(path)
             system_close(fd)
@@ -135,7 +135,8 @@ private func isPartialFileName(_ name: String, outputName: String?) -> Bool {
 }
 
 /// The names in `directory`, without `.` and `..`; empty if it cannot be read.
-private func directoryEntries(_ directory: FilePath) -> [String] {
+/// The corresponding C functions are `opendir` and `readdir`.
+func directoryEntries(_ directory: FilePath) -> [String] {
     guard let stream = directory.withPlatformString({ opendir($0) }) else { return [] }
     defer { closedir(stream) }
     var names: [String] = []

@@ -26,26 +26,40 @@ public struct SnapshotDevice: Sendable, Hashable {
 
     static let logger = Logger(label: "DeviceMapper.SnapshotDevice")
 
+    /// The prefix of the device-mapper UUID of every device this library makes
+    /// (`SBXSNAP-<store device>-<store inode>`, see `DeviceUUID`). Cleanup and restore
+    /// touch only devices that carry it.
+    public static let uuidPrefix = DeviceUUID.ownedPrefix
+
     /// Creates a snapshot of `origin` (a block device, usually a `LoopRegistry` device)
     /// with a new, sparse CoW store at `cowPath`.
     ///
     /// Refuses (`.fileExists`, `EEXIST`) if `cowPath` exists: it may be a paused
-    /// sandbox's disk. The file is sized so that every origin chunk and its metadata
+    /// sandbox's disk. Refuses (`.invalidArgument`) an `originSizeBytes` that is not the
+    /// origin device's size. The file is sized so that every origin chunk and its metadata
     /// fit, so the store cannot overflow; being sparse, it costs only what is written.
     /// The table is `snapshot <origin> <cow> P 8`: persistent, 4 KiB chunks.
-    /// On failure, everything this call made is undone: no device-mapper device,
-    /// no loop device, no CoW file.
+    ///
+    /// The store gets the in-use lock its loop device carries (see `restore`) and an origin
+    /// record (`OriginRecord`, an extended attribute) that `restore` checks. The device
+    /// gets the UUID `SBXSNAP-<store device>-<store inode>`.
+    ///
+    /// On failure, everything this call made is undone: no device-mapper device, no loop
+    /// device, no CoW file. The one exception: if a half-made device cannot be removed, the
+    /// CoW file is kept, never unlinked under a device that may still use it, and the error's
+    /// `rollbackErrors` says what could not be undone.
     public static func create(
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
     ) throws(DeviceMapperError) -> SnapshotDevice {
+        let operation = "SnapshotDevice.create"
         let deviceName = try DeviceName(name)
-        let originNumber = try originDeviceNumber(origin, originSizeBytes: originSizeBytes, operation: "SnapshotDevice.create")
+        let originDevice = try OriginDevice.open(origin, sizeBytes: originSizeBytes, operation: operation)
         let cowFile: FileDescriptor
         switch system_open(cowPath, O_RDWR | O_CREAT | O_EXCL, permissions: 0o600) {
         case .success(let fd): cowFile = fd
         case .failure(.fileExists):
             throw DeviceMapperError(
-                code: .fileExists, operation: "SnapshotDevice.create", subject: cowPath.string, errno: .fileExists,
+                code: .fileExists, operation: operation, subject: cowPath.string, errno: .fileExists,
                 detail: "the CoW file already exists and may hold a paused sandbox's disk; "
                     + "use SnapshotDevice.restore to resume it, or delete it first")
         case .failure(let errno):
@@ -54,16 +68,26 @@ public struct SnapshotDevice: Sendable, Hashable {
         }
         defer { system_close(cowFile) }
         do throws(DeviceMapperError) {
+            try lockStore(cowFile, path: cowPath, operation: operation, checkUnlockedAttachments: false)
             let cowSize = requiredCowSizeBytes(
                 originSizeBytes: originSizeBytes, chunkSizeBytes: Int64(chunkSizeSectors) * 512)
             try system_ftruncate(cowFile, cowSize).get("ftruncate", subject: cowPath.string)
+            _ = originDevice.record.write(to: cowFile, path: cowPath, logger: logger)
             let snapshot = try activate(
-                name: deviceName, originNumber: originNumber, originSizeBytes: originSizeBytes,
-                cowFile: cowFile, cowPath: cowPath)
+                name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath)
             testHook(.afterSnapshotCreate)
             logger.info("snapshot device created", metadata: snapshot.metadata(origin: origin))
             return snapshot
         } catch {
+            guard error.rollbackErrors.isEmpty else {
+                var kept = error
+                kept.detail = (error.detail.map { $0 + ". " } ?? "")
+                    + "The CoW file \(cowPath) was kept: the half-made device \(deviceName) may still use it"
+                logger.error("create failed and its device could not be removed; CoW file kept", metadata: [
+                    "name": "\(name)", "cow": "\(cowPath)", "error": "\(error)",
+                ])
+                throw kept
+            }
             _ = system_unlink(cowPath)
             throw error
         }
@@ -71,21 +95,35 @@ public struct SnapshotDevice: Sendable, Hashable {
 
     /// Brings back a snapshot from the CoW store a `remove` kept, e.g. to resume a sandbox.
     ///
-    /// Reads and checks the store's header first, and fails with `.invalidCowStore` on a
-    /// missing, corrupt or invalidated store, or one with another chunk size, before
-    /// touching the kernel. A device already named `name` (left by a crashed agent) is
-    /// removed first. The CoW file is never deleted, on any path.
+    /// Before touching the kernel it reads and checks the store's header, and fails with
+    /// `.invalidCowStore` on a missing, corrupt or invalidated store, or one with another
+    /// chunk size. It then checks the store's origin record against `origin`, and fails with
+    /// `.originMismatch` if the store was made against another base image; a store without
+    /// a record (an older agent's) resumes, with a warning logged.
+    ///
+    /// A device already named `name` that this library made (left by a crashed agent) is
+    /// removed first, unless it is open (`.deviceBusy`: a live sandbox uses it). A device of
+    /// that name that the library did not make is left alone (`.deviceNotOwned`).
+    ///
+    /// A store can be attached once only. Its in-use lock, an exclusive `flock` on the open
+    /// file the CoW loop device is configured with, lasts as long as the loop device holds
+    /// the file: while a snapshot uses the store, in this process or another, and after a
+    /// crash until that device is gone. Restore fails with `.cowStoreInUse`, naming the loop
+    /// device and the device-mapper device that hold it. A loop device in the middle of
+    /// detaching (a udev worker may hold it a moment after its snapshot is removed) is waited
+    /// for, up to 3 s. The CoW file is never deleted, on any path.
     public static func restore(
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
     ) throws(DeviceMapperError) -> SnapshotDevice {
+        let operation = "SnapshotDevice.restore"
         let deviceName = try DeviceName(name)
-        let originNumber = try originDeviceNumber(origin, originSizeBytes: originSizeBytes, operation: "SnapshotDevice.restore")
+        let originDevice = try OriginDevice.open(origin, sizeBytes: originSizeBytes, operation: operation)
         let cowFile: FileDescriptor
         switch system_open(cowPath, O_RDWR) {
         case .success(let fd): cowFile = fd
         case .failure(.noSuchFileOrDirectory):
             throw DeviceMapperError(
-                code: .invalidCowStore, operation: "SnapshotDevice.restore", subject: cowPath.string,
+                code: .invalidCowStore, operation: operation, subject: cowPath.string,
                 errno: .noSuchFileOrDirectory, detail: "the CoW file does not exist")
         case .failure(let errno):
             throw DeviceMapperError.syscall("open", errno, subject: cowPath.string)
@@ -95,29 +133,53 @@ public struct SnapshotDevice: Sendable, Hashable {
         let header = try CowHeader.read(from: cowFile, path: cowPath, storeSizeBytes: currentSize)
         guard header.isValid else {
             throw DeviceMapperError(
-                code: .invalidCowStore, operation: "SnapshotDevice.restore", subject: cowPath.string,
+                code: .invalidCowStore, operation: operation, subject: cowPath.string,
                 detail: "the kernel marked this CoW store invalid (it overflowed or failed); its data cannot be used")
         }
         guard header.chunkSizeSectors == chunkSizeSectors else {
             throw DeviceMapperError(
-                code: .invalidCowStore, operation: "SnapshotDevice.restore", subject: cowPath.string,
+                code: .invalidCowStore, operation: operation, subject: cowPath.string,
                 detail: "the CoW store has \(header.chunkSizeSectors)-sector chunks; this library uses \(chunkSizeSectors)")
         }
+        if let record = try OriginRecord.read(from: cowFile, path: cowPath) {
+            try record.check(against: originDevice.record.fingerprint, origin: origin, cowPath: cowPath, operation: operation)
+        } else {
+            logger.warning("the store has no origin record (an older agent made it); resuming without the origin check",
+                           metadata: ["cow": "\(cowPath)", "origin": "\(origin)"])
+        }
+
+        try removeStaleDevice(deviceName, operation: operation)
+        try lockStore(cowFile, path: cowPath, operation: operation, checkUnlockedAttachments: true)
         // A store sized by older code may be too small to hold every chunk: grow it (sparse).
         let cowSize = requiredCowSizeBytes(originSizeBytes: originSizeBytes, chunkSizeBytes: Int64(header.chunkSizeBytes))
         if currentSize < cowSize {
             try system_ftruncate(cowFile, cowSize).get("ftruncate", subject: cowPath.string)
         }
-
-        if try DeviceMapperControl.exists(name: deviceName) {
-            logger.info("removing stale device before restore", metadata: ["name": "\(name)"])
-            try DeviceMapperControl.remove(name: deviceName)
-        }
         let snapshot = try activate(
-            name: deviceName, originNumber: originNumber, originSizeBytes: originSizeBytes,
-            cowFile: cowFile, cowPath: cowPath)
+            name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath)
         logger.info("snapshot device restored", metadata: snapshot.metadata(origin: origin))
         return snapshot
+    }
+
+    /// Removes a device named `name` left by a crashed agent, if there is one: only one
+    /// this library made, and only if nothing holds it open.
+    private static func removeStaleDevice(_ name: DeviceName, operation: String) throws(DeviceMapperError) {
+        guard let info = try DeviceMapperControl.info(name: name) else { return }
+        guard DeviceUUID.isOwned(info.uuid) else {
+            throw DeviceMapperError(
+                code: .deviceNotOwned, operation: operation, subject: name.rawValue,
+                detail: "a device-mapper device with this name exists (UUID \(info.uuid.map { "\"\($0)\"" } ?? "none")) "
+                    + "and this library did not make it, so it was left alone; remove it yourself, or use "
+                    + "cleanupStaleDevices(prefix:includingUnownedDevices: true) to migrate an older agent's devices")
+        }
+        guard info.openCount == 0 else {
+            throw DeviceMapperError(
+                code: .deviceBusy, operation: operation, subject: name.rawValue, errno: .resourceBusy,
+                detail: "a live device with this name is open \(info.openCount) time(s): a sandbox still uses it. "
+                    + "Adopt it (SnapshotDevice.adopt) or remove it first")
+        }
+        logger.info("removing stale device before restore", metadata: ["name": "\(name)", "uuid": "\(info.uuid ?? "")"])
+        try DeviceMapperControl.remove(name: name)
     }
 
     /// Removes the device-mapper device and, with it, the CoW loop device (autoclear).
@@ -150,43 +212,61 @@ public struct SnapshotDevice: Sendable, Hashable {
         return status
     }
 
-    /// Attaches the open CoW file to a loop device and loads the snapshot table.
+    /// Attaches the open, locked CoW file to a loop device and loads the snapshot table.
     /// On failure the loop device is let go (autoclear detaches it).
     private static func activate(
-        name: DeviceName, originNumber: DeviceNumber, originSizeBytes: Int64,
-        cowFile: FileDescriptor, cowPath: FilePath
+        name: DeviceName, origin: OriginDevice, originSizeBytes: Int64, cowFile: FileDescriptor, cowPath: FilePath
     ) throws(DeviceMapperError) -> SnapshotDevice {
+        let identity = FileIdentity(try system_fstat(cowFile).get("fstat", subject: cowPath.string))
         let cowLoop = try attachLoopDevice(backing: cowFile, backingFile: cowPath, readOnly: false)
-        // The table holds the loop device from here on; closing ours lets autoclear act on remove.
-        defer { cowLoop.close() }
+        // The table holds the loop device from here on; ours closes at the end of this scope,
+        // which lets autoclear act on remove.
         testHook(.afterCowLoopAttach)
         let target = DMTarget(
             startSector: 0, lengthSectors: UInt64(originSizeBytes / 512), type: "snapshot",
-            parameters: "\(originNumber) \(cowLoop.device.number) P \(chunkSizeSectors)")
-        try DeviceMapperControl.create(name: name, targets: [target])
+            parameters: "\(origin.number) \(cowLoop.device.number) P \(chunkSizeSectors)")
+        try DeviceMapperControl.create(name: name, uuid: .ownedSnapshot(store: identity), targets: [target])
         return SnapshotDevice(
             name: name.rawValue, devicePath: FilePath(name.devicePath), cowPath: cowPath,
             cowLoopDevice: cowLoop.device.path)
     }
 
-    /// Checks the origin is a block device and the size is whole sectors; returns its number.
-    private static func originDeviceNumber(
-        _ origin: FilePath, originSizeBytes: Int64, operation: String
-    ) throws(DeviceMapperError) -> DeviceNumber {
-        guard originSizeBytes > 0, originSizeBytes % 512 == 0 else {
-            throw .invalidArgument(operation, subject: origin.string,
-                                   "originSizeBytes must be a positive multiple of 512; it is \(originSizeBytes)")
-        }
-        let status = try system_stat(origin).get("stat", subject: origin.string)
-        guard (status.st_mode & S_IFMT) == S_IFBLK else {
-            throw .invalidArgument(operation, subject: origin.string,
-                                   "the origin must be a block device, such as the loop device LoopRegistry.acquire returns")
-        }
-        return DeviceNumber(rawValue: UInt64(status.st_rdev))
-    }
-
     func metadata(origin: FilePath) -> Logger.Metadata {
         ["name": "\(name)", "device": "\(devicePath)", "origin": "\(origin)", "cow": "\(cowPath)",
          "cowLoopDevice": "\(cowLoopDevice)"]
+    }
+}
+
+/// An origin block device, checked and fingerprinted for a create or restore.
+private struct OriginDevice {
+    let number: DeviceNumber
+    /// What `create` records with the store and `restore` checks.
+    let record: OriginRecord
+
+    /// Opens `path` and checks that it is a block device of exactly `sizeBytes`, a positive
+    /// multiple of 512; fingerprints it (once per registry-held device).
+    /// The corresponding C calls are `open`, `fstat` and `ioctl(BLKGETSIZE64)`.
+    static func open(_ path: FilePath, sizeBytes: Int64, operation: String) throws(DeviceMapperError) -> OriginDevice {
+        guard sizeBytes > 0, sizeBytes % 512 == 0 else {
+            throw .invalidArgument(operation, subject: path.string,
+                                   "originSizeBytes must be a positive multiple of 512; it is \(sizeBytes)")
+        }
+        let fd = try system_open(path, O_RDONLY).get("open", subject: path.string)
+        defer { system_close(fd) }
+        let status = try system_fstat(fd).get("fstat", subject: path.string)
+        guard (status.st_mode & S_IFMT) == S_IFBLK else {
+            throw .invalidArgument(operation, subject: path.string,
+                                   "the origin must be a block device, such as the loop device LoopRegistry.acquire returns")
+        }
+        let actualSize = try blockDeviceSizeBytes(descriptor: fd, subject: path.string)
+        guard actualSize == sizeBytes else {
+            throw .invalidArgument(operation, subject: path.string,
+                                   "originSizeBytes is \(sizeBytes) but the origin device holds \(actualSize) bytes; "
+                                   + "pass originSizeBytes(of: origin)")
+        }
+        let number = DeviceNumber(rawValue: UInt64(status.st_rdev))
+        let fingerprint = try OriginFingerprints.fingerprint(of: fd, number: number, sizeBytes: sizeBytes, subject: path.string)
+        let image = loopIndex(of: number).flatMap { readSmallFile(FilePath("/sys/block/loop\($0)/loop/backing_file")) }
+        return OriginDevice(number: number, record: OriginRecord(fingerprint: fingerprint, originPath: path.string, imagePath: image))
     }
 }

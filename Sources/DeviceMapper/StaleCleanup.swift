@@ -11,28 +11,48 @@ public struct StaleCleanupReport: Sendable {
         public var error: DeviceMapperError
     }
 
+    /// A device left alone because something holds it open: a sandbox still running.
+    public struct InUse: Sendable, Hashable {
+        public var name: String
+        /// The open count when it was looked at; 0 if the remove itself met `EBUSY`.
+        public var openCount: Int
+    }
+
     /// Devices removed, including any that were already gone when their turn came.
     public var removed: [String] = []
-    /// Devices still there after the last pass.
+    /// Devices skipped because they are open, without a remove attempt: adopt them
+    /// (`SnapshotDevice.adopt`) to keep serving their sandboxes.
+    public var inUse: [InUse] = []
+    /// Snapshot devices with the prefix that this library did not make (no
+    /// `SnapshotDevice.uuidPrefix` UUID), left alone.
+    public var notOwned: [String] = []
+    /// Devices that could not be removed for another reason.
     public var failures: [Failure] = []
     /// CoW loop devices of removed snapshots that are still attached to the same file.
     /// Autoclear should have detached them; anything here was attached by other code.
     public var stillAttachedLoopDevices: [LoopDevice] = []
 
-    /// Nothing failed and nothing was left attached.
+    /// Nothing failed and nothing was left attached. Devices in use are not failures.
     public var isClean: Bool { failures.isEmpty && stillAttachedLoopDevices.isEmpty }
 }
 
 private let cleanupLogger = Logger(label: "DeviceMapper.cleanupStaleDevices")
 
-/// Removes every device-mapper device whose name starts with `prefix` and whose
-/// table is a `snapshot` target: the devices a crashed agent left behind.
+/// Removes the snapshot devices a crashed agent left behind: every device-mapper device
+/// whose name starts with `prefix`, whose table is a `snapshot` target, and whose UUID
+/// starts with `SnapshotDevice.uuidPrefix` (this library made it).
 ///
-/// Busy devices are retried (for about a second each), in passes until a pass
-/// removes nothing more. A device that vanished meanwhile counts as removed. The
-/// CoW loop devices, being autoclear, go with their snapshots; any that stay
-/// attached are reported. The CoW files are kept.
-public func cleanupStaleDevices(prefix: String = "wrenn-") -> StaleCleanupReport {
+/// A device that is open (open count above 0) is a sandbox still running: it is skipped
+/// at once, with no remove attempt and no retry, and reported in `inUse`. A remove that
+/// meets `EBUSY` anyway (it was opened meanwhile) is reported in use too, without retries.
+/// A device that vanished meanwhile counts as removed. The CoW loop devices, being
+/// autoclear, go with their snapshots; any that stay attached are reported. The CoW files
+/// are kept.
+///
+/// `includingUnownedDevices` also removes snapshot devices with the prefix that carry no
+/// UUID, as an older agent made them: for a one-time migration. Devices with another
+/// UUID are never touched.
+public func cleanupStaleDevices(prefix: String = "wrenn-", includingUnownedDevices: Bool = false) -> StaleCleanupReport {
     var report = StaleCleanupReport()
     let devices: [DMListedDevice]
     do {
@@ -43,43 +63,41 @@ public func cleanupStaleDevices(prefix: String = "wrenn-") -> StaleCleanupReport
         return report
     }
 
-    // The snapshot devices with the prefix, and the CoW loop device each one holds.
-    var pending: [(name: DeviceName, cowLoop: (LoopDevice, LoopDeviceStatus)?)] = []
-    for device in devices where device.name.hasPrefix(prefix) {
-        guard let name = try? DeviceName(device.name),
-              let table = try? DeviceMapperControl.table(name: name),
-              let target = table.first, target.type == "snapshot"
-        else { continue }
-        pending.append((name, cowLoopDevice(snapshotParameters: target.parameters)))
-    }
-
-    var lastErrors: [DeviceName: DeviceMapperError] = [:]
     var removedLoops: [(LoopDevice, LoopDeviceStatus)] = []
-    while !pending.isEmpty {
-        var stillPending: [(name: DeviceName, cowLoop: (LoopDevice, LoopDeviceStatus)?)] = []
-        for device in pending {
-            do {
-                try DeviceMapperControl.remove(name: device.name)
-                report.removed.append(device.name.rawValue)
-                cleanupLogger.info("stale device removed", metadata: ["name": "\(device.name)"])
-            } catch where error.code == .deviceNotFound {
-                report.removed.append(device.name.rawValue)
-                cleanupLogger.debug("stale device already gone", metadata: ["name": "\(device.name)"])
-            } catch {
-                lastErrors[device.name] = error
-                stillPending.append(device)
+    for device in devices where device.name.hasPrefix(prefix) {
+        guard let name = try? DeviceName(device.name) else { continue }
+        do {
+            guard let info = try DeviceMapperControl.info(name: name) else { continue }  // Gone meanwhile.
+            let owned = DeviceUUID.isOwned(info.uuid)
+            guard owned || (includingUnownedDevices && info.uuid == nil) else {
+                if isSnapshot(try DeviceMapperControl.table(name: name)) {
+                    report.notOwned.append(device.name)
+                    cleanupLogger.debug("device not made by this library left alone", metadata: ["name": "\(name)"])
+                }
                 continue
             }
-            if let cowLoop = device.cowLoop { removedLoops.append(cowLoop) }
+            let table = try DeviceMapperControl.table(name: name)
+            guard isSnapshot(table) else { continue }
+            guard info.openCount == 0 else {
+                report.inUse.append(.init(name: device.name, openCount: Int(info.openCount)))
+                cleanupLogger.info("device in use left alone", metadata: ["name": "\(name)", "openCount": "\(info.openCount)"])
+                continue
+            }
+            let cowLoop = table.first.flatMap { SnapshotTableParameters($0.parameters) }.flatMap { cowLoopDevice($0.cow) }
+            try DeviceMapperControl.remove(name: name, retry: .none)
+            report.removed.append(device.name)
+            cleanupLogger.info("stale device removed", metadata: ["name": "\(name)", "owned": "\(owned)"])
+            if let cowLoop { removedLoops.append(cowLoop) }
+        } catch where error.code == .deviceNotFound {
+            report.removed.append(device.name)
+            cleanupLogger.debug("stale device already gone", metadata: ["name": "\(name)"])
+        } catch where error.errno == .resourceBusy {
+            report.inUse.append(.init(name: device.name, openCount: 0))
+            cleanupLogger.info("device opened meanwhile left alone", metadata: ["name": "\(name)"])
+        } catch {
+            report.failures.append(.init(name: device.name, error: error))
+            cleanupLogger.error("stale device not removed", metadata: ["name": "\(name)", "error": "\(error)"])
         }
-        // Another pass helps only if this one made progress (one snapshot may hold another).
-        if stillPending.count == pending.count { break }
-        pending = stillPending
-    }
-    for device in pending {
-        guard let error = lastErrors[device.name] else { continue }
-        report.failures.append(.init(name: device.name.rawValue, error: error))
-        cleanupLogger.error("stale device not removed", metadata: ["name": "\(device.name)", "error": "\(error)"])
     }
     for (loop, before) in removedLoops {
         if let now = try? loopDeviceStatus(loop.path), now.backingFile == before.backingFile {
@@ -91,23 +109,17 @@ public func cleanupStaleDevices(prefix: String = "wrenn-") -> StaleCleanupReport
     return report
 }
 
-/// The CoW loop device named in a snapshot table's parameters (`<origin> <cow> P 8`),
-/// with its backing file, if it is a loop device that is attached.
-private func cowLoopDevice(snapshotParameters: String) -> (LoopDevice, LoopDeviceStatus)? {
-    let fields = snapshotParameters.split(separator: " ")
-    guard fields.count >= 2, let number = parseDeviceNumber(String(fields[1])) else { return nil }
+/// Whether a table is one `snapshot` target.
+private func isSnapshot(_ table: [DMTarget]) -> Bool {
+    table.count == 1 && table.first?.type == "snapshot"
+}
+
+/// The CoW loop device `number`, with its backing file, if it is a loop device that is attached.
+private func cowLoopDevice(_ number: DeviceNumber) -> (LoopDevice, LoopDeviceStatus)? {
     guard let index = loopIndex(of: number) else { return nil }
     let device = LoopDevice(index: index, number: number)
     guard let status = try? loopDeviceStatus(device.path) else { return nil }
     return (device, status)
-}
-
-/// The loop device index of a device number, from sysfs (`/sys/dev/block/M:m`).
-private func loopIndex(of number: DeviceNumber) -> Int? {
-    guard let name = readSmallFile(FilePath("/sys/dev/block/\(number)/uevent"))?
-        .split(separator: "\n").first(where: { $0.hasPrefix("DEVNAME=loop") })
-    else { return nil }
-    return Int(name.dropFirst("DEVNAME=loop".count))
 }
 
 /// Removes the temporary files that flattens killed midway left in `directory`

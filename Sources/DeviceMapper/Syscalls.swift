@@ -9,6 +9,7 @@ import Musl
 #else
 #error("DeviceMapper supports Linux only")
 #endif
+import CDeviceMapper
 import CDeviceMapperShims
 import SystemPackage
 
@@ -167,5 +168,22 @@ func system_renameNoReplace(_ from: FilePath, _ to: FilePath) -> Result<Void, Er
         to.withPlatformString { cTo in
             valueOrErrno { CDeviceMapperShims_renameNoReplace(cFrom, cTo) }
         }
+    }.map { _ in () }
+}
+
+/// Reads extended attribute `name` of an open file into `buffer`; returns its length.
+/// `ENODATA` means the file has no such attribute.
+/// The corresponding C function is `fgetxattr`.
+func system_fgetxattr(_ fd: FileDescriptor, _ name: String, _ buffer: UnsafeMutableRawBufferPointer) -> Result<Int, Errno> {
+    if let fault = injectedFault("fgetxattr") { return .failure(fault) }
+    return valueOrErrno { fgetxattr(fd.rawValue, name, buffer.baseAddress, buffer.count) }
+}
+
+/// Sets extended attribute `name` of an open file to `value`.
+/// The corresponding C function is `fsetxattr`.
+func system_fsetxattr(_ fd: FileDescriptor, _ name: String, _ value: [UInt8]) -> Result<Void, Errno> {
+    if let fault = injectedFault("fsetxattr") { return .failure(fault) }
+    return value.withUnsafeBytes { bytes in
+        valueOrErrno { fsetxattr(fd.rawValue, name, bytes.baseAddress, bytes.count, 0) }
     }.map { _ in () }
 }

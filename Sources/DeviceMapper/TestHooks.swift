@@ -7,6 +7,9 @@ package enum TestHookPoint: String, Sendable, CaseIterable {
     case afterSnapshotCreate
     /// `SnapshotDevice.flatten`: one block of the output was written (called per block).
     case afterFlattenBlock
+    /// `DeviceMapperControl.remove`: about to issue one `DM_DEVICE_REMOVE` (called per attempt,
+    /// so a test can count busy retries without a clock).
+    case beforeDeviceRemove
 }
 
 #if DEBUG

@@ -70,7 +70,7 @@ extension Bench {
         section.rows.append(row("\(count) single removes (sum)", sumNanoseconds))
         section.rows.append(["its steps besides the removes, timed one by one:", "", "", "", ""])
         section.rows.append(row("  DM_LIST_DEVICES (once)", steps.list))
-        section.rows.append(row("  DM_TABLE_STATUS, each device", steps.tables))
+        section.rows.append(row("  DM_DEV_STATUS + DM_TABLE_STATUS, each device", steps.tables))
         section.rows.append(row("  CoW loop lookup, each (sysfs + LOOP_GET_STATUS64)", steps.lookups))
         section.rows.append(row("  after-remove check, each (LOOP_GET_STATUS64)", afterCheckNanoseconds))
         section.notes.append("cleanupStaleDevices ran first, with the single-remove set alive; the single removes "
@@ -108,13 +108,15 @@ extension Bench {
     }
 
     /// The calls cleanupStaleDevices makes before its removes, through the same public
-    /// API: one list, then per device its table and its CoW loop device's status.
+    /// API: one list, then per device its info (owner UUID, open count), its table and its
+    /// CoW loop device's status.
     private func timeCleanupSteps(_ devices: [MadeSnapshot]) throws(BenchError) -> (list: UInt64, tables: UInt64, lookups: UInt64) {
         let (listed, list) = timed { try? DeviceMapperControl.list(withTargetTypes: false) }
         guard listed != nil else { throw BenchError("DeviceMapperControl.list failed") }
         var tables: UInt64 = 0, lookups: UInt64 = 0
         for made in devices {
             guard let name = try? DeviceName(made.name) else { continue }
+            tables += timed { _ = try? DeviceMapperControl.info(name: name) }.nanoseconds
             let (table, tableNanoseconds) = timed { try? DeviceMapperControl.table(name: name) }
             tables += tableNanoseconds
             guard let parameters = table?.first?.parameters else { throw BenchError("no table for \(made.name)") }

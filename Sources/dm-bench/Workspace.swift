@@ -131,8 +131,9 @@ final class Workspace: Sendable {
     /// there afterwards (nothing, normally).
     func cleanup() -> [String] {
         var problems: [String] = []
-        // Snapshots first: they hold the CoW loop devices (autoclear) and the origins.
-        let report = cleanupStaleDevices(prefix: prefix)
+        // Snapshots first: they hold the CoW loop devices (autoclear) and the origins. The
+        // subprocess baseline's devices carry no UUID: take those too.
+        let report = cleanupStaleDevices(prefix: prefix, includingUnownedDevices: true)
         for failure in report.failures {
             problems.append("device \(failure.name) not removed: \(failure.error)")
         }

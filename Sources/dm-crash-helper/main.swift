@@ -5,6 +5,13 @@
 //   dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
 //   dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock
 //                           [--block N] [--write DATA_FILE@OFFSET]...
+//   dm-crash-helper list-owned PREFIX
+//   dm-crash-helper remove NAME
+//
+// `list-owned` and `remove` play an agent that restarted: a fresh process that adopts the
+// live devices the library made. `list-owned` prints one line per owned device whose name
+// starts with PREFIX: `NAME<tab>COWPATH<tab>COWLOOP<tab>OPENCOUNT`. `remove` adopts NAME and
+// removes it. Both exit 0 on success and 1 with the error on stderr.
 //
 // Each command acquires ORIGIN_IMAGE through a LoopRegistry, as the agent does.
 // `flatten` creates a snapshot with a new CoW file, writes each DATA_FILE's bytes to the
@@ -49,6 +56,8 @@ func usage() -> Never {
           dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
           dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
           dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock [--block N] [--write FILE@OFFSET]...
+          dm-crash-helper list-owned PREFIX
+          dm-crash-helper remove NAME
         """, status: 2)
 }
 
@@ -98,6 +107,30 @@ func writeData(_ data: FilePath, to device: FilePath, at offset: Int64) throws {
         _ = try bytes.withUnsafeBytes { try output.writeAll(toAbsoluteOffset: offset, $0) }
         guard fsync(output.rawValue) == 0 else { throw Errno(rawValue: errno) }
     }
+}
+
+/// `list-owned` and `remove`: no test hooks, so release builds have them too.
+func runAdoption(_ arguments: [String]) -> Never {
+    do {
+        switch (arguments.first, arguments.count) {
+        case ("list-owned", 2):
+            for owned in try SnapshotDevice.listOwned() where owned.device.name.hasPrefix(arguments[1]) {
+                emit("\(owned.device.name)\t\(owned.device.cowPath)\t\(owned.device.cowLoopDevice)\t\(owned.openCount)\n",
+                     to: STDOUT_FILENO)
+            }
+        case ("remove", 2):
+            try SnapshotDevice.adopt(name: arguments[1]).device.remove()
+        default:
+            usage()
+        }
+    } catch {
+        fail("\(arguments[0]) failed: \(error)", status: 1)
+    }
+    exit(0)
+}
+
+if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove"].contains(command) {
+    runAdoption(Array(CommandLine.arguments.dropFirst()))
 }
 
 #if DEBUG

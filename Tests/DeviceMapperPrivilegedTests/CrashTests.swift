@@ -236,6 +236,19 @@ final class CrashHelper {
         try process.run()
     }
 
+    /// Runs the helper to the end (`list-owned`, `remove`) and returns what it printed;
+    /// throws if it exits with another status than 0.
+    static func run(_ arguments: [String]) throws -> String {
+        let helper = try CrashHelper(arguments)
+        let bytes = helper.output.fileHandleForReading.readDataToEndOfFile()
+        helper.process.waitUntilExit()
+        guard helper.process.terminationStatus == 0 else {
+            throw HelperError(description: "dm-crash-helper \(arguments.joined(separator: " ")) exited "
+                + "\(helper.process.terminationStatus)")
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
     /// Waits for the helper to print `READY <point>`; throws if it exits or takes too long.
     func waitUntilReady(at point: String, timeoutSeconds: Double = 180) throws {
         let fd = output.fileHandleForReading.fileDescriptor

@@ -18,8 +18,8 @@ final class DeviceMapperControlTests: PrivilegedTestCase {
         let cow = try attachLoopDevice(backingFile: cowFile, readOnly: false)
 
         let name = try DeviceName(deviceName("snap"))
-        let target = DMTarget(startSector: 0, lengthSectors: 8192, type: "snapshot",
-                              parameters: "\(origin.device.number) \(cow.device.number) P 8")
+        let parameters = "\(origin.device.number) \(cow.device.number) P 8"
+        let target = DMTarget(startSector: 0, lengthSectors: 8192, type: "snapshot", parameters: parameters)
         let info = try DeviceMapperControl.create(name: name, targets: [target])
         origin.close()
         cow.close()
@@ -36,7 +36,7 @@ final class DeviceMapperControlTests: PrivilegedTestCase {
         XCTAssertEqual(table.count, 1)
         XCTAssertEqual(table.first?.type, "snapshot")
         XCTAssertEqual(table.first?.lengthSectors, 8192)
-        XCTAssertEqual(table.first?.parameters, "\(origin.device.number) \(cow.device.number) P 8")
+        XCTAssertEqual(table.first?.parameters, parameters)
 
         let status = try DeviceMapperControl.status(name: name)
         let parsed = try XCTUnwrap(SnapshotStatus(statusLine: try XCTUnwrap(status.first).parameters))

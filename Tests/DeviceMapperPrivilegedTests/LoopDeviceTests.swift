@@ -11,7 +11,7 @@ final class LoopDeviceTests: PrivilegedTestCase {
     func testAttachDetachRoundTrip() throws {
         let image = try makeImage("image", sizeBytes: 1 << 20)
         let loop = try attachLoopDevice(backingFile: image, readOnly: false)
-        defer { loop.close() }
+        let device = loop.device
 
         let status = try loopDeviceStatus(loop.device.path)
         var imageStatus = stat()
@@ -27,7 +27,7 @@ final class LoopDeviceTests: PrivilegedTestCase {
         try detachLoopDevice(loop.device.path)
         loop.close()
         assertLoopDevices([])
-        XCTAssertThrowsError(try loopDeviceStatus(loop.device.path)) { error in
+        XCTAssertThrowsError(try loopDeviceStatus(device.path)) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.errno, .noSuchAddressOrDevice)
         }
     }
@@ -36,7 +36,6 @@ final class LoopDeviceTests: PrivilegedTestCase {
         let image = try makeImage("image", sizeBytes: 1 << 20)
         let before = try read(image, count: 1 << 20)
         let loop = try attachLoopDevice(backingFile: image, readOnly: true)
-        defer { loop.close() }
         XCTAssertTrue(try loopDeviceStatus(loop.device.path).isReadOnly)
 
         // The kernel refuses writes to a read-only loop device (the open itself may succeed).
@@ -57,20 +56,21 @@ final class LoopDeviceTests: PrivilegedTestCase {
         let loop = try attachLoopDevice(backingFile: image, readOnly: true)
         // A second opener keeps it attached after the first closes.
         let second = try FileDescriptor.open(loop.device.path, .readOnly)
+        let device = loop.device
         loop.close()
-        XCTAssertEqual(loopDevices(backedBy: directory).map(\.device), [loop.device])
+        XCTAssertEqual(loopDevices(backedBy: directory).map(\.device), [device])
         try second.close()
         assertLoopDevices([], "the last close should detach an autoclear device")
     }
 
     func testConcurrentAttachesGetDistinctDevices() throws {
         let images = try (0..<16).map { try makeImage("image-\($0)", sizeBytes: 64 << 10, seed: UInt64($0)) }
-        let results = ResultSlots<OpenLoopDevice>(count: images.count)
+        let results = ResultSlots<HeldLoopDevice>(count: images.count)
         DispatchQueue.concurrentPerform(iterations: images.count) { index in
-            results.set(index, Result { try attachLoopDevice(backingFile: images[index], readOnly: index % 2 == 0) })
+            results.set(index, Result { HeldLoopDevice(try attachLoopDevice(backingFile: images[index], readOnly: index % 2 == 0)) })
         }
+        // Each closes when `loops` goes away.
         let loops = try results.values.map { try $0!.get() }
-        defer { loops.forEach { $0.close() } }
         XCTAssertEqual(Set(loops.map(\.device)).count, 16)
         // Each device is backed by its own image.
         let attachments = loopDevices(backedBy: directory)
@@ -82,9 +82,10 @@ final class LoopDeviceTests: PrivilegedTestCase {
     func testLegacyAttachPathWithoutLoopConfigure() throws {
         let image = try makeImage("image", sizeBytes: 1 << 20)
         // Force the pre-5.8 answer to LOOP_CONFIGURE; the fallback then runs for real.
-        let loop = try FaultInjection.with(.inappropriateIOCTLForDevice, injectedInto: "ioctl(LOOP_CONFIGURE)") {
-            try attachLoopDevice(backingFile: image, readOnly: true)
-        }
+        FaultInjection.inject(.inappropriateIOCTLForDevice, into: "ioctl(LOOP_CONFIGURE)")
+        defer { FaultInjection.clear() }
+        let loop = try attachLoopDevice(backingFile: image, readOnly: true)
+        FaultInjection.clear()
         let status = try loopDeviceStatus(loop.device.path)
         XCTAssertTrue(status.isAutoclear)
         XCTAssertTrue(status.isReadOnly)
@@ -96,21 +97,27 @@ final class LoopDeviceTests: PrivilegedTestCase {
     func testBusyRaceIsRetried() throws {
         let image = try makeImage("image", sizeBytes: 1 << 20)
         // The first LOOP_CONFIGURE answers EBUSY, as when another process won the free device.
-        let loop = try FaultInjection.withFirst(.resourceBusy, injectedInto: "ioctl(LOOP_CONFIGURE)", times: 3) {
-            try attachLoopDevice(backingFile: image, readOnly: false)
-        }
-        defer { loop.close() }
+        FaultInjection.inject(.resourceBusy, into: "ioctl(LOOP_CONFIGURE)", times: 3)
+        defer { FaultInjection.clear() }
+        let loop = try attachLoopDevice(backingFile: image, readOnly: false)
         XCTAssertTrue(try loopDeviceStatus(loop.device.path).isAutoclear)
     }
 
     func testDirectoryAsBackingFileIsRefused() throws {
-        XCTAssertThrowsError(try attachLoopDevice(backingFile: directory, readOnly: true)) { error in
+        XCTAssertThrowsError(try attachLoopDevice(backingFile: directory, readOnly: true).close()) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.code, .invalidArgument)
         }
         XCTAssertThrowsError(try originSizeBytes(of: try makeImage("file", sizeBytes: 512))) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.code, .invalidArgument)
         }
     }
+}
+
+/// An attached loop device kept open until the holder goes away.
+final class HeldLoopDevice: Sendable {
+    let loop: OpenLoopDevice
+    var device: LoopDevice { loop.device }
+    init(_ loop: consuming OpenLoopDevice) { self.loop = loop }
 }
 
 /// Results written from concurrent workers, one slot each.

@@ -48,8 +48,12 @@ class PrivilegedTestCase: XCTestCase {
         registry = nil
         guard !prefix.isEmpty else { return }
         let leftovers = (try? devices(withPrefix: prefix)) ?? []
-        let report = cleanupStaleDevices(prefix: prefix)
+        // Whatever the test left, owned or not; in-use devices get the bounded busy retry.
+        let report = cleanupStaleDevices(prefix: prefix, includingUnownedDevices: true)
         XCTAssertTrue(report.failures.isEmpty, "cleanup failed: \(report.failures.map { "\($0.name): \($0.error)" })")
+        for device in report.inUse {
+            XCTAssertNoThrow(try DeviceMapperControl.remove(name: DeviceName(device.name)), "leftover \(device.name) in use")
+        }
         // A udev worker may hold a just-released loop device open a moment longer.
         _ = eventually { loopDevices(backedBy: directory).isEmpty }
         let loops = loopDevices(backedBy: directory)

@@ -219,9 +219,6 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         for index in 0..<5 {
             snapshots.append(try SnapshotDevice.create(name: deviceName("stale\(index)"), origin: origin, cowPath: path("stale\(index).cow"), originSizeBytes: Int64(imageSize)))
         }
-        // A busy one that goes free while cleanup retries it.
-        let holder = try FileDescriptor.open(snapshots[0].devicePath, .readOnly)
-        DispatchQueue.global().asyncAfter(deadline: .now() + 0.2) { try? holder.close() }
         // A device with the prefix that is not a snapshot is left alone.
         let linear = try DeviceName(deviceName("zero"))
         try DeviceMapperControl.create(name: linear, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])

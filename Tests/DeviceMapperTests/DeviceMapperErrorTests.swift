@@ -14,6 +14,14 @@ final class DeviceMapperErrorTests: XCTestCase {
         XCTAssertTrue(text.contains("libdevmapper: device-mapper: create ioctl"), text)
     }
 
+    func testDescriptionCarriesRollbackFailures() {
+        var error = DeviceMapperError(code: .systemCallFailed, operation: "dm_task_run(DM_DEVICE_RESUME)", errno: .ioError)
+        error.rollbackErrors = [DeviceMapperError(code: .deviceBusy, operation: "dm_task_run(DM_DEVICE_REMOVE)", errno: .resourceBusy)]
+        XCTAssertTrue(error.description.hasSuffix(
+            ". Undoing it also failed: dm_task_run(DM_DEVICE_REMOVE) failed: device busy (Device or resource busy, errno 16)"),
+            error.description)
+    }
+
     func testDescriptionWithoutOptionalParts() {
         let error = DeviceMapperError(code: .invalidCowStore, operation: "SnapshotDevice.restore")
         XCTAssertEqual(error.description, "SnapshotDevice.restore failed: invalid copy-on-write store")
@@ -24,7 +32,7 @@ final class DeviceMapperErrorTests: XCTestCase {
         let codes: [DeviceMapperError.Code] = [
             .deviceMapperUnavailable, .invalidName, .invalidArgument, .systemCallFailed, .deviceMapperCallFailed,
             .deviceNotFound, .deviceBusy, .fileExists, .invalidCowStore, .cowStoreInUse, .loopDeviceUnavailable,
-            .unexpectedKernelOutput,
+            .unexpectedKernelOutput, .originMismatch, .deviceNotOwned,
         ]
         XCTAssertEqual(Set(codes).count, codes.count)
         XCTAssertEqual(Set(codes.map(\.description)).count, codes.count)

@@ -1,0 +1,103 @@
+// Adoption after an agent restart: the live devices this library made, found by their
+// UUID, with what the agent needs to keep serving them.
+
+import Logging
+public import SystemPackage
+
+/// A live snapshot device this library made, as `SnapshotDevice.adopt` and
+/// `SnapshotDevice.listOwned` find it.
+public struct OwnedSnapshot: Sendable, Hashable {
+    /// The device, ready for `remove`, `status` and `flatten`.
+    public var device: SnapshotDevice
+    /// Its device-mapper UUID, `SBXSNAP-...`.
+    public var uuid: String
+    /// How many times it is open: above 0, a sandbox (or anything else) uses it.
+    public var openCount: Int
+    /// The snapshot's state and CoW use; nil if its status could not be read.
+    public var status: SnapshotStatus?
+    /// The origin device's number, from the table.
+    public var originDevice: DeviceNumber
+    /// The origin loop device, where the origin is one.
+    public var originLoopDevice: LoopDevice?
+    /// The base image behind the origin loop device, from sysfs.
+    public var originImage: FilePath?
+    /// The chunk size in 512-byte sectors, from the table.
+    public var chunkSizeSectors: UInt32
+}
+
+extension SnapshotDevice {
+    /// The live device named `name`, if this library made it, for an agent that restarted
+    /// and keeps serving the sandbox on it.
+    ///
+    /// Fails with `.deviceNotFound` if there is no such device, `.deviceNotOwned` if its UUID
+    /// lacks `uuidPrefix`, and `.unexpectedKernelOutput` if its table is not a snapshot over
+    /// a loop device.
+    /// The corresponding ioctls are `DM_DEV_STATUS`, `DM_TABLE_STATUS` (table and status).
+    public static func adopt(name: String) throws(DeviceMapperError) -> OwnedSnapshot {
+        let operation = "SnapshotDevice.adopt"
+        let deviceName = try DeviceName(name)
+        guard let info = try DeviceMapperControl.info(name: deviceName) else {
+            throw DeviceMapperError(code: .deviceNotFound, operation: operation, subject: name, errno: .noSuchAddressOrDevice,
+                                    detail: "no device-mapper device has this name")
+        }
+        guard let uuid = info.uuid, DeviceUUID.isOwned(uuid) else {
+            throw DeviceMapperError(code: .deviceNotOwned, operation: operation, subject: name,
+                                    detail: "the device's UUID (\(info.uuid ?? "none")) does not start with \(uuidPrefix)")
+        }
+        let table = try DeviceMapperControl.table(name: deviceName)
+        guard table.count == 1, let target = table.first, target.type == "snapshot",
+              let parameters = SnapshotTableParameters(target.parameters)
+        else {
+            throw DeviceMapperError(code: .unexpectedKernelOutput, operation: operation, subject: name,
+                                    detail: "the device's table is not one snapshot target: \(table.map(\.description))")
+        }
+        guard let cowIndex = loopIndex(of: parameters.cow),
+              let cowPath = readSmallFile(FilePath("/sys/block/loop\(cowIndex)/loop/backing_file"))
+        else {
+            throw DeviceMapperError(code: .unexpectedKernelOutput, operation: operation, subject: name,
+                                    detail: "the snapshot's CoW device \(parameters.cow) is not an attached loop device")
+        }
+        let originLoop = loopIndex(of: parameters.origin).map { LoopDevice(index: $0, number: parameters.origin) }
+        let originImage = originLoop.flatMap { readSmallFile(FilePath("/sys/block/loop\($0.index)/loop/backing_file")) }
+        let device = SnapshotDevice(
+            name: name, devicePath: FilePath(deviceName.devicePath), cowPath: FilePath(cowPath),
+            cowLoopDevice: LoopDevice(index: cowIndex, number: parameters.cow).path)
+        return OwnedSnapshot(
+            device: device, uuid: uuid, openCount: Int(info.openCount), status: try? device.status(),
+            originDevice: parameters.origin, originLoopDevice: originLoop, originImage: originImage.map { FilePath($0) },
+            chunkSizeSectors: parameters.chunkSizeSectors)
+    }
+
+    /// Every live device this library made (its UUID starts with `uuidPrefix`), by name.
+    /// Devices removed while the list is taken are left out.
+    /// The corresponding ioctls are `DM_LIST_DEVICES`, then those of `adopt` per device.
+    public static func listOwned() throws(DeviceMapperError) -> [OwnedSnapshot] {
+        var owned: [OwnedSnapshot] = []
+        for listed in try DeviceMapperControl.list(withTargetTypes: false) {
+            do {
+                owned.append(try adopt(name: listed.name))
+            } catch where error.code == .deviceNotOwned || error.code == .deviceNotFound || error.code == .invalidName {
+                continue
+            }
+        }
+        return owned.sorted { $0.device.name < $1.device.name }
+    }
+}
+
+/// The parameters of a persistent snapshot table line: `<origin> <cow> P <chunk sectors>`,
+/// with both devices as `major:minor`, as this library writes them and the kernel reports them.
+struct SnapshotTableParameters {
+    var origin: DeviceNumber
+    var cow: DeviceNumber
+    var chunkSizeSectors: UInt32
+
+    init?(_ text: String) {
+        let fields = text.split(separator: " ")
+        guard fields.count >= 4, let origin = parseDeviceNumber(String(fields[0])),
+              let cow = parseDeviceNumber(String(fields[1])), let chunk = UInt32(fields[3])
+        else { return nil }
+        self.origin = origin
+        self.cow = cow
+        chunkSizeSectors = chunk
+    }
+}

@@ -1,0 +1,118 @@
+// The copy-on-write store's in-use guard: an exclusive flock on the open file description
+// the CoW loop device is configured with. docs/lifecycle.md has the reasoning.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import SystemPackage
+
+/// How long `lockStore` waits for a store whose loop device is being released.
+///
+/// After its snapshot is removed, a CoW loop device detaches at its last close (autoclear);
+/// with udev running, a udev worker scanning it may hold it open a moment longer, and the
+/// store stays locked until then. A loop device still held by a device-mapper device is in
+/// use for real, and is refused at once.
+let storeLockWaitMicroseconds: UInt32 = 3_000_000
+let storeLockPollMicroseconds: UInt32 = 10_000
+
+/// Takes the in-use lock of the store open at `fd`, for `LOOP_CONFIGURE` to carry.
+///
+/// `flock` locks belong to an open file description and last until its last reference is
+/// dropped. The loop device takes a reference to the description it is configured with and
+/// drops it only when it detaches, so once the store is attached the lock lasts exactly as
+/// long as the loop device holds the file: through this process closing its descriptor,
+/// through a crash, until the snapshot and its loop device are gone. A second attach,
+/// from this process or any other, meets `EWOULDBLOCK` here.
+///
+/// A loop device attached by other code (`losetup`, an older agent) holds no lock. With
+/// `checkUnlockedAttachments`, once the lock is held the loop devices are scanned for one
+/// over the same file, and that is refused too.
+///
+/// Fails with `.cowStoreInUse`, naming the loop device and the device-mapper device that
+/// hold the store where there are such.
+/// The corresponding C function is `flock` (`LOCK_EX | LOCK_NB`).
+///
+/// With `shared`, takes a shared lock instead (`LOCK_SH`), as an offline reader does: it
+/// keeps any attach out while it reads, and lets other readers in.
+func lockStore(
+    _ fd: FileDescriptor, path: FilePath, operation: String, checkUnlockedAttachments: Bool, shared: Bool = false
+) throws(DeviceMapperError) {
+    let identity = FileIdentity(try system_fstat(fd).get("fstat", subject: path.string))
+    var waited: UInt32 = 0
+    while true {
+        switch system_flock(fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) {
+        case .success:
+            guard checkUnlockedAttachments, let holder = storeHolder(identity) else { return }
+            // Attached without the lock: by other code, so whether it is in use is the question.
+            if holder.deviceMapperHolders.isEmpty && waited < storeLockWaitMicroseconds {
+                _ = system_flock(fd, LOCK_UN)
+            } else {
+                _ = system_flock(fd, LOCK_UN)
+                throw storeInUse(operation, path, holder: holder, locked: false)
+            }
+        case .failure(.wouldBlock):
+            let holder = storeHolder(identity)
+            if let holder, !holder.deviceMapperHolders.isEmpty {
+                throw storeInUse(operation, path, holder: holder, locked: true)
+            }
+            if waited >= storeLockWaitMicroseconds {
+                throw storeInUse(operation, path, holder: holder, locked: true)
+            }
+        case .failure(let errno):
+            throw DeviceMapperError.syscall("flock", errno, subject: path.string,
+                                            detail: "could not take the store's in-use lock")
+        }
+        usleep(storeLockPollMicroseconds)
+        waited += storeLockPollMicroseconds
+    }
+}
+
+/// A loop device over a store, and the device-mapper devices that hold it open.
+struct StoreHolder {
+    var loop: LoopDevice
+    /// Names of the device-mapper devices in `/sys/block/loopN/holders`, e.g. a snapshot.
+    var deviceMapperHolders: [String]
+}
+
+/// The loop device attached to the file `identity`, if any, and what holds it.
+/// Matched by device and inode (`LOOP_GET_STATUS64`), or by the path sysfs lists where
+/// the loop device cannot be opened.
+func storeHolder(_ identity: FileIdentity) -> StoreHolder? {
+    for attachment in attachedLoopDevices() {
+        let backing: FileIdentity?
+        if let status = try? loopDeviceStatus(attachment.device.path) {
+            backing = status.backingFile
+        } else if case .success(let status) = system_stat(attachment.backingFile) {
+            backing = FileIdentity(status)
+        } else {
+            backing = nil  // Detached meanwhile, or its file was deleted.
+        }
+        guard backing == identity else { continue }
+        let holders = directoryEntries(FilePath("/sys/block/loop\(attachment.device.index)/holders")).map { kernelName in
+            readSmallFile(FilePath("/sys/block/\(kernelName)/dm/name")) ?? kernelName
+        }
+        return StoreHolder(loop: attachment.device, deviceMapperHolders: holders.sorted())
+    }
+    return nil
+}
+
+private func storeInUse(_ operation: String, _ path: FilePath, holder: StoreHolder?, locked: Bool) -> DeviceMapperError {
+    var detail: String
+    if let holder {
+        detail = "the store is attached to \(holder.loop.path)"
+        if holder.deviceMapperHolders.isEmpty {
+            detail += ", which is not released yet"
+        } else {
+            detail += ", which device-mapper device \(holder.deviceMapperHolders.joined(separator: ", ")) holds: "
+                + "a live snapshot uses it"
+        }
+        if !locked { detail += " (attached by other code, without this library's lock)" }
+    } else {
+        detail = "another open file holds the store's in-use lock (an attach or a flatten in progress)"
+    }
+    detail += "; a store may be attached once only: remove the snapshot that uses it first"
+    return DeviceMapperError(code: .cowStoreInUse, operation: operation, subject: path.string,
+                             errno: .resourceBusy, detail: detail)
+}
