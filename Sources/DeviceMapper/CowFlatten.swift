@@ -32,7 +32,9 @@ extension CowFile {
     ///
     /// The file is written under a temporary name beside `output`, flushed and renamed into
     /// place; on any failure the temporary file is removed and nothing appears at `output`.
-    public func flatten(origin: FilePath, to output: FilePath) throws(DeviceMapperError) {
+    /// `progress`, if given, is called every few MiB; returning false cancels the flatten
+    /// (`.cancelled`) in the same way.
+    public func flatten(origin: FilePath, to output: FilePath, progress: FlattenProgressHandler? = nil) throws(DeviceMapperError) {
         let operation = "CowFile.flatten"
         let guardFile = try openLockDescription()
         defer { system_close(guardFile) }
@@ -60,13 +62,17 @@ extension CowFile {
         }
         try checkOrigin(originFile, sizeBytes: originSize, origin: origin, operation: operation)
         let changes = ChangedChunks(store: self, originSizeBytes: originSize, origin: origin, operation: operation)
+
         // A cheap pass first, so a store that does not fit this origin fails before any copying.
-        try changes.forEachRun { _ throws(DeviceMapperError) in }
+        var changedBytes: Int64 = 0
+        try changes.forEachRun { run throws(DeviceMapperError) in changedBytes += run.byteCount }
 
         let file = try TemporaryOutputFile(destination: output, operation: operation)
         do throws(DeviceMapperError) {
-            try copyOrigin(originFile, origin: origin, sizeBytes: originSize, isRegularFile: originIsRegularFile, to: file)
-            let copier = RangeCopier(source: self.file.descriptor, sourcePath: path, truncationCode: .invalidCowStore, output: file)
+            let meter = FlattenMeter(totalBytes: originSize + changedBytes, handler: progress, operation: operation)
+            try copyOrigin(originFile, origin: origin, sizeBytes: originSize, isRegularFile: originIsRegularFile, to: file, meter: meter)
+            let copier = RangeCopier(source: self.file.descriptor, sourcePath: path, truncationCode: .invalidCowStore,
+                                     output: file, meter: meter)
             try changes.forEachRun { run throws(DeviceMapperError) in
                 try copier.copy(from: run.cowOffset, to: run.originOffset, count: run.byteCount, skippingZeros: false)
             }
@@ -177,13 +183,15 @@ private struct ChangedChunks {
 /// Copies the origin into the new file: a clone where the filesystem can, else its data
 /// extents, then sets the full length so trailing holes stay holes.
 private func copyOrigin(
-    _ originFile: FileDescriptor, origin: FilePath, sizeBytes: Int64, isRegularFile: Bool, to file: TemporaryOutputFile
+    _ originFile: FileDescriptor, origin: FilePath, sizeBytes: Int64, isRegularFile: Bool, to file: TemporaryOutputFile,
+    meter: FlattenMeter
 ) throws(DeviceMapperError) {
     let outputSubject = file.temporaryPath.string
     if isRegularFile {
         switch system_ioctl(file.descriptor, CDeviceMapper_FICLONE(), originFile.rawValue, name: "FICLONE") {
         case .success:
             try system_ftruncate(file.descriptor, sizeBytes).get("ftruncate", subject: outputSubject)
+            try meter.advance(by: sizeBytes)
             return
         case .failure(let errno) where isCloneUnsupported(errno):
             break  // Another filesystem, or one without shared extents (ext4, tmpfs): copy.
@@ -193,7 +201,7 @@ private func copyOrigin(
         }
     }
 
-    let copier = RangeCopier(source: originFile, sourcePath: origin, truncationCode: .invalidArgument, output: file)
+    let copier = RangeCopier(source: originFile, sourcePath: origin, truncationCode: .invalidArgument, output: file, meter: meter)
     if !isRegularFile {
         // Block devices know no holes (SEEK_DATA finds data everywhere) and refuse
         // copy_file_range: read it all, and leave zero blocks unwritten.
@@ -208,6 +216,7 @@ private func copyOrigin(
             case .failure(.noSuchAddressOrDevice): dataStart = sizeBytes  // Only a hole is left.
             case .failure(let errno): throw DeviceMapperError.syscall("lseek(SEEK_DATA)", errno, subject: origin.string)
             }
+            try meter.advance(by: min(dataStart, sizeBytes) - position)  // The hole before the data.
             guard dataStart < sizeBytes else { break }
             let dataEnd: Int64
             switch system_lseek(originFile, dataStart, SEEK_HOLE) {
@@ -244,19 +253,23 @@ private final class RangeCopier {
     /// The code to throw when the source ends early: it shrank after it was checked.
     let truncationCode: DeviceMapperError.Code
     let output: TemporaryOutputFile
+    let meter: FlattenMeter
     var useCopyFileRange = true
     /// Allocated on the first buffered copy, and kept for the next ones.
     private var buffer: UnsafeMutableRawBufferPointer?
 
-    /// The most one `copy_file_range` asks for.
-    static let stepBytes: Int64 = 1 << 30
+    /// The most one `copy_file_range` asks for: small enough that progress and
+    /// cancellation come every few seconds even on a slow disk.
+    static let stepBytes: Int64 = 64 << 20
     static let bufferBytes = 1 << 20
 
-    init(source: FileDescriptor, sourcePath: FilePath, truncationCode: DeviceMapperError.Code, output: TemporaryOutputFile) {
+    init(source: FileDescriptor, sourcePath: FilePath, truncationCode: DeviceMapperError.Code, output: TemporaryOutputFile,
+         meter: FlattenMeter) {
         self.source = source
         self.sourcePath = sourcePath
         self.truncationCode = truncationCode
         self.output = output
+        self.meter = meter
     }
 
     deinit { buffer?.deallocate() }
@@ -273,6 +286,7 @@ private final class RangeCopier {
                 throw sourceEnded(at: sourceOffset + done)
             case .success(let copied):
                 done += Int64(copied)
+                try meter.advance(by: Int64(copied))
             case .failure(let errno) where isCopyFileRangeUnsupported(errno):
                 useCopyFileRange = false
             case .failure(let errno):
@@ -298,6 +312,7 @@ private final class RangeCopier {
                                 subject: output.temporaryPath.string)
             }
             done += Int64(step)
+            try meter.advance(by: Int64(step))
         }
     }
 

@@ -22,13 +22,17 @@ extension SnapshotDevice {
     /// written under a temporary name beside `output`, flushed, and renamed into place:
     /// a failure never leaves a partial image at `output`. Fails with `.fileExists` if
     /// `output` exists. Stop writers first (a running guest changes the device under the copy).
-    public func flatten(to output: FilePath) throws(DeviceMapperError) {
+    ///
+    /// `progress`, if given, is called after each block; returning false cancels the
+    /// flatten (`.cancelled`), and nothing is left at or beside `output`.
+    public func flatten(to output: FilePath, progress: FlattenProgressHandler? = nil) throws(DeviceMapperError) {
         let device = try openForDirectRead(devicePath)
         defer { system_close(device) }
         let sizeBytes = try blockDeviceSizeBytes(descriptor: device, subject: devicePath.string)
         let file = try TemporaryOutputFile(destination: output, operation: "SnapshotDevice.flatten")
         do throws(DeviceMapperError) {
-            try copySparsely(from: device, subject: devicePath.string, sizeBytes: sizeBytes, to: file)
+            let meter = FlattenMeter(totalBytes: sizeBytes, handler: progress, operation: "SnapshotDevice.flatten")
+            try copySparsely(from: device, subject: devicePath.string, sizeBytes: sizeBytes, to: file, meter: meter)
             try file.commit(operation: "SnapshotDevice.flatten")
         } catch {
             file.discard()
@@ -53,7 +57,7 @@ private func openForDirectRead(_ path: FilePath) throws(DeviceMapperError) -> Fi
 /// Copies `sizeBytes` from `source` into `file`, skipping all-zero 4 KiB blocks, and
 /// sets the file's length so trailing zeros are a hole too.
 private func copySparsely(
-    from source: FileDescriptor, subject: String, sizeBytes: Int64, to file: TemporaryOutputFile
+    from source: FileDescriptor, subject: String, sizeBytes: Int64, to file: TemporaryOutputFile, meter: FlattenMeter
 ) throws(DeviceMapperError) {
     let blockSize = SnapshotDevice.flattenReadSizeBytes
     let granule = SnapshotDevice.holeGranularityBytes
@@ -84,6 +88,7 @@ private func copySparsely(
         }
         offset += Int64(wanted)
         testHook(.afterFlattenBlock)
+        try meter.advance(by: Int64(wanted))
     }
     try system_ftruncate(file.descriptor, sizeBytes).get("ftruncate", subject: file.temporaryPath.string)
 }

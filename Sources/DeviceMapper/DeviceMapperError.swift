@@ -21,6 +21,7 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
             case cowStoreInUse
             case originMismatch
             case deviceNotOwned
+            case cancelled
             case loopDeviceUnavailable
             case unexpectedKernelOutput
         }
@@ -54,6 +55,9 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
         /// A device-mapper device with this name exists, but this library did not make it
         /// (its UUID lacks `SnapshotDevice.uuidPrefix`); it was left alone.
         public static let deviceNotOwned = Code(storage: .deviceNotOwned)
+        /// The caller cancelled the operation (a flatten's progress handler returned false, or
+        /// its task was cancelled); what it had made was removed.
+        public static let cancelled = Code(storage: .cancelled)
         /// No free loop device could be configured after bounded retries.
         public static let loopDeviceUnavailable = Code(storage: .loopDeviceUnavailable)
         /// The kernel returned text or data this library cannot parse.
@@ -73,6 +77,7 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
             case .cowStoreInUse: "copy-on-write store in use"
             case .originMismatch: "origin mismatch"
             case .deviceNotOwned: "device not made by this library"
+            case .cancelled: "cancelled"
             case .loopDeviceUnavailable: "no loop device available"
             case .unexpectedKernelOutput: "unexpected kernel output"
             }

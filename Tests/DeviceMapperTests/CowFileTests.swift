@@ -578,6 +578,36 @@ final class CowFileTests: XCTestCase {
         }
     }
 
+    func testFlattenReportsProgressToTheTotal() throws {
+        let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
+        let store = try CowFile(path: flatten.store)
+        var reports: [FlattenProgress] = []
+        try store.flatten(origin: flatten.origin, to: path("flat.img")) { progress in
+            reports.append(progress)
+            return true
+        }
+        XCTAssertEqual(reports.last, FlattenProgress(bytesDone: (1 << 20) + store.changedBytes, bytesTotal: (1 << 20) + store.changedBytes))
+        XCTAssertEqual(reports.map(\.bytesDone), reports.map(\.bytesDone).sorted(), "never goes back")
+    }
+
+    func testCancelledFlattenLeavesNoFile() throws {
+        let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
+        let before = try directoryEntries()
+        for copyFileRange in [true, false] {
+            if !copyFileRange { FaultInjection.inject(.improperLink, into: "copy_file_range") }
+            defer { FaultInjection.clear() }
+            var calls = 0
+            assertThrows(.cancelled) {
+                try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img")) { _ in
+                    calls += 1
+                    return false
+                }
+            }
+            XCTAssertEqual(calls, 1, "stops at the first report")
+            XCTAssertEqual(try directoryEntries(), before, "no output and no temporary file")
+        }
+    }
+
     func testFlattenFailingInBufferedCopyLeavesNoFile() throws {
         let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
         let before = try directoryEntries()
