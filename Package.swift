@@ -12,6 +12,7 @@ let package = Package(
     products: [
         .library(name: "DeviceMapper", targets: ["DeviceMapper"]),
         .executable(name: "dm-bench", targets: ["dm-bench"]),
+        .executable(name: "sandbox-disk", targets: ["sandbox-disk"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -51,6 +52,17 @@ let package = Package(
             dependencies: [
                 "DeviceMapper",
                 "CBenchBaseline",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        // The operator's command line: list, status, inspect, verify, cleanup, flatten (docs/cli.md).
+        .executableTarget(
+            name: "sandbox-disk",
+            dependencies: [
+                "DeviceMapper",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
