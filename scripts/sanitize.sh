@@ -39,6 +39,9 @@ privileged_tests=(
     DeviceMapperPrivilegedTests.SnapshotLifecycleTests/testRegistrySharesByFileIdentity
     DeviceMapperPrivilegedTests.LoopDeviceTests/testConcurrentAttachesGetDistinctDevices
     DeviceMapperPrivilegedTests.AgentFlowTests/testConcurrentStartsShareOneOrigin
+    DeviceMapperPrivilegedTests.ControlPlaneTests/testSixteenThreadsOfFiftyCreateWriteRemoveCycles
+    DeviceMapperPrivilegedTests.ControlPlaneTests/testTwoImagesAttachInParallelAndOneImageOnce
+    DeviceMapperPrivilegedTests.ControlPlaneTests/testAsyncLifecycleRunsOnTheLibrarysThreads
 )
 
 verdicts=()

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdio.h>
+#include <pthread.h>
+#include <string.h>
 #include <unistd.h>
 #include "CDeviceMapperShims.h"
 
@@ -17,6 +19,13 @@ ssize_t CDeviceMapperShims_copyFileRange(int inputFD, int64_t *inputOffset,
 
 int CDeviceMapperShims_renameNoReplace(const char *from, const char *to) {
     return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE);
+}
+
+void CDeviceMapperShims_setThreadName(const char *name) {
+    char truncated[16];
+    strncpy(truncated, name, sizeof(truncated) - 1);
+    truncated[sizeof(truncated) - 1] = '\0';
+    pthread_setname_np(pthread_self(), truncated);
 }
 
 const int CDeviceMapperShims_O_DIRECT = O_DIRECT;

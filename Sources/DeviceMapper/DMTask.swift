@@ -9,6 +9,16 @@ import SystemPackage
 enum DMTaskType: Sendable {
     case create, reload, resume, remove, info, list, table, status, version
 
+    /// Whether `dm_task_run` may grow libdevmapper's process-wide ioctl buffer factor for
+    /// this task (`DM_BUFFER_FULL_FLAG` on a list, table or status), so that it must run
+    /// alone. `DM_DEVICE_VERSION` is counted in, as the first call of a process.
+    var growsIoctlBuffer: Bool {
+        switch self {
+        case .list, .table, .status, .version: true
+        case .create, .reload, .resume, .remove, .info: false
+        }
+    }
+
     var rawValue: CInt {
         switch self {
         case .create: CInt(DM_DEVICE_CREATE)
@@ -121,10 +131,11 @@ struct DMTask: ~Copyable {
     /// The corresponding C function is `dm_task_deferred_remove`.
     func setDeferredRemove() -> Bool { dm_task_deferred_remove(handle) != 0 }
 
-    /// Makes libdevmapper create the `/dev/mapper` node (where udev does not) on resume,
-    /// once the device has a table.
+    /// Tells libdevmapper that the node is added on create, so that a resume task queues
+    /// no node operation (`dm_task_run` queues one for a resume only with
+    /// `DM_ADD_NODE_ON_RESUME`, the default). The library makes the node itself.
     /// The corresponding C function is `dm_task_set_add_node`.
-    func addNodeOnResume() -> Bool { dm_task_set_add_node(handle, DM_ADD_NODE_ON_RESUME) != 0 }
+    func addNodeOnCreate() -> Bool { dm_task_set_add_node(handle, DM_ADD_NODE_ON_CREATE) != 0 }
 
     /// Issues the ioctl(s).
     /// The corresponding C function is `dm_task_run`.
@@ -187,9 +198,3 @@ struct DMTask: ~Copyable {
     }
 }
 
-/// Waits until udev has processed the events of the task that set `cookie`, then
-/// lets libdevmapper create or remove `/dev/mapper` nodes itself where udev does not.
-/// The corresponding C function is `dm_udev_wait`.
-func dmUdevWait(_ cookie: UInt32) {
-    _ = dm_udev_wait(cookie)
-}

@@ -1,7 +1,8 @@
 // Device-mapper devices by name: create with a table, remove (with bounded
-// retries on EBUSY), info, list, table and status. Each call is one or two
-// dm_task runs (DMTask.swift), serialised process-wide, with libdevmapper's
-// log lines and the kernel's errno turned into a DeviceMapperError.
+// retries on EBUSY), info, list, table and status. Each call is one or more
+// dm_task runs (DMTask.swift) under libdevmapper's shared or exclusive lock
+// (Libdevmapper.swift), with libdevmapper's log lines and the kernel's errno
+// turned into a DeviceMapperError. udev is waited for with a deadline.
 
 import CDeviceMapper
 #if canImport(Glibc)
@@ -62,14 +63,20 @@ public struct DMListedDevice: Hashable, Sendable {
     }
 }
 
-/// Only one thread at a time calls into libdevmapper: it keeps process-wide state
-/// (its list of pending `/dev/mapper` node operations, its control descriptor and
-/// its log routing) without locks of its own.
-private let libdevmapperCallLock = Locked<Void>(())
+/// How long a call waits for udev (see `DeviceMapperControl.udevTimeoutMilliseconds`).
+private let udevTimeout = Locked<UInt32>(10_000)
 
 /// Operations on device-mapper devices through `/dev/mapper/control`.
 public enum DeviceMapperControl {
     private static let logger = Logger(label: "DeviceMapper.DeviceMapperControl")
+
+    /// How long `create` waits for udev to make `/dev/mapper/<name>`, and `remove` for udev to
+    /// remove it, where udev runs; past it they fail with `.udevTimeout`. 10 s by default.
+    /// The same deadline bounds how long a udev cookie is waited for in the background.
+    public static var udevTimeoutMilliseconds: UInt32 {
+        get { udevTimeout.withLock { $0 } }
+        set { udevTimeout.withLock { $0 = max(newValue, 1) } }
+    }
 
     /// Throws `.deviceMapperUnavailable` with a plain explanation if the running kernel has
     /// no device-mapper driver; else returns. Reads `/proc/misc` and opens the control node:
@@ -94,12 +101,14 @@ public enum DeviceMapperControl {
     ///
     /// Three tasks, so that each step's errno reaches the caller (libdevmapper's
     /// one-call create-with-table loses it): `DM_DEVICE_CREATE`, `DM_DEVICE_RELOAD`
-    /// with the table, and `DM_DEVICE_RESUME` with a udev cookie. When udev runs,
-    /// `/dev/mapper/<name>` exists when this returns; when it does not, libdevmapper
-    /// makes the node itself. If the load or resume fails, the new device is removed.
+    /// with the table, and `DM_DEVICE_RESUME` with a udev cookie. `/dev/mapper/<name>`
+    /// exists when this returns: where udev runs, udev makes it and this waits for the node,
+    /// not for udev's other rules (the cookie is completed in the background); where it does
+    /// not, the library makes it. If the load or resume fails, or udev makes no node within
+    /// `udevTimeoutMilliseconds` (`.udevTimeout`), the new device is removed.
     /// A name (or `uuid`) already in use fails with `.fileExists` (`EEXIST`; the kernel says
-    /// `EBUSY`). If the new device cannot be removed after a failed load or resume, the
-    /// error's `rollbackErrors` says so: the device may still exist and hold its table's devices.
+    /// `EBUSY`). If the new device cannot be removed after a failure, the error's
+    /// `rollbackErrors` says so: the device may still exist and hold its table's devices.
     /// The corresponding ioctls are `DM_DEV_CREATE`, `DM_TABLE_LOAD` and `DM_DEV_SUSPEND`.
     @discardableResult
     public static func create(
@@ -107,8 +116,9 @@ public enum DeviceMapperControl {
         udevFlags: DMUdevFlags = .sandboxDevice
     ) throws(DeviceMapperError) -> DMDeviceInfo {
         do {
+            // The default add_node (on resume): a create queues no node operation.
             try run(.create, subject: name.rawValue) { task in
-                guard task.setName(name), task.skipOpenCount(), task.addNodeOnResume() else { return false }
+                guard task.setName(name), task.skipOpenCount() else { return false }
                 return uuid.map { task.setUUID($0) } ?? true
             } result: { _ in () }
         } catch where error.errno == .resourceBusy {
@@ -126,20 +136,33 @@ public enum DeviceMapperControl {
                 for target in targets where !task.addTarget(target) { return false }
                 return true
             } result: { _ in () }
-            let info = try run(.resume, subject: name.rawValue, udevFlags: udevFlags) { task in
-                task.setName(name) && task.skipOpenCount() && task.addNodeOnResume()
+            // "Add the node on create" on a resume: it queues no node operation either.
+            let (resumed, cookie) = try runWithCookie(.resume, subject: name.rawValue, udevFlags: udevFlags) { task in
+                task.setName(name) && task.skipOpenCount() && task.addNodeOnCreate()
             } result: { task in
                 task.info()
             }
-            guard let info else {
+            let deadline = MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds)
+            UdevCookieReaper.shared.hand(cookie, deadline: deadline)
+            guard let info = resumed else {
                 throw DeviceMapperError(code: .unexpectedKernelOutput, operation: "dm_task_get_info(DM_DEVICE_RESUME)",
                                         subject: name.rawValue, detail: "the device was created but reports no info")
+            }
+            if Libdevmapper.syncsWithUdev {
+                guard poll(until: deadline, { DeviceNodes.isPresent(name, number: info.number) }) else {
+                    throw udevDidNotAnswer(name, making: true)
+                }
+            } else {
+                try DeviceNodes.make(name, number: info.number)
             }
             return info
         } catch {
             var failure = error
             do {
                 try remove(name: name, udevFlags: udevFlags)
+            } catch let revertError where revertError.code == .udevTimeout {
+                // The device is gone, and so is its node; only udev is still silent.
+                logger.warning("removed the half-made device; udev did not answer", metadata: ["name": "\(name)"])
             } catch let revertError {
                 logger.error("could not remove the half-made device", metadata: [
                     "name": "\(name)", "error": "\(revertError)",
@@ -155,19 +178,39 @@ public enum DeviceMapperControl {
     /// the device is left as it was. A missing device fails with `.deviceNotFound`
     /// (`ENXIO`). With `deferred`, a busy device is removed by the kernel when its
     /// last opener closes it, and the call returns at once.
+    ///
+    /// `/dev/mapper/<name>` is gone when this returns: where udev runs, this waits for
+    /// udev to remove it, up to `udevTimeoutMilliseconds`, and past that removes it itself
+    /// and fails with `.udevTimeout` (the device itself is removed); where udev does not
+    /// run, the library removes it.
     /// The corresponding ioctl is `DM_DEV_REMOVE`.
     public static func remove(
         name: DeviceName, deferred: Bool = false, retry: BusyRetryPolicy = .default,
         udevFlags: DMUdevFlags = .sandboxDevice
     ) throws(DeviceMapperError) {
+        // The kernel does not report a removed device's number: take it from the node.
+        let number = DeviceNodes.currentNumber(name)
         var attempt = 1
         while true {
             testHook(.beforeDeviceRemove)
-            do {
-                try run(.remove, subject: name.rawValue, udevFlags: udevFlags) { task in
+            do throws(DeviceMapperError) {
+                let (_, cookie) = try runWithCookie(.remove, subject: name.rawValue, udevFlags: udevFlags) { task in
                     guard task.setName(name), task.skipOpenCount() else { return false }
                     return !deferred || task.setDeferredRemove()
                 } result: { _ in () }
+                let deadline = MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds)
+                UdevCookieReaper.shared.hand(cookie, deadline: deadline)
+                guard let number else { return }  // No node to wait for or remove.
+                if !Libdevmapper.syncsWithUdev {
+                    DeviceNodes.remove(name, number: number)
+                } else if !deferred {
+                    // udev removes the node once the kernel's remove event reaches it; a
+                    // deferred remove's event comes when the device really goes.
+                    guard poll(until: deadline, { !DeviceNodes.isPresent(name, number: number) }) else {
+                        DeviceNodes.remove(name, number: number)
+                        throw udevDidNotAnswer(name, making: false)
+                    }
+                }
                 return
             } catch let error where error.errno == .resourceBusy && attempt < retry.attempts {
                 logger.debug("device busy, retrying remove", metadata: ["name": "\(name)", "attempt": "\(attempt)"])
@@ -175,6 +218,22 @@ public enum DeviceMapperControl {
                 usleep(retry.intervalMicroseconds)
             }
         }
+    }
+
+    /// The error for a node udev did not make or remove in time, with how to recover.
+    private static func udevDidNotAnswer(_ name: DeviceName, making: Bool) -> DeviceMapperError {
+        let timeout = udevTimeoutMilliseconds
+        let what = making
+            ? "udev did not make \(name.devicePath) within \(timeout) ms; the device was removed again"
+            : "the device was removed, but udev did not remove \(name.devicePath) within \(timeout) ms; "
+                + "the library removed the node"
+        return DeviceMapperError(
+            code: .udevTimeout, operation: making ? "DeviceMapperControl.create" : "DeviceMapperControl.remove",
+            subject: name.rawValue, errno: .timedOut,
+            detail: what + ". /run/udev/control exists, so libdevmapper expects udev to process device-mapper events, "
+                + "but systemd-udevd did not answer. Check it (`systemctl status systemd-udevd`, `udevadm control --ping`) "
+                + "and restart it; if udev is meant to be off, remove /run/udev and restart the agent. "
+                + "The library completes stuck udev cookies after the same timeout (`dmsetup udevcookies` lists them)")
     }
 
     /// The device's state, or nil if no device has that name.
@@ -223,20 +282,41 @@ public enum DeviceMapperControl {
         } result: { task in task.targets() }
     }
 
-    /// Runs one task under the process-wide lock: create it, let `configure` set it up,
-    /// run it (with a udev cookie when `udevFlags` is given, always waited on), and
-    /// read `result` from it. Turns every failure into a `DeviceMapperError`.
+    /// Runs one task: create it, let `configure` set it up, run it, and read `result` from
+    /// it. Turns every failure into a `DeviceMapperError`. Tasks that may grow libdevmapper's
+    /// ioctl buffer (list, table, status, version) hold its exclusive lock, the others its
+    /// shared lock, so creates and removes run in parallel.
     private static func run<T>(
         _ type: DMTaskType,
         subject: String?,
-        udevFlags: DMUdevFlags? = nil,
         configure: (borrowing DMTask) -> Bool,
         result: (borrowing DMTask) -> T
     ) throws(DeviceMapperError) -> T {
-        LibdevmapperLog.installed
-        let outcome: Result<T, DeviceMapperError> = libdevmapperCallLock.withLock { _ in
-            _ = LibdevmapperLog.drainCaptured()
-            let operation = "dm_task_run(\(type.name))"
+        try runWithCookie(type, subject: subject, udevFlags: nil, configure: configure, result: result).value
+    }
+
+    /// `run`, with a udev cookie when `udevFlags` is given. The cookie carries
+    /// `DM_UDEV_DISABLE_LIBRARY_FALLBACK`, so libdevmapper queues no node operation: the
+    /// caller waits for what it needs and hands the cookie (0 when udev does not run) to
+    /// `UdevCookieReaper`. A failed run's cookie is handed over here.
+    private static func runWithCookie<T>(
+        _ type: DMTaskType,
+        subject: String?,
+        udevFlags: DMUdevFlags?,
+        configure: (borrowing DMTask) -> Bool,
+        result: (borrowing DMTask) -> T
+    ) throws(DeviceMapperError) -> (value: T, cookie: UInt32) {
+        let operation = "dm_task_run(\(type.name))"
+        guard Libdevmapper.initialize() else {
+            var error = unavailabilityError(operation: operation)
+                ?? DeviceMapperError(code: .deviceMapperCallFailed, operation: operation, subject: subject,
+                                     detail: "libdevmapper cannot reach the kernel's device-mapper driver")
+            error.subject = subject
+            throw error
+        }
+        let body = { () -> Result<(value: T, cookie: UInt32), DeviceMapperError> in
+            LibdevmapperLog.beginCapture()
+            defer { LibdevmapperLog.endCapture() }
             guard let task = DMTask(type) else {
                 let messages = LibdevmapperLog.drainCaptured()
                 var error = unavailabilityError(operation: "dm_task_create(\(type.name))")
@@ -247,7 +327,7 @@ public enum DeviceMapperControl {
                 return .failure(error)
             }
             if let fault = injectedFault("dm_task_run(\(type.name))") {
-                // A forced failure, before any udev cookie exists (one set must be waited on).
+                // A forced failure, before any udev cookie exists.
                 return .failure(DeviceMapperError(
                     code: DeviceMapperError.code(for: fault), operation: operation, subject: subject, errno: fault))
             }
@@ -257,11 +337,18 @@ public enum DeviceMapperControl {
                     errno: .noMemory, libdevmapperMessages: LibdevmapperLog.drainCaptured()))
             }
             var cookie: UInt32 = 0
-            let cookieSet = udevFlags.map { task.setCookie(&cookie, flags: $0.rawValue) } ?? false
-            let succeeded = task.run()
-            // Always waited on once set, even after a failed run: libdevmapper's rule.
-            if cookieSet { dmUdevWait(cookie) }
-            if succeeded { return .success(result(task)) }
+            if let udevFlags {
+                let flags = udevFlags.rawValue | UInt16(DM_UDEV_DISABLE_LIBRARY_FALLBACK)
+                guard task.setCookie(&cookie, flags: flags) else {
+                    return .failure(DeviceMapperError(
+                        code: .deviceMapperCallFailed, operation: "dm_task_set_cookie(\(type.name))", subject: subject,
+                        detail: "libdevmapper could not make a udev cookie (a System V semaphore: see /proc/sys/kernel/sem)",
+                        libdevmapperMessages: LibdevmapperLog.drainCaptured()))
+                }
+            }
+            if task.run() { return .success((result(task), cookie)) }
+            // dm_task_run completed the cookie on failure; it is still to be destroyed.
+            UdevCookieReaper.shared.hand(cookie, deadline: MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds))
             let errno = task.errno
             var error = DeviceMapperError(
                 code: errno.map(DeviceMapperError.code(for:)) ?? .deviceMapperCallFailed,
@@ -275,6 +362,7 @@ public enum DeviceMapperControl {
             }
             return .failure(error)
         }
+        let outcome = type.growsIoctlBuffer ? Libdevmapper.withExclusiveLock(body) : Libdevmapper.withSharedLock(body)
         return try outcome.get()
     }
 

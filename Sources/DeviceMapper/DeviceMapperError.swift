@@ -22,6 +22,7 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
             case originMismatch
             case deviceNotOwned
             case cancelled
+            case udevTimeout
             case loopDeviceUnavailable
             case unexpectedKernelOutput
         }
@@ -58,6 +59,9 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
         /// The caller cancelled the operation (a flatten's progress handler returned false, or
         /// its task was cancelled); what it had made was removed.
         public static let cancelled = Code(storage: .cancelled)
+        /// udev did not process a device's event in time (`DeviceMapperControl.udevTimeoutMilliseconds`):
+        /// systemd-udevd is stopped, restarting or stuck. The detail says what was undone.
+        public static let udevTimeout = Code(storage: .udevTimeout)
         /// No free loop device could be configured after bounded retries.
         public static let loopDeviceUnavailable = Code(storage: .loopDeviceUnavailable)
         /// The kernel returned text or data this library cannot parse.
@@ -78,6 +82,7 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
             case .originMismatch: "origin mismatch"
             case .deviceNotOwned: "device not made by this library"
             case .cancelled: "cancelled"
+            case .udevTimeout: "udev did not answer in time"
             case .loopDeviceUnavailable: "no loop device available"
             case .unexpectedKernelOutput: "unexpected kernel output"
             }

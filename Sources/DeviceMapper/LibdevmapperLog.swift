@@ -2,6 +2,11 @@
 // reaches stderr: every line goes to a Logger, and the error and warning lines
 // of a call in progress are kept to be attached to the error it throws.
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import CDeviceMapperShims
 import Logging
 
@@ -9,9 +14,9 @@ enum LibdevmapperLog {
     /// The logger libdevmapper's lines go to.
     static let logger = Logger(label: "DeviceMapper.libdevmapper")
 
-    /// Error and warning lines since the last `drainCaptured()`. Only the holder of
-    /// `libdevmapperCallLock` calls into libdevmapper, so these belong to its call.
-    private static let captured = Locked<[String]>([])
+    /// Error and warning lines of the calls in progress, per thread: libdevmapper logs on
+    /// the calling thread, and calls run on many threads at once.
+    private static let captured = Locked<[pthread_t: [String]]>([:])
 
     /// Installs the trampoline once per process, before the first libdevmapper call.
     static let installed: Void = {
@@ -28,7 +33,8 @@ enum LibdevmapperLog {
         let text = String(cString: message)
         let severity = level & 0x7  // High bits carry _LOG_STDERR and _LOG_ONCE.
         if severity <= 4 {
-            captured.withLock { $0.append(text) }
+            let thread = pthread_self()
+            captured.withLock { lines in lines[thread]?.append(text) }
         }
         // The caller gets error and warning lines inside the error it catches, and logs
         // that as it sees fit; logging them loudly here too would say everything twice.
@@ -41,11 +47,24 @@ enum LibdevmapperLog {
         }
     }
 
-    /// Takes the lines captured since the last call.
+    /// Starts keeping this thread's error and warning lines.
+    static func beginCapture() {
+        let thread = pthread_self()
+        captured.withLock { $0[thread] = [] }
+    }
+
+    /// Takes this thread's lines since `beginCapture()`, and keeps going.
     static func drainCaptured() -> [String] {
-        captured.withLock { lines in
-            defer { lines.removeAll(keepingCapacity: true) }
-            return lines
+        let thread = pthread_self()
+        return captured.withLock { lines in
+            defer { lines[thread] = [] }
+            return lines[thread] ?? []
         }
+    }
+
+    /// Stops keeping this thread's lines, and drops them.
+    static func endCapture() {
+        let thread = pthread_self()
+        captured.withLock { _ = $0.removeValue(forKey: thread) }
     }
 }

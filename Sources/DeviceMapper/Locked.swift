@@ -19,6 +19,7 @@ import Musl
 /// a race (Swift 6.3, Linux); through a pointer it reports nothing, and still sees real races.
 final class Locked<Value>: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
     private let value: UnsafeMutablePointer<Value>
 
     init(_ initialValue: Value) {
@@ -28,9 +29,15 @@ final class Locked<Value>: @unchecked Sendable {
         mutex.initialize(to: pthread_mutex_t())
         let result = pthread_mutex_init(mutex, nil)
         precondition(result == 0, "pthread_mutex_init failed with \(result)")
+        condition = .allocate(capacity: 1)
+        condition.initialize(to: pthread_cond_t())
+        let conditionResult = pthread_cond_init(condition, nil)
+        precondition(conditionResult == 0, "pthread_cond_init failed with \(conditionResult)")
     }
 
     deinit {
+        pthread_cond_destroy(condition)
+        condition.deallocate()
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
         value.deinitialize(count: 1)
@@ -42,5 +49,58 @@ final class Locked<Value>: @unchecked Sendable {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value.pointee)
+    }
+}
+
+extension Locked {
+    /// Runs `body` under the lock until it returns a value, waiting on the lock's condition
+    /// (and so releasing the lock) while it returns nil. Another thread's `broadcast()`
+    /// after it changes the value wakes the waiters to look again.
+    /// The corresponding C functions are `pthread_mutex_lock` and `pthread_cond_wait`.
+    func waitForResult<Result>(_ body: (inout Value) -> Result?) -> Result {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while true {
+            if let result = body(&value.pointee) { return result }
+            pthread_cond_wait(condition, mutex)
+        }
+    }
+
+    /// Wakes every thread waiting in `waitForResult(_:)`.
+    /// The corresponding C function is `pthread_cond_broadcast`.
+    func broadcast() {
+        pthread_cond_broadcast(condition)
+    }
+}
+
+/// A reader-writer lock: many holders in shared mode, or one in exclusive mode. A
+/// `pthread_rwlock_t`, which ThreadSanitizer sees, like `Locked`'s mutex.
+final class ReadWriteLock: @unchecked Sendable {
+    private let lock: UnsafeMutablePointer<pthread_rwlock_t>
+
+    init() {
+        lock = .allocate(capacity: 1)
+        lock.initialize(to: pthread_rwlock_t())
+        let result = pthread_rwlock_init(lock, nil)
+        precondition(result == 0, "pthread_rwlock_init failed with \(result)")
+    }
+
+    deinit {
+        pthread_rwlock_destroy(lock)
+        lock.deallocate()
+    }
+
+    /// Runs `body` holding the lock shared (`pthread_rwlock_rdlock`).
+    func withSharedLock<Result, E: Error>(_ body: () throws(E) -> Result) throws(E) -> Result {
+        pthread_rwlock_rdlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
+    }
+
+    /// Runs `body` holding the lock exclusively (`pthread_rwlock_wrlock`).
+    func withExclusiveLock<Result, E: Error>(_ body: () throws(E) -> Result) throws(E) -> Result {
+        pthread_rwlock_wrlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
     }
 }

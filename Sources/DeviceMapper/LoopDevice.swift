@@ -127,6 +127,7 @@ func attachLoopDevice(
         case .failure(let errno):
             throw DeviceMapperError.syscall("open", errno, subject: path.string)
         }
+        testHook(.beforeLoopConfigure)
         let configured = configure(loop: loop, backing: backing, backingFile: backingFile, readOnly: readOnly, method: method)
         switch configured {
         case .success:

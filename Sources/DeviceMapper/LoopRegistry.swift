@@ -33,7 +33,13 @@ public final class LoopRegistry: Sendable {
         deinit { OriginFingerprints.forget(loop.device.number) }
     }
 
-    private let entries = Locked<[FileIdentity: Entry]>([:])
+    private struct State {
+        var entries: [FileIdentity: Entry] = [:]
+        /// Images being attached right now, by a thread that holds no lock meanwhile.
+        var attaching: Set<FileIdentity> = []
+    }
+
+    private let state = Locked(State())
     private let logger: Logger
 
     public init(logger: Logger = Logger(label: "DeviceMapper.LoopRegistry")) {
@@ -53,27 +59,44 @@ public final class LoopRegistry: Sendable {
         try Self.validateImage(status, path: imagePath)
         let identity = FileIdentity(status)
 
-        let result: Result<LoopDevice, DeviceMapperError> = entries.withLock { entries in
-            if let entry = entries[identity] {
+        // Reuse the attached device; wait while another thread attaches this image; or
+        // claim the attach. The lock is never held across an attach and its backoff, so
+        // different images attach in parallel; one image is attached once.
+        let reused: LoopDevice? = state.waitForResult { state -> LoopDevice?? in
+            if let entry = state.entries[identity] {
                 entry.referenceCount += 1
                 entry.paths.insert(imagePath)
                 logger.debug("reusing origin loop device", metadata: [
                     "image": "\(imagePath)", "device": "\(entry.loop.device)", "references": "\(entry.referenceCount)",
                 ])
-                return .success(entry.loop.device)
+                return .some(entry.loop.device)
             }
-            do throws(DeviceMapperError) {
-                let entry = Entry(loop: try attachLoopDevice(backing: image, backingFile: imagePath, readOnly: true), path: imagePath)
-                entries[identity] = entry
-                logger.info("origin loop device attached", metadata: [
-                    "image": "\(imagePath)", "device": "\(entry.loop.device)",
-                ])
-                return .success(entry.loop.device)
-            } catch {
-                return .failure(error)
-            }
+            if state.attaching.contains(identity) { return nil }  // Wait: its attach is bounded.
+            state.attaching.insert(identity)
+            return .some(nil)
         }
-        return try result.get().path
+        if let reused { return reused.path }
+
+        let attached: Result<OpenLoopDevice, DeviceMapperError>
+        do throws(DeviceMapperError) {
+            attached = .success(try attachLoopDevice(backing: image, backingFile: imagePath, readOnly: true))
+        } catch {
+            attached = .failure(error)
+        }
+        defer { state.broadcast() }
+        switch consume attached {
+        case .success(let loop):
+            let entry = Entry(loop: loop, path: imagePath)
+            state.withLock { state in
+                state.attaching.remove(identity)
+                state.entries[identity] = entry
+            }
+            logger.info("origin loop device attached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
+            return entry.loop.device.path
+        case .failure(let error):
+            state.withLock { _ = $0.attaching.remove(identity) }
+            throw error
+        }
     }
 
     /// Drops one reference to the image's device; the last one closes it, and the
@@ -84,8 +107,8 @@ public final class LoopRegistry: Sendable {
     /// nothing but log a warning.
     public func release(imagePath: FilePath) {
         let identity = currentIdentity(imagePath)
-        entries.withLock { entries in
-            guard let key = Self.key(for: imagePath, identity: identity, in: entries), let entry = entries[key] else {
+        state.withLock { state in
+            guard let key = Self.key(for: imagePath, identity: identity, in: state.entries), let entry = state.entries[key] else {
                 logger.warning("release of an image that holds no reference", metadata: ["image": "\(imagePath)"])
                 return
             }
@@ -96,16 +119,16 @@ public final class LoopRegistry: Sendable {
                 ])
                 return
             }
-            entries[key] = nil  // The last reference to the entry: its descriptor closes here.
+            state.entries[key] = nil  // The last reference to the entry: its descriptor closes here.
             logger.info("origin loop device detached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
         }
     }
 
     /// Releases every device, whatever its count: for the agent's shutdown.
     public func releaseAll() {
-        let released = entries.withLock { entries in
-            defer { entries.removeAll() }
-            return Array(entries.values)
+        let released = state.withLock { state in
+            defer { state.entries.removeAll() }
+            return Array(state.entries.values)
         }
         for entry in released {
             logger.info("origin loop device detached", metadata: [
@@ -120,8 +143,8 @@ public final class LoopRegistry: Sendable {
     /// replaced), this answers for that earlier image, as `release` would.
     public func referenceCount(imagePath: FilePath) -> Int {
         let identity = currentIdentity(imagePath)
-        return entries.withLock { entries in
-            Self.key(for: imagePath, identity: identity, in: entries).flatMap { entries[$0]?.referenceCount } ?? 0
+        return state.withLock { state in
+            Self.key(for: imagePath, identity: identity, in: state.entries).flatMap { state.entries[$0]?.referenceCount } ?? 0
         }
     }
 

@@ -187,3 +187,28 @@ func system_fsetxattr(_ fd: FileDescriptor, _ name: String, _ value: [UInt8]) ->
         valueOrErrno { fsetxattr(fd.rawValue, name, bytes.baseAddress, bytes.count, 0) }
     }.map { _ in () }
 }
+
+/// Makes a device node. The corresponding C function is `mknod`.
+func system_mknod(_ path: FilePath, _ mode: mode_t, _ device: DeviceNumber) -> Result<Void, Errno> {
+    if let fault = injectedFault("mknod") { return .failure(fault) }
+    return path.withPlatformString { cPath in
+        valueOrErrno { mknod(cPath, mode, dev_t(device.rawValue)) }
+    }.map { _ in () }
+}
+
+/// The corresponding C function is `mkdir`.
+func system_mkdir(_ path: FilePath, _ mode: mode_t) -> Result<Void, Errno> {
+    if let fault = injectedFault("mkdir") { return .failure(fault) }
+    return path.withPlatformString { cPath in
+        valueOrErrno { mkdir(cPath, mode) }
+    }.map { _ in () }
+}
+
+/// `stat` without following a final symlink. The corresponding C function is `lstat`.
+func system_lstat(_ path: FilePath) -> Result<stat, Errno> {
+    if let fault = injectedFault("lstat") { return .failure(fault) }
+    var status = stat()
+    return path.withPlatformString { cPath in
+        valueOrErrno { lstat(cPath, &status) }
+    }.map { _ in status }
+}

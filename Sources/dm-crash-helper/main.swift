@@ -7,11 +7,19 @@
 //                           [--block N] [--write DATA_FILE@OFFSET]...
 //   dm-crash-helper list-owned PREFIX
 //   dm-crash-helper remove NAME
+//   dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS
 //
 // `list-owned` and `remove` play an agent that restarted: a fresh process that adopts the
 // live devices the library made. `list-owned` prints one line per owned device whose name
 // starts with PREFIX: `NAME<tab>COWPATH<tab>COWLOOP<tab>OPENCOUNT`. `remove` adopts NAME and
 // removes it. Both exit 0 on success and 1 with the error on stderr.
+//
+// `udev-probe` runs one DeviceMapperControl call in a fresh process, so that libdevmapper
+// decides afresh whether udev runs: `create` makes a 8-sector `zero` device, `remove`
+// removes device NAME, with DeviceMapperControl.udevTimeoutMilliseconds = TIMEOUT_MS. It
+// then waits (up to 3 x TIMEOUT_MS) for the library to finish with every udev cookie, and
+// prints `result=ok` or `result=<error code>`, `exists=0|1`, `node=0|1` (whether
+// /dev/mapper/NAME is there) and `pending_cookies=N`, one per line. Exit 0.
 //
 // Each command acquires ORIGIN_IMAGE through a LoopRegistry, as the agent does.
 // `flatten` creates a snapshot with a new CoW file, writes each DATA_FILE's bytes to the
@@ -58,6 +66,7 @@ func usage() -> Never {
           dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock [--block N] [--write FILE@OFFSET]...
           dm-crash-helper list-owned PREFIX
           dm-crash-helper remove NAME
+          dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS
         """, status: 2)
 }
 
@@ -127,6 +136,35 @@ func runAdoption(_ arguments: [String]) -> Never {
         fail("\(arguments[0]) failed: \(error)", status: 1)
     }
     exit(0)
+}
+
+/// `udev-probe`: one create or remove under a chosen udev timeout, and what it left.
+func runUdevProbe(_ arguments: [String]) -> Never {
+    guard arguments.count == 4, ["create", "remove"].contains(arguments[1]), let timeout = UInt32(arguments[3]),
+          let name = try? DeviceName(arguments[2])
+    else { usage() }
+    DeviceMapperControl.udevTimeoutMilliseconds = timeout
+    var result = "ok"
+    do {
+        if arguments[1] == "create" {
+            try DeviceMapperControl.create(name: name, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
+        } else {
+            try DeviceMapperControl.remove(name: name)
+        }
+    } catch {
+        result = "\(error.code)"
+        emit("\(error)\n", to: STDERR_FILENO)
+    }
+    let exists = (try? DeviceMapperControl.exists(name: name)) ?? false
+    var status = stat()
+    let node = lstat(name.devicePath, &status) == 0
+    let idle = udevCookiesSettled(timeoutMilliseconds: timeout * 3)
+    emit("result=\(result)\nexists=\(exists ? 1 : 0)\nnode=\(node ? 1 : 0)\npending_cookies=\(idle ? 0 : 1)\n", to: STDOUT_FILENO)
+    exit(0)
+}
+
+if let command = CommandLine.arguments.dropFirst().first, command == "udev-probe" {
+    runUdevProbe(Array(CommandLine.arguments.dropFirst()))
 }
 
 if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove"].contains(command) {

@@ -24,6 +24,10 @@ ssize_t CDeviceMapperShims_copyFileRange(int inputFD, int64_t *inputOffset,
 /// instead of replacing `to`. Returns 0, or -1 with errno set.
 int CDeviceMapperShims_renameNoReplace(const char *from, const char *to);
 
+/// Names the calling thread (at most 15 bytes are kept), for `ps -L` and debuggers:
+/// `pthread_setname_np`, which glibc declares only under `_GNU_SOURCE`.
+void CDeviceMapperShims_setThreadName(const char *name);
+
 /// `O_DIRECT`, which glibc defines only under `_GNU_SOURCE`.
 extern const int CDeviceMapperShims_O_DIRECT;
 

@@ -1,0 +1,116 @@
+// `/dev/mapper/NAME`: made and removed by the library where udev does not sync with
+// libdevmapper, and waited for (with a deadline) where it does.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Logging
+import SystemPackage
+
+/// The device nodes in `/dev/mapper`.
+///
+/// libdevmapper would queue its node operations on a process-wide list that only one
+/// thread may touch; the library's tasks queue none (see docs/architecture.md), so where
+/// udev does not make the nodes the library makes them here. Each change is atomic: a new
+/// node is made under a temporary name and renamed into place, and a node is removed only
+/// if it is still the removed device's. Calls for the same name are serialised by one of
+/// a fixed set of locks, chosen by the name's hash.
+enum DeviceNodes {
+    static let directory: FilePath = "/dev/mapper"
+    private static let logger = Logger(label: "DeviceMapper.DeviceNodes")
+    private static let nameLocks = (0..<32).map { _ in Locked<Void>(()) }
+
+    private static func lock(for name: DeviceName) -> Locked<Void> {
+        var hasher = Hasher()
+        hasher.combine(name.rawValue)
+        return nameLocks[Int(UInt(bitPattern: hasher.finalize()) % UInt(nameLocks.count))]
+    }
+
+    /// Makes `/dev/mapper/<name>` a block device node for `number` (mode 0600, as
+    /// libdevmapper makes them), replacing whatever stale node had that name.
+    /// The corresponding C functions are `mkdir`, `mknod` and `rename`.
+    static func make(_ name: DeviceName, number: DeviceNumber) throws(DeviceMapperError) {
+        let path = FilePath(name.devicePath)
+        try lock(for: name).withLock { _ throws(DeviceMapperError) in
+            switch system_mkdir(directory, 0o755) {
+            case .success, .failure(.fileExists): break
+            case .failure(let errno): throw DeviceMapperError.syscall("mkdir", errno, subject: directory.string)
+            }
+            let temporary = directory.appending(".\(name.rawValue.prefix(100)).node-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+            try system_mknod(temporary, S_IFBLK | 0o600, number).get("mknod", subject: temporary.string)
+            if case .failure(let errno) = system_rename(temporary, path) {
+                _ = system_unlink(temporary)
+                throw DeviceMapperError.syscall("rename", errno, subject: path.string)
+            }
+        }
+    }
+
+    /// Removes `/dev/mapper/<name>` if it is a node of device `number` (or a symlink to one
+    /// that no longer resolves), and leaves anything else alone.
+    /// The corresponding C functions are `lstat`, `stat` and `unlink`.
+    static func remove(_ name: DeviceName, number: DeviceNumber) {
+        let path = FilePath(name.devicePath)
+        lock(for: name).withLock { _ in
+            guard case .success(let link) = system_lstat(path) else { return }
+            let kind = link.st_mode & S_IFMT
+            let target: DeviceNumber?
+            if kind == S_IFBLK {
+                target = DeviceNumber(rawValue: UInt64(link.st_rdev))
+            } else if kind == S_IFLNK {
+                guard case .success(let resolved) = system_stat(path) else {
+                    _ = system_unlink(path)  // A dangling symlink: its device is gone.
+                    return
+                }
+                target = DeviceNumber(rawValue: UInt64(resolved.st_rdev))
+            } else {
+                return
+            }
+            if target == number {
+                _ = system_unlink(path)
+            }
+        }
+    }
+
+    /// The device `/dev/mapper/<name>` resolves to, if it is a block device.
+    static func currentNumber(_ name: DeviceName) -> DeviceNumber? {
+        guard case .success(let status) = system_stat(FilePath(name.devicePath)), (status.st_mode & S_IFMT) == S_IFBLK
+        else { return nil }
+        return DeviceNumber(rawValue: UInt64(status.st_rdev))
+    }
+
+    /// Whether `/dev/mapper/<name>` resolves to device `number`.
+    static func isPresent(_ name: DeviceName, number: DeviceNumber) -> Bool {
+        currentNumber(name) == number
+    }
+}
+
+/// A point in time on the monotonic clock, for deadlines.
+struct MonotonicInstant: Comparable {
+    let nanoseconds: UInt64
+
+    static func now() -> MonotonicInstant {
+        var time = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &time)
+        return MonotonicInstant(nanoseconds: UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec))
+    }
+
+    func adding(milliseconds: UInt32) -> MonotonicInstant {
+        MonotonicInstant(nanoseconds: nanoseconds + UInt64(milliseconds) * 1_000_000)
+    }
+
+    static func < (lhs: MonotonicInstant, rhs: MonotonicInstant) -> Bool { lhs.nanoseconds < rhs.nanoseconds }
+}
+
+/// Polls `condition` until it holds or `deadline` passes, sleeping 0.2 ms at first and
+/// doubling up to 10 ms. Returns whether it held.
+func poll(until deadline: MonotonicInstant, _ condition: () -> Bool) -> Bool {
+    var pause: UInt32 = 200
+    while true {
+        if condition() { return true }
+        if MonotonicInstant.now() >= deadline { return condition() }
+        usleep(pause)
+        pause = min(pause * 2, 10_000)
+    }
+}

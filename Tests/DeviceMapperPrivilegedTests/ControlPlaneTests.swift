@@ -1,0 +1,313 @@
+import DeviceMapper
+import Foundation
+import SystemPackage
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The control plane at host scale: many threads at once, nodes the library owns, udev
+/// off the critical path and never a hang, the registry's attach outside its lock, and
+/// the async API. Run in the rig's plain and `--udev` runs, and the stress test under TSan.
+final class ControlPlaneTests: PrivilegedTestCase {
+    let imageSize = 4 << 20
+
+    // MARK: - Many threads
+
+    /// 16 threads, 50 create/write/remove cycles each, on one shared origin. After every
+    /// create the node must be a block device of the new device; after every remove gone.
+    func testSixteenThreadsOfFiftyCreateWriteRemoveCycles() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 1)
+        let origin = try registry.acquire(imagePath: image)
+        let threads = 16, cycles = 50
+        let failures = Failures()
+        let payload = pseudoRandomBytes(count: 4096, seed: 2)
+        let prefix = self.prefix, directory = self.directory, imageSize = self.imageSize
+        DispatchQueue.concurrentPerform(iterations: threads) { thread in
+            for cycle in 0..<cycles {
+                let name = prefix + "t\(thread)-c\(cycle)"
+                let cow = directory.appending("t\(thread)-c\(cycle).cow")
+                do {
+                    let snapshot = try SnapshotDevice.create(name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+                    let info = try DeviceMapperControl.info(name: DeviceName(name))
+                    var status = stat()
+                    if stat(snapshot.devicePath.string, &status) != 0 || status.st_mode & S_IFMT != S_IFBLK
+                        || DeviceNumber(rawValue: UInt64(status.st_rdev)) != info?.number {
+                        failures.add("\(name): no node of \(String(describing: info?.number)) at \(snapshot.devicePath) after create")
+                    }
+                    let fd = try FileDescriptor.open(snapshot.devicePath, .readWrite)
+                    _ = try fd.closeAfter { try payload.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: Int64(cycle) * 4096, $0) } }
+                    try snapshot.remove()
+                    if lstat(snapshot.devicePath.string, &status) == 0 {
+                        failures.add("\(name): node still there after remove")
+                    }
+                    unlink(cow.string)
+                } catch {
+                    failures.add("\(name): \(error)")
+                }
+            }
+        }
+        XCTAssertEqual(failures.all, [])
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
+    /// With udev running, every create and remove makes a udev cookie (a System V
+    /// semaphore); the library completes them in the background. None may be left.
+    func testAThousandCyclesLeaveNoUdevSemaphore() throws {
+        let before = try semaphoreCount()
+        let zero = DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")
+        for cycle in 0..<1000 {
+            let name = try DeviceName(deviceName("sem\(cycle)"))
+            try DeviceMapperControl.create(name: name, targets: [zero])
+            try DeviceMapperControl.remove(name: name, retry: .none)  // An immediate remove: no EBUSY.
+        }
+        XCTAssertTrue(eventually(30) { (try? self.semaphoreCount()) == before }, "System V semaphores: \(before) before, \((try? semaphoreCount()) ?? -1) after")
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+    }
+
+    // MARK: - udev that does not answer
+
+    /// udev looks alive (`/run/udev/control` exists) but does not answer: in the `--udev`
+    /// run systemd-udevd is stopped with SIGSTOP; in the plain run a fake control file
+    /// stands in. A fresh process (libdevmapper decides once per process whether udev runs)
+    /// then creates and removes: each returns within the deadline with `.udevTimeout`, the
+    /// half-made device is gone, and every udev semaphore is destroyed.
+    func testCreateAndRemoveNeverHangWhenUdevDoesNotAnswer() throws {
+        let semaphoresBefore = try semaphoreCount()
+        let survivor = try DeviceName(deviceName("survivor"))
+        try DeviceMapperControl.create(name: survivor, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
+        var survivorRemoved = false
+        defer { if !survivorRemoved { try? DeviceMapperControl.remove(name: survivor) } }
+
+        let silence = try UdevSilence()
+        defer { silence.end() }
+        let started = Date()
+        let create = try udevProbe("create", deviceName("silent"))
+        XCTAssertEqual(create["result"], "udev did not answer in time", "\(create)")
+        XCTAssertEqual(create["exists"], "0", "the half-made device is removed again")
+        XCTAssertEqual(create["node"], "0")
+        XCTAssertEqual(create["pending_cookies"], "0")
+
+        let remove = try udevProbe("remove", survivor.rawValue)
+        XCTAssertEqual(remove["result"], "udev did not answer in time", "\(remove)")
+        XCTAssertEqual(remove["exists"], "0", "the device itself is removed")
+        XCTAssertEqual(remove["node"], "0", "the library removed the node udev did not")
+        XCTAssertEqual(remove["pending_cookies"], "0")
+        survivorRemoved = true
+        XCTAssertLessThan(Date().timeIntervalSince(started), 120, "bounded by the deadlines, not hung")
+        silence.end()
+        XCTAssertTrue(eventually(10) { (try? self.semaphoreCount()) == semaphoresBefore },
+                      "no udev semaphore leaked: \(semaphoresBefore) before, \((try? semaphoreCount()) ?? -1) after")
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+    }
+
+    // MARK: - The registry
+
+    /// Two images attach at the same time: both attaches are in flight together (held at
+    /// a test hook until both arrive), which the registry's lock would forbid if it were
+    /// held across an attach. Meanwhile 8 acquires of one image attach it once.
+    func testTwoImagesAttachInParallelAndOneImageOnce() throws {
+        let first = try makeImage("first.img", sizeBytes: imageSize, seed: 3)
+        let second = try makeImage("second.img", sizeBytes: imageSize, seed: 4)
+        let rendezvous = Rendezvous(parties: 2)
+        TestHooks.install { point in if point == .beforeLoopConfigure { rendezvous.arrive(timeoutSeconds: 20) } }
+        let results = ResultSlots<FilePath>(count: 2)
+        let registry: LoopRegistry = self.registry
+        DispatchQueue.concurrentPerform(iterations: 2) { index in
+            results.set(index, Result { try registry.acquire(imagePath: index == 0 ? first : second) })
+        }
+        TestHooks.install(nil)
+        XCTAssertTrue(rendezvous.allArrived, "the second attach could not start while the first was in flight")
+        let devices = try results.values.map { try $0!.get() }
+        XCTAssertNotEqual(devices[0], devices[1])
+
+        let shared = try makeImage("shared.img", sizeBytes: imageSize, seed: 5)
+        let sharedResults = ResultSlots<FilePath>(count: 8)
+        DispatchQueue.concurrentPerform(iterations: 8) { index in
+            sharedResults.set(index, Result { try registry.acquire(imagePath: shared) })
+        }
+        XCTAssertEqual(Set(try sharedResults.values.map { try $0!.get() }).count, 1)
+        XCTAssertEqual(registry.referenceCount(imagePath: shared), 8)
+        XCTAssertEqual(loopDevices(backedBy: directory).filter { $0.backingFile == shared }.count, 1)
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
+    // MARK: - The async API
+
+    func testAsyncLifecycleRunsOnTheLibrarysThreads() async throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 6)
+        let origin = try await registry.acquire(imagePath: image)
+        let cow = path("async.cow")
+        let snapshot = try await SnapshotDevice.create(name: deviceName("async"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let data = pseudoRandomBytes(count: 8192, seed: 7)
+        try write(snapshot.devicePath, offset: 4096, data)
+        let threadNames = Collected<String>()
+        try await snapshot.flatten(to: path("flat.img")) { _ in threadNames.append(currentThreadName()) }
+        XCTAssertFalse(threadNames.values.isEmpty)
+        XCTAssertTrue(threadNames.values.allSatisfy { $0.hasPrefix("dm-blocking-") }, "\(Set(threadNames.values))")
+        XCTAssertEqual(try read(path("flat.img"), offset: 4096, count: data.count), data)
+        try await snapshot.remove()
+        let listed = try await SnapshotDevice.listOwned().filter { $0.device.name.hasPrefix(prefix) }
+        XCTAssertEqual(listed.map(\.device), [])
+        let resumed = try await SnapshotDevice.restore(name: deviceName("async"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        XCTAssertEqual(try read(resumed.devicePath, offset: 4096, count: data.count), data)
+        try await resumed.remove()
+        try await CowFile(path: cow).flatten(origin: image, to: path("offline.img"))
+        XCTAssertEqual(try read(path("offline.img"), offset: 4096, count: data.count), data)
+        let report = await cleanupStaleDevices(prefix: prefix)
+        XCTAssertTrue(report.isClean && report.removed.isEmpty)
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
+    /// Cancelling the task of a flatten stops it between blocks: `.cancelled`, no output,
+    /// no temporary file, and the device is untouched.
+    func testCancellingAnAsyncFlattenRemovesItsPartialOutput() async throws {
+        let size = 256 << 20
+        let image = path("big.img")
+        XCTAssertTrue(FileManager.default.createFile(atPath: image.string, contents: nil))
+        XCTAssertEqual(truncate(image.string, off_t(size)), 0)
+        let origin = try await registry.acquire(imagePath: image)
+        let snapshot = try await SnapshotDevice.create(name: deviceName("cancel"), origin: origin, cowPath: path("c.cow"), originSizeBytes: Int64(size))
+        let output = path("templates/out.img")
+        try FileManager.default.createDirectory(atPath: path("templates").string, withIntermediateDirectories: true)
+
+        let firstBlock = AsyncFlag()
+        let flatten = Task { () async throws in
+            try await snapshot.flatten(to: output) { _ in firstBlock.set() }
+        }
+        await firstBlock.wait()
+        flatten.cancel()
+        let result = await flatten.result
+        XCTAssertThrowsError(try result.get()) { error in
+            XCTAssertEqual((error as? DeviceMapperError)?.code, .cancelled, "\(error)")
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: path("templates").string), [], "no output, no partial file")
+        try await snapshot.remove()
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
+    // MARK: - Helpers
+
+    /// How many System V semaphore sets exist (`/proc/sysvipc/sem`, as `ipcs -s` counts them).
+    func semaphoreCount() throws -> Int {
+        let text = try String(contentsOfFile: "/proc/sysvipc/sem", encoding: .utf8)
+        return text.split(separator: "\n").count - 1
+    }
+
+    /// Runs `dm-crash-helper udev-probe` with a 2 s udev timeout; returns its `key=value` lines.
+    func udevProbe(_ call: String, _ name: String) throws -> [String: String] {
+        let output = try CrashHelper.run(["udev-probe", call, name, "2000"])
+        var fields: [String: String] = [:]
+        for line in output.split(separator: "\n") {
+            guard let equals = line.firstIndex(of: "=") else { continue }
+            fields[String(line[..<equals])] = String(line[line.index(after: equals)...])
+        }
+        return fields
+    }
+}
+
+/// Makes udev look alive but not answer, until `end()`: stops every systemd-udevd process
+/// (SIGSTOP) where udev runs; else creates `/run/udev/control`, which is all libdevmapper
+/// checks, and removes it again.
+final class UdevSilence {
+    private var stopped: [pid_t] = []
+    private var madeControlFile = false
+    private var ended = false
+
+    init() throws {
+        if access("/run/udev/control", F_OK) == 0 {
+            stopped = udevProcesses()
+            guard !stopped.isEmpty else { throw HelperError(description: "/run/udev/control exists but no systemd-udevd runs") }
+            for pid in stopped { kill(pid, SIGSTOP) }
+        } else {
+            try FileManager.default.createDirectory(atPath: "/run/udev", withIntermediateDirectories: true)
+            guard FileManager.default.createFile(atPath: "/run/udev/control", contents: nil) else {
+                throw HelperError(description: "cannot create /run/udev/control")
+            }
+            madeControlFile = true
+        }
+    }
+
+    func end() {
+        guard !ended else { return }
+        ended = true
+        for pid in stopped { kill(pid, SIGCONT) }
+        if madeControlFile { try? FileManager.default.removeItem(atPath: "/run/udev") }
+    }
+
+    private func udevProcesses() -> [pid_t] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { entry -> pid_t? in
+            guard let pid = pid_t(entry),
+                  let comm = try? String(contentsOfFile: "/proc/\(entry)/comm", encoding: .utf8)
+            else { return nil }
+            let name = comm.trimmingCharacters(in: .whitespacesAndNewlines)
+            return name == "systemd-udevd" || name == "(udev-worker)" ? pid : nil
+        }
+    }
+}
+
+/// Failures collected from many threads.
+final class Failures: @unchecked Sendable {
+    private let lock = NSLock()
+    private var messages: [String] = []
+    func add(_ message: String) { lock.withLock { messages.append(message) } }
+    var all: [String] { lock.withLock { messages } }
+}
+
+/// Values appended from any thread.
+final class Collected<Value>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: [Value] = []
+    init() {}
+    func append(_ value: Value) { lock.withLock { stored.append(value) } }
+    var values: [Value] { lock.withLock { stored } }
+}
+
+/// Holds each arriving thread until `parties` are there at the same time, or the timeout
+/// passes; `allArrived` says whether they ever were.
+final class Rendezvous: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var present = 0
+    private var met = false
+    private let parties: Int
+    init(parties: Int) { self.parties = parties }
+
+    func arrive(timeoutSeconds: Double) {
+        condition.lock()
+        defer { condition.unlock() }
+        present += 1
+        if present >= parties { met = true }
+        condition.broadcast()
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while !met, condition.wait(until: deadline) {}
+        present -= 1
+    }
+
+    var allArrived: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return met
+    }
+}
+
+/// A one-shot flag an async test can wait for.
+final class AsyncFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var isSet = false
+    func set() { lock.withLock { isSet = true } }
+    func wait() async {
+        while !lock.withLock({ isSet }) { try? await Task.sleep(nanoseconds: 1_000_000) }
+    }
+}
+
+/// The calling thread's name (`/proc/thread-self/comm`).
+func currentThreadName() -> String {
+    ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+}
