@@ -166,12 +166,14 @@ extension Bench {
         if top > 1 {
             let ratio = ratioOf(throughputs[.library]?[top], throughputs[.library]?[1])
             let kernel = ratioOf(throughputs[.rawC]?[top], throughputs[.rawC]?[1])
+            // The target holds without udev; with udev it is reported only (udev's workers
+            // share the machine's CPUs with the threads).
             report.add(TargetCheck(
-                name: "library throughput, \(top) threads vs 1",
-                target: top == 4 ? ">= 1.5x (or a profile of the lock)" : ">= 1.5x (the target names 4 threads)",
+                name: "library throughput, \(top) threads vs 1" + (udevRunning ? " (udev running)" : ""),
+                target: udevRunning ? "reported" : (top == 4 ? ">= 2.5x" : ">= 2.5x (the target names 4 threads)"),
                 measured: (ratio.map { fixed($0, 2) + "x" } ?? "n/a")
                     + (kernel.map { " (C raw ioctl: " + fixed($0, 2) + "x)" } ?? ""),
-                met: ratio.map { $0 >= 1.5 }))
+                met: udevRunning ? nil : ratio.map { $0 >= 2.5 }))
         }
         report.add(section)
 
