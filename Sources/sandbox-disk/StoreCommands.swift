@@ -133,8 +133,7 @@ struct Verify: ParsableCommand {
             do {
                 let identity = try fileStatus(path).identity
                 if let attachment = storeAttachment(identity) {
-                    checks.append(Check(name: "in_use", result: .fail, detail: "in use: " + attachmentText(attachment)
-                        + "; a store may be attached once only"))
+                    checks.append(Check(name: "in_use", result: .fail, detail: inUseText(attachment)))
                 } else {
                     checks.append(Check(name: "in_use", result: .pass, detail: "not attached to any loop device"))
                 }
@@ -244,6 +243,14 @@ func attachmentText(_ attachment: StoreAttachment?) -> String {
         return "yes: \(attachment.loop.path), which no device-mapper device holds (being released, or attached by other code)"
     }
     return "yes: \(attachment.loop.path), held by \(attachment.holders.joined(separator: ", "))"
+}
+
+/// Why an attached store cannot be resumed, for `verify`.
+func inUseText(_ attachment: StoreAttachment) -> String {
+    let holder = attachment.holders.isEmpty
+        ? "which no device-mapper device holds (being released, or attached by other code)"
+        : "held by \(attachment.holders.joined(separator: ", ")): a live snapshot uses it"
+    return "in use: attached to \(attachment.loop.path), \(holder); a store may be attached once only"
 }
 
 /// The names in a directory, without `.` and `..`; empty if it cannot be read.

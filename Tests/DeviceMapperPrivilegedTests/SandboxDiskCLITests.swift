@@ -190,7 +190,8 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(live.status, 1)
         XCTAssertEqual(try checkResults(live.stdout), ["store": "pass", "valid": "pass", "origin": "pass", "in_use": "fail"])
         XCTAssertTrue(live.stderr.contains("cannot be resumed on \(image)"), live.stderr)
-        XCTAssertTrue(live.stderr.contains("in use: yes: \(snapshot.cowLoopDevice), held by \(snapshot.name)"), live.stderr)
+        XCTAssertTrue(live.stderr.contains("in use: attached to \(snapshot.cowLoopDevice), held by \(snapshot.name): "
+            + "a live snapshot uses it"), live.stderr)
         try snapshot.remove()
 
         // The image it was made on: resumable.
