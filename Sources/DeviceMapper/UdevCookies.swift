@@ -28,8 +28,10 @@ final class UdevCookieReaper: Sendable {
 
     private let pending = Locked<(cookies: [Pending], started: Bool)>(([], false))
     private static let logger = Logger(label: "DeviceMapper.UdevCookieReaper")
-    /// How often pending cookies are looked at.
-    static let pollMicroseconds: UInt32 = 2_000
+    /// The pause between sweeps of the pending cookies: short while udev keeps completing
+    /// them, longer while it does not.
+    static let shortestPauseMicroseconds: UInt32 = 1_000
+    static let longestPauseMicroseconds: UInt32 = 25_000
 
     /// Takes over `cookie`; it is destroyed once udev completes it, or at `deadline`.
     func hand(_ cookie: UInt32, deadline: MonotonicInstant) {
@@ -62,7 +64,11 @@ final class UdevCookieReaper: Sendable {
         pthread_detach(thread)
     }
 
+    /// Sweeps the pending cookies, then sleeps: 1 ms after a sweep that finished one,
+    /// twice as long as last time (up to 25 ms) after one that finished none, so that a
+    /// slow udev with many events queued is not also robbed of CPU by the polling.
     private func run() {
+        var pauseMicroseconds = Self.shortestPauseMicroseconds
         while true {
             let cookies = pending.waitForResult { state in state.cookies.isEmpty ? nil : state.cookies }
             var finished: Set<UInt32> = []
@@ -70,7 +76,9 @@ final class UdevCookieReaper: Sendable {
                 if reap(entry) { finished.insert(entry.cookie) }
             }
             pending.withLock { state in state.cookies.removeAll { finished.contains($0.cookie) } }
-            usleep(Self.pollMicroseconds)
+            pauseMicroseconds = finished.isEmpty
+                ? min(pauseMicroseconds * 2, Self.longestPauseMicroseconds) : Self.shortestPauseMicroseconds
+            usleep(pauseMicroseconds)
         }
     }
 

@@ -55,15 +55,26 @@ final class ControlPlaneTests: PrivilegedTestCase {
     }
 
     /// With udev running, every create and remove makes a udev cookie (a System V
-    /// semaphore); the library completes them in the background. None may be left.
+    /// semaphore); the library completes them in the background. None may be left after
+    /// 1,000 create/remove cycles (8 threads of 125, so that udev's workers, slow under
+    /// emulation, overlap), and no immediate remove meets `EBUSY`.
     func testAThousandCyclesLeaveNoUdevSemaphore() throws {
         let before = try semaphoreCount()
         let zero = DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")
-        for cycle in 0..<1000 {
-            let name = try DeviceName(deviceName("sem\(cycle)"))
-            try DeviceMapperControl.create(name: name, targets: [zero])
-            try DeviceMapperControl.remove(name: name, retry: .none)  // An immediate remove: no EBUSY.
+        let failures = Failures()
+        let prefix = self.prefix
+        DispatchQueue.concurrentPerform(iterations: 8) { thread in
+            for cycle in 0..<125 {
+                do {
+                    let name = try DeviceName(prefix + "sem\(thread)-\(cycle)")
+                    try DeviceMapperControl.create(name: name, targets: [zero])
+                    try DeviceMapperControl.remove(name: name, retry: .none)  // An immediate remove: no EBUSY.
+                } catch {
+                    failures.add("\(thread)-\(cycle): \(error)")
+                }
+            }
         }
+        XCTAssertEqual(failures.all, [])
         XCTAssertTrue(eventually(30) { (try? self.semaphoreCount()) == before }, "System V semaphores: \(before) before, \((try? semaphoreCount()) ?? -1) after")
         XCTAssertEqual(try devices(withPrefix: prefix), [])
     }
