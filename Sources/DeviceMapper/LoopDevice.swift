@@ -92,25 +92,34 @@ private func loopControlDescriptor() throws(DeviceMapperError) -> FileDescriptor
 /// short jittered backoff, a bounded number of times. On kernels without
 /// `LOOP_CONFIGURE` it uses `LOOP_SET_FD` and `LOOP_SET_STATUS64`.
 ///
+/// With `directIO`, asks for `LO_FLAGS_DIRECT_IO`; the kernel leaves the device buffered
+/// where the backing file cannot do direct I/O (tmpfs on 6.1): `loopDeviceUsesDirectIO`
+/// says which it got.
+///
 /// The returned descriptor keeps the device attached until it is closed; see `OpenLoopDevice`.
-public func attachLoopDevice(backingFile: FilePath, readOnly: Bool) throws(DeviceMapperError) -> OpenLoopDevice {
-    try attachLoopDevice(backingFile: backingFile, readOnly: readOnly, method: .automatic)
+public func attachLoopDevice(backingFile: FilePath, readOnly: Bool, directIO: Bool = false) throws(DeviceMapperError) -> OpenLoopDevice {
+    try attachLoopDevice(backingFile: backingFile, readOnly: readOnly, method: .automatic, directIO: directIO)
 }
 
-package func attachLoopDevice(backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod) throws(DeviceMapperError) -> OpenLoopDevice {
+package func attachLoopDevice(
+    backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod, directIO: Bool = false
+) throws(DeviceMapperError) -> OpenLoopDevice {
     let backing = try system_open(backingFile, readOnly ? O_RDONLY : O_RDWR).get("open", subject: backingFile.string)
     defer { system_close(backing) }
     let backingStatus = try system_fstat(backing).get("fstat", subject: backingFile.string)
     if (backingStatus.st_mode & S_IFMT) == S_IFDIR {
         throw .invalidArgument("attach loop device", subject: backingFile.string, "the backing file is a directory")
     }
-    return try attachLoopDevice(backing: backing, backingFile: backingFile, readOnly: readOnly, method: method)
+    return try attachLoopDevice(backing: backing, backingFile: backingFile, readOnly: readOnly, method: method, directIO: directIO)
 }
 
 /// Attaches an already open backing file; `backingFile` names it in `lo_file_name` and errors.
 /// The caller keeps and closes `backing`: the loop device holds its own reference.
+/// `directIO` asks for `LO_FLAGS_DIRECT_IO` on the same descriptor (no reopen, so a lock
+/// held on `backing`'s open file description stays with the device).
 func attachLoopDevice(
-    backing: FileDescriptor, backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod = .automatic
+    backing: FileDescriptor, backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod = .automatic,
+    directIO: Bool = false
 ) throws(DeviceMapperError) -> OpenLoopDevice {
     let control = try loopControlDescriptor()
 
@@ -128,7 +137,8 @@ func attachLoopDevice(
             throw DeviceMapperError.syscall("open", errno, subject: path.string)
         }
         testHook(.beforeLoopConfigure)
-        let configured = configure(loop: loop, backing: backing, backingFile: backingFile, readOnly: readOnly, method: method)
+        let configured = configure(
+            loop: loop, backing: backing, backingFile: backingFile, readOnly: readOnly, method: method, directIO: directIO)
         switch configured {
         case .success:
             let loopStatus: stat
@@ -156,10 +166,14 @@ func attachLoopDevice(
 
 /// Configures an open, unbound loop device. `EBUSY` means someone else bound it first.
 private func configure(
-    loop: FileDescriptor, backing: FileDescriptor, backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod
+    loop: FileDescriptor, backing: FileDescriptor, backingFile: FilePath, readOnly: Bool, method: LoopAttachMethod,
+    directIO: Bool
 ) -> Result<Void, DeviceMapperError> {
     var flags = UInt32(LO_FLAGS_AUTOCLEAR)
     if readOnly { flags |= UInt32(LO_FLAGS_READ_ONLY) }
+    // The kernel turns direct I/O off again where the backing file cannot do it
+    // (drivers/block/loop.c, __loop_update_dio); the caller reads sysfs's `dio` back.
+    if directIO { flags |= UInt32(LO_FLAGS_DIRECT_IO) }
 
     if method == .automatic {
         var config = loop_config()
@@ -183,7 +197,10 @@ private func configure(
     info.lo_flags = UInt32(LO_FLAGS_AUTOCLEAR)
     setFileName(&info, backingFile)
     switch system_ioctl(loop, UInt(LOOP_SET_STATUS64), &info, name: "LOOP_SET_STATUS64") {
-    case .success: return .success(())
+    case .success:
+        // Best effort: a refusal leaves the device buffered, which the caller sees in sysfs.
+        if directIO { _ = system_ioctl(loop, UInt(LOOP_SET_DIRECT_IO), 1, name: "LOOP_SET_DIRECT_IO") }
+        return .success(())
     case .failure(let errno):
         // Not autoclear yet, so closing would not detach it: undo the bind by hand.
         _ = system_ioctl(loop, UInt(LOOP_CLR_FD), 0, name: "LOOP_CLR_FD")
@@ -235,6 +252,13 @@ func loopDeviceStatus(descriptor fd: FileDescriptor, subject: String) throws(Dev
         fileName: fileName,
         isReadOnly: info.lo_flags & UInt32(LO_FLAGS_READ_ONLY) != 0,
         isAutoclear: info.lo_flags & UInt32(LO_FLAGS_AUTOCLEAR) != 0)
+}
+
+/// Whether the loop device does direct I/O to its backing file: `/sys/block/loopN/loop/dio`,
+/// which shows the kernel's `LO_FLAGS_DIRECT_IO` after it checked the backing file.
+/// False for a device that is not attached.
+public func loopDeviceUsesDirectIO(_ device: LoopDevice) -> Bool {
+    readSmallFile(FilePath("/sys/block/loop\(device.index)/loop/dio")) == "1"
 }
 
 /// A loop device and the file behind it, as sysfs lists them.

@@ -41,9 +41,16 @@ public final class LoopRegistry: Sendable {
 
     private let state = Locked(State())
     private let logger: Logger
+    /// Whether origin loop devices ask for direct I/O; see `init`.
+    public let originDirectIO: Bool
 
-    public init(logger: Logger = Logger(label: "DeviceMapper.LoopRegistry")) {
+    /// `originDirectIO` (default `false`): the shared origin loop devices stay buffered, so
+    /// the host keeps one page-cache copy of each base image for all of its sandboxes (see
+    /// docs/benchmarks.md, "Data plane"). With `true` they ask for `LO_FLAGS_DIRECT_IO`, and
+    /// fall back to buffered, with a warning logged, where the image's filesystem refuses it.
+    public init(logger: Logger = Logger(label: "DeviceMapper.LoopRegistry"), originDirectIO: Bool = false) {
         self.logger = logger
+        self.originDirectIO = originDirectIO
     }
 
     deinit { releaseAll() }
@@ -79,13 +86,18 @@ public final class LoopRegistry: Sendable {
 
         let attached: Result<OpenLoopDevice, DeviceMapperError>
         do throws(DeviceMapperError) {
-            attached = .success(try attachLoopDevice(backing: image, backingFile: imagePath, readOnly: true))
+            attached = .success(try attachLoopDevice(
+                backing: image, backingFile: imagePath, readOnly: true, directIO: originDirectIO))
         } catch {
             attached = .failure(error)
         }
         defer { state.broadcast() }
         switch consume attached {
         case .success(let loop):
+            if originDirectIO && !loopDeviceUsesDirectIO(loop.device) {
+                logger.warning("direct I/O refused by the image's filesystem; the origin loop device is buffered",
+                               metadata: ["image": "\(imagePath)", "device": "\(loop.device)"])
+            }
             let entry = Entry(loop: loop, path: imagePath)
             state.withLock { state in
                 state.attaching.remove(identity)

@@ -21,10 +21,19 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// The read-write loop device over `cowPath`, e.g. `/dev/loop7`.
     public let cowLoopDevice: FilePath
 
-    /// Chunk size of every store this library makes: 8 sectors, 4 KiB.
+    /// The default chunk size of the stores `create` makes: 8 sectors, 4 KiB
+    /// (`SnapshotOptions.chunkSizeSectors` picks another).
     public static let chunkSizeSectors: UInt32 = 8
 
+    /// Whether the CoW loop device does direct I/O (`/sys/block/loopN/loop/dio`, read now).
+    public var cowLoopUsesDirectIO: Bool {
+        let index = Int(cowLoopDevice.string.dropFirst("/dev/loop".count)) ?? -1
+        return readSmallFile(FilePath("/sys/block/loop\(index)/loop/dio")) == "1"
+    }
+
     static let logger = Logger(label: "DeviceMapper.SnapshotDevice")
+    /// Filesystems (`st_dev`) whose direct I/O fallback was logged as a warning.
+    private static let directIOFallbackFilesystems = Locked<Set<UInt64>>([])
 
     /// The prefix of the device-mapper UUID of every device this library makes
     /// (`SBXSNAP-<store device>-<store inode>`, see `DeviceUUID`). Cleanup and restore
@@ -38,7 +47,9 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// sandbox's disk. Refuses (`.invalidArgument`) an `originSizeBytes` that is not the
     /// origin device's size. The file is sized so that every origin chunk and its metadata
     /// fit, so the store cannot overflow; being sparse, it costs only what is written.
-    /// The table is `snapshot <origin> <cow> P 8`: persistent, 4 KiB chunks.
+    /// The table is `snapshot <origin> <cow> P <chunk>`: persistent, with `options`' chunk size
+    /// (default 8 sectors, 4 KiB). The CoW loop device does direct I/O unless `options` says
+    /// not to, or the store's filesystem refuses it (then it is buffered, with a warning logged).
     ///
     /// The store gets the in-use lock its loop device carries (see `restore`) and an origin
     /// record (`OriginRecord`, an extended attribute) that `restore` checks. The device
@@ -49,10 +60,16 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// CoW file is kept, never unlinked under a device that may still use it, and the error's
     /// `rollbackErrors` says what could not be undone.
     public static func create(
-        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
+        options: SnapshotOptions = SnapshotOptions()
     ) throws(DeviceMapperError) -> SnapshotDevice {
         let operation = "SnapshotDevice.create"
         let deviceName = try DeviceName(name)
+        guard SnapshotOptions.supportedChunkSizesSectors.contains(options.chunkSizeSectors) else {
+            throw .invalidArgument(operation, subject: cowPath.string,
+                                   "the chunk size must be 8, 16, 32, 64 or 128 sectors (4 to 64 KiB); it is \(options.chunkSizeSectors)")
+        }
+        let logger = options.logger
         let originDevice = try OriginDevice.open(origin, sizeBytes: originSizeBytes, operation: operation)
         let cowFile: FileDescriptor
         switch system_open(cowPath, O_RDWR | O_CREAT | O_EXCL, permissions: 0o600) {
@@ -70,11 +87,12 @@ public struct SnapshotDevice: Sendable, Hashable {
         do throws(DeviceMapperError) {
             try lockStore(cowFile, path: cowPath, operation: operation, checkUnlockedAttachments: false)
             let cowSize = requiredCowSizeBytes(
-                originSizeBytes: originSizeBytes, chunkSizeBytes: Int64(chunkSizeSectors) * 512)
+                originSizeBytes: originSizeBytes, chunkSizeBytes: Int64(options.chunkSizeSectors) * 512)
             try system_ftruncate(cowFile, cowSize).get("ftruncate", subject: cowPath.string)
             _ = originDevice.record.write(to: cowFile, path: cowPath, logger: logger)
             let snapshot = try activate(
-                name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath)
+                name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath,
+                chunkSizeSectors: options.chunkSizeSectors, options: options)
             testHook(.afterSnapshotCreate)
             logger.info("snapshot device created", metadata: snapshot.metadata(origin: origin))
             return snapshot
@@ -96,8 +114,8 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// Brings back a snapshot from the CoW store a `remove` kept, e.g. to resume a sandbox.
     ///
     /// Before touching the kernel it reads and checks the store's header, and fails with
-    /// `.invalidCowStore` on a missing, corrupt or invalidated store, or one with another
-    /// chunk size. It then checks the store's origin record against `origin`, and fails with
+    /// `.invalidCowStore` on a missing, corrupt or invalidated store. The chunk size is the
+    /// header's (`options.chunkSizeSectors` is not used); `options.cowDirectIO` applies. It then checks the store's origin record against `origin`, and fails with
     /// `.originMismatch` if the store was made against another base image; a store without
     /// a record (an older agent's) resumes, with a warning logged.
     ///
@@ -113,9 +131,11 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// detaching (a udev worker may hold it a moment after its snapshot is removed) is waited
     /// for, up to 3 s. The CoW file is never deleted, on any path.
     public static func restore(
-        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
+        options: SnapshotOptions = SnapshotOptions()
     ) throws(DeviceMapperError) -> SnapshotDevice {
         let operation = "SnapshotDevice.restore"
+        let logger = options.logger
         let deviceName = try DeviceName(name)
         let originDevice = try OriginDevice.open(origin, sizeBytes: originSizeBytes, operation: operation)
         let cowFile: FileDescriptor
@@ -136,11 +156,8 @@ public struct SnapshotDevice: Sendable, Hashable {
                 code: .invalidCowStore, operation: operation, subject: cowPath.string,
                 detail: "the kernel marked this CoW store invalid (it overflowed or failed); its data cannot be used")
         }
-        guard header.chunkSizeSectors == chunkSizeSectors else {
-            throw DeviceMapperError(
-                code: .invalidCowStore, operation: operation, subject: cowPath.string,
-                detail: "the CoW store has \(header.chunkSizeSectors)-sector chunks; this library uses \(chunkSizeSectors)")
-        }
+        // The kernel checks the chunk size against the devices' block sizes at table load
+        // (dm-snap.c, dm_exception_store_set_chunk_size); CowHeader.read refused what no kernel takes.
         if let record = try OriginRecord.read(from: cowFile, path: cowPath) {
             try record.check(against: originDevice.record.fingerprint, origin: origin, cowPath: cowPath, operation: operation)
         } else {
@@ -156,7 +173,8 @@ public struct SnapshotDevice: Sendable, Hashable {
             try system_ftruncate(cowFile, cowSize).get("ftruncate", subject: cowPath.string)
         }
         let snapshot = try activate(
-            name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath)
+            name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath,
+            chunkSizeSectors: header.chunkSizeSectors, options: options)
         logger.info("snapshot device restored", metadata: snapshot.metadata(origin: origin))
         return snapshot
     }
@@ -214,11 +232,23 @@ public struct SnapshotDevice: Sendable, Hashable {
 
     /// Attaches the open, locked CoW file to a loop device and loads the snapshot table.
     /// On failure the loop device is let go (autoclear detaches it).
+    /// With `options.cowDirectIO` the loop device asks for direct I/O on the same open file
+    /// (never a reopen: the store's lock is on this file description), and a kernel that
+    /// leaves it buffered is logged.
     private static func activate(
-        name: DeviceName, origin: OriginDevice, originSizeBytes: Int64, cowFile: FileDescriptor, cowPath: FilePath
+        name: DeviceName, origin: OriginDevice, originSizeBytes: Int64, cowFile: FileDescriptor, cowPath: FilePath,
+        chunkSizeSectors: UInt32, options: SnapshotOptions
     ) throws(DeviceMapperError) -> SnapshotDevice {
         let identity = FileIdentity(try system_fstat(cowFile).get("fstat", subject: cowPath.string))
-        let cowLoop = try attachLoopDevice(backing: cowFile, backingFile: cowPath, readOnly: false)
+        let cowLoop = try attachLoopDevice(backing: cowFile, backingFile: cowPath, readOnly: false, directIO: options.cowDirectIO)
+        if options.cowDirectIO && !loopDeviceUsesDirectIO(cowLoop.device) {
+            // A warning the first time per filesystem in this process, then debug: on tmpfs every create falls back.
+            let first = directIOFallbackFilesystems.withLock { $0.insert(identity.device).inserted }
+            options.logger.log(
+                level: first ? .warning : .debug,
+                "direct I/O refused by the CoW store's filesystem; the CoW loop device is buffered",
+                metadata: ["name": "\(name)", "cow": "\(cowPath)", "cowLoopDevice": "\(cowLoop.device)"])
+        }
         // The table holds the loop device from here on; ours closes at the end of this scope,
         // which lets autoclear act on remove.
         testHook(.afterCowLoopAttach)

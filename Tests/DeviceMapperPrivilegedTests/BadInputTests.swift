@@ -15,7 +15,7 @@ import Glibc
 ///
 /// Covered elsewhere (see docs/reliability.md): an existing CoW file
 /// (`SnapshotLifecycleTests.testCreateRefusesAnExistingCowFile`), restore of a file that
-/// is not a CoW store, is invalidated, or has another chunk size
+/// is not a CoW store, is invalidated, or has a chunk size no kernel takes
 /// (`SnapshotLifecycleTests.testRestoreRefusesCorruptMissingAndInvalidatedStores`).
 final class BadInputTests: PrivilegedTestCase {
     let imageSize = 4 << 20
