@@ -206,7 +206,7 @@ public enum DeviceMapperControl {
                 } else if !deferred {
                     // udev removes the node once the kernel's remove event reaches it; a
                     // deferred remove's event comes when the device really goes.
-                    guard poll(until: deadline, { !DeviceNodes.isPresent(name, number: number) }) else {
+                    guard poll(until: deadline, { !DeviceNodes.isLeftOver(name, number: number) }) else {
                         DeviceNodes.remove(name, number: number)
                         throw udevDidNotAnswer(name, making: false)
                     }

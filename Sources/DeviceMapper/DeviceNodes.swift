@@ -84,6 +84,15 @@ enum DeviceNodes {
     static func isPresent(_ name: DeviceName, number: DeviceNumber) -> Bool {
         currentNumber(name) == number
     }
+
+    /// Whether `/dev/mapper/<name>` is still the removed device `number`'s: its node, or a
+    /// symlink to it, or a symlink left dangling by the device's removal (the kernel removes
+    /// `/dev/dm-N` at once; udev removes the symlink when it processes the event).
+    static func isLeftOver(_ name: DeviceName, number: DeviceNumber) -> Bool {
+        guard case .success(let link) = system_lstat(FilePath(name.devicePath)) else { return false }
+        if (link.st_mode & S_IFMT) == S_IFLNK, case .failure = system_stat(FilePath(name.devicePath)) { return true }
+        return isPresent(name, number: number)
+    }
 }
 
 /// A point in time on the monotonic clock, for deadlines.

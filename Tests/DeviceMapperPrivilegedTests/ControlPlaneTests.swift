@@ -56,15 +56,17 @@ final class ControlPlaneTests: PrivilegedTestCase {
 
     /// With udev running, every create and remove makes a udev cookie (a System V
     /// semaphore); the library completes them in the background. None may be left after
-    /// 1,000 create/remove cycles (8 threads of 125, so that udev's workers, slow under
-    /// emulation, overlap), and no immediate remove meets `EBUSY`.
-    func testAThousandCyclesLeaveNoUdevSemaphore() throws {
+    /// 320 create/remove cycles on 8 threads, and no immediate remove meets `EBUSY`.
+    /// (1,000 cycles passed the same check once, in 748 s under TCG with udev; see
+    /// docs/benchmarks.md. `make test` runs 320 to keep its time.)
+    func testCreateRemoveCyclesLeaveNoUdevSemaphore() throws {
+        XCTAssertTrue(udevCookiesSettled(timeoutMilliseconds: 30_000), "earlier tests' cookies")
         let before = try semaphoreCount()
         let zero = DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")
         let failures = Failures()
         let prefix = self.prefix
         DispatchQueue.concurrentPerform(iterations: 8) { thread in
-            for cycle in 0..<125 {
+            for cycle in 0..<40 {
                 do {
                     let name = try DeviceName(prefix + "sem\(thread)-\(cycle)")
                     try DeviceMapperControl.create(name: name, targets: [zero])
@@ -87,6 +89,7 @@ final class ControlPlaneTests: PrivilegedTestCase {
     /// then creates and removes: each returns within the deadline with `.udevTimeout`, the
     /// half-made device is gone, and every udev semaphore is destroyed.
     func testCreateAndRemoveNeverHangWhenUdevDoesNotAnswer() throws {
+        XCTAssertTrue(udevCookiesSettled(timeoutMilliseconds: 30_000), "earlier tests' cookies")
         let semaphoresBefore = try semaphoreCount()
         let survivor = try DeviceName(deviceName("survivor"))
         try DeviceMapperControl.create(name: survivor, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
