@@ -49,12 +49,16 @@ final class IODisk {
     let path: String
     /// `(role, sysfs name)`: the top device first, then the devices underneath.
     let devices: [(role: String, name: String)]
+    /// The files the disk writes to (the CoW file of a snapshot), for their page-cache share.
+    let writtenFiles: [FilePath]
     private var teardown: [() -> Void]
 
-    init(method: IOMethod, path: String, devices: [(role: String, name: String)], teardown: [() -> Void]) {
+    init(method: IOMethod, path: String, devices: [(role: String, name: String)], writtenFiles: [FilePath] = [],
+         teardown: [() -> Void]) {
         self.method = method
         self.path = path
         self.devices = devices
+        self.writtenFiles = writtenFiles
         self.teardown = teardown
     }
 
@@ -133,7 +137,7 @@ struct IODiskMaker {
             throw BenchError("the CoW loop device \(device.cowLoopDevice) did not get direct I/O on ext4")
         }
         return IODisk(method: .library(chunkSectors: chunkSectors, cowDirectIO: cowDirectIO), path: device.devicePath.string,
-                      devices: [("dm", top), ("cow", cowLoop), ("origin", originName)], teardown: [
+                      devices: [("dm", top), ("cow", cowLoop), ("origin", originName)], writtenFiles: [cow], teardown: [
                           { unlink(cow.string) },
                           { try? device.remove() },
                       ])

@@ -147,7 +147,10 @@ extension Bench {
                 defer { disk.destroy() }
                 for workload in group {
                     if workload == .randomRead { dropCaches() }
-                    let result = try measure(disk: disk, workload: workload) { () throws(BenchError) -> Int in
+                    // Rewrites are short: three rounds, the median one kept.
+                    var rounds: [IOResult] = []
+                    for _ in 0..<(workload == .rewriteQD16 ? 3 : 1) {
+                    rounds.append(try measure(disk: disk, workload: workload) { () throws(BenchError) -> Int in
                         switch workload {
                         case .sequentialWrite: return try sequentialWrite(disk.path, bytes: scale.sequentialBytes)
                         case .firstWriteQD1: return try randomWrites(disk.path, offsets: qd1Offsets, threads: 1)
@@ -155,8 +158,9 @@ extension Bench {
                         case .randomRead: return try randomReads(disk.path, offsets: readOffsets)
                         case .ext4Unpack: return try unpack(tree, onto: disk.path, scratch: scratch, tar: tar, files: scale.files)
                         }
+                    })
                     }
-                    results.append(result)
+                    results.append(rounds.sorted { $0.nanoseconds < $1.nanoseconds }[rounds.count / 2])
                     done += 1
                     progress.update(done, of: workloadCount)
                 }
@@ -345,14 +349,23 @@ extension Bench {
         func result(_ workload: IOWorkload, _ method: IOMethod) -> IOResult? {
             results.first { $0.workload == workload && $0.method == method }
         }
+        // The guest's O_DSYNC sends an empty REQ_PREFLUSH write after each write (blkdev_fsync); the
+        // dm device counts it as a write request, and dm-snapshot and dm-thin pass it on to the CoW or
+        // data device one for one. Data plus metadata = requests underneath less those flushes.
+        func dataAndMetadataWrites(_ result: IOResult) -> Double {
+            let top = result.devices.first?.counters.writeRequests ?? 0
+            let flushes = Double(top) - Double(result.operations)
+            return (Double(result.underneath.writeRequests) - flushes) / Double(max(result.operations, 1))
+        }
         if let lib = result(.firstWriteQD16, .libraryDefault) {
-            let cow = lib.devices.first { $0.role == "cow" }?.counters.writeRequests ?? 0
-            let perOp = Double(cow) / Double(max(lib.operations, 1))
-            let thin = result(.firstWriteQD16, .thin).map { Double($0.underneath.writeRequests) / Double(max($0.operations, 1)) }
+            let cow = Double(lib.devices.first { $0.role == "cow" }?.counters.writeRequests ?? 0) / Double(max(lib.operations, 1))
+            let perOp = dataAndMetadataWrites(lib)
+            let thin = result(.firstWriteQD16, .thin).map(dataAndMetadataWrites)
             report.add(TargetCheck(
-                name: "write requests per 4 KiB first write, QD16, default CoW loop",
+                name: "write requests (data + metadata) per 4 KiB first write, QD16, default CoW loop",
                 target: "<= 1.5 (dm-thin beside it)",
-                measured: "\(fixed(perOp, 2)) (dm-thin: \(thin.map { fixed($0, 2) } ?? "n/a") underneath)",
+                measured: "\(fixed(perOp, 2)); \(fixed(cow, 2)) with the guest's flushes (dm-thin: "
+                    + "\(thin.map { fixed($0, 2) } ?? "n/a") data + metadata)",
                 met: perOp <= 1.5))
         }
         for (workload, name) in [(IOWorkload.rewriteQD16, "rewrites of copied chunks (4 KiB, QD16)"),

@@ -14,7 +14,7 @@ extension Bench {
     func runMemory(maker: IODiskMaker, origin: Origin, scale: IOScale, mkfs: Tool) throws(BenchError) {
         var section = TableSection(
             title: "Data plane: host memory, \(scale.memorySandboxes) sandboxes",
-            header: ["what", "setting", "host cache", "per sandbox", "target"])
+            header: ["what", "setting", "host cache", "per sandbox", "Buffers", "Cached-Shmem", "in CoW files", "note"])
         let count = scale.memorySandboxes
 
         // Writes: each sandbox writes memoryWriteBytes through its device with O_DIRECT.
@@ -31,13 +31,18 @@ extension Bench {
             dropCaches()
             let before = MemoryInfo.read()
             for disk in disks { _ = try writeSequentially(disk.path, bytes: scale.memoryWriteBytes) }
-            let grown = MemoryInfo.read().pageCacheBytes - before.pageCacheBytes
+            let after = MemoryInfo.read()
+            let grown = after.pageCacheBytes - before.pageCacheBytes
+            let buffers = after["Buffers"] - before["Buffers"]
+            let inCowFiles = disks.flatMap(\.writtenFiles).reduce(Int64(0)) { $0 + cachedBytes(ofFile: $1) }
             if direct { defaultWriteCache = grown }
             section.rows.append(["written with O_DIRECT", "CoW loop \(direct ? "direct (default)" : "buffered")",
-                                 formatBytes(grown), formatBytes(grown / Int64(count)), direct ? "<= 4 MiB in all" : ""])
+                                 formatBytes(grown), formatBytes(grown / Int64(count)), formatBytes(buffers),
+                                 formatBytes(grown - buffers), formatBytes(inCowFiles), direct ? "target <= 4 MiB in all" : ""])
             report.add(record: [("figure", .string("io-memory")), ("what", .string("write")),
                                 ("cow_direct_io", .bool(direct)), ("sandboxes", .int(count)),
-                                ("bytes_each", .int(Int(scale.memoryWriteBytes))), ("page_cache_growth_bytes", .int(Int(grown)))])
+                                ("bytes_each", .int(Int(scale.memoryWriteBytes))), ("page_cache_growth_bytes", .int(Int(grown))),
+                                ("buffers_growth_bytes", .int(Int(buffers))), ("cow_files_cached_bytes", .int(Int(inCowFiles)))])
             progress.end()
         }
 
@@ -62,20 +67,27 @@ extension Bench {
             let before = MemoryInfo.read()
             let originBefore = BlockCounters.read(blockDeviceName(device.string) ?? "")
             for disk in disks { try readSequentially(disk.path, bytes: scale.memoryReadBytes) }
-            let grown = MemoryInfo.read().pageCacheBytes - before.pageCacheBytes
+            let after = MemoryInfo.read()
+            let grown = after.pageCacheBytes - before.pageCacheBytes
+            let buffers = after["Buffers"] - before["Buffers"]
             let originReads = BlockCounters.read(blockDeviceName(device.string) ?? "") - originBefore
             section.rows.append(["read the base", "origin loop \(originDirect ? "direct" : "buffered (default)")",
-                                 formatBytes(grown), formatBytes(grown / Int64(count)),
-                                 "origin read \(formatBytes(Int64(originReads.readSectors) * 512))"])
+                                 formatBytes(grown), formatBytes(grown / Int64(count)), formatBytes(buffers),
+                                 formatBytes(grown - buffers), "-",
+                                 "base in cache \(formatBytes(cachedBytes(ofFile: origin.imagePath))), origin loop read "
+                                    + formatBytes(Int64(originReads.readSectors) * 512)])
             report.add(record: [("figure", .string("io-memory")), ("what", .string("read-base")),
                                 ("origin_direct_io", .bool(originDirect)), ("sandboxes", .int(count)),
                                 ("bytes_each", .int(Int(scale.memoryReadBytes))), ("page_cache_growth_bytes", .int(Int(grown))),
                                 ("origin_loop_read_bytes", .int(Int(originReads.readSectors) * 512))])
             progress.end()
         }
-        section.notes.append("host cache: growth of Buffers + Cached + Dirty - Shmem (/proc/meminfo) after caches were "
-            + "dropped; Shmem is left out because the VM's scratch ext4 sits on a tmpfs file (its disk). Read: "
-            + "O_DIRECT at the snapshot device; \"origin read\" is what the origin loop device was asked for.")
+        section.notes.append("host cache: growth of Buffers + Cached - Shmem (/proc/meminfo) from just after caches were "
+            + "dropped; Shmem is left out because the VM's scratch ext4 sits on a tmpfs file (its disk); Dirty is inside "
+            + "Buffers and Cached. Buffers: the scratch filesystem's metadata (the CoW files' extents, journal). "
+            + "in CoW files: their pages in the page cache (mincore), the second copy of each sandbox's writes.")
+        section.notes.append("read: O_DIRECT at the snapshot device, 1 MiB reads; \"base in cache\": the base image "
+            + "file's pages in the page cache (mincore); origin loop read: what the origin loop device was asked for.")
         report.add(section)
         if let defaultWriteCache {
             report.add(TargetCheck(
@@ -88,7 +100,8 @@ extension Bench {
     func runRestoreGrowth(scratch: ScratchFilesystem, scale: IOScale) throws(BenchError) {
         var section = TableSection(
             title: "Data plane: restore time and kernel slab against data changed (random 4 KiB writes, 4 KiB chunks)",
-            header: ["changed", "exceptions", "restore p50 ms", "ms per 10k exceptions", "slab live, empty", "slab live, written"])
+            header: ["changed", "exceptions", "restore p50 ms", "ms per 10k exceptions", "slab, empty", "slab, written",
+                     "vmalloc, empty", "vmalloc, written"])
         let size = max(scale.restoreChangedBytes.max() ?? 0, 64 << 20) * 2
         let imagePath = scratch.path("restore-origin.img")
         try makeSparseFile(imagePath, sizeBytes: size)
@@ -105,19 +118,24 @@ extension Bench {
             let name = workspace.uniqueName("restore")
             let cow = scratch.path("\(name).cow")
             defer { unlink(cow.string) }
-            let slabBefore = MemoryInfo.read().slabBytes
+            let memoryBefore = MemoryInfo.read()
+            let slabBefore = memoryBefore.slabBytes
             var device: SnapshotDevice
             do {
                 device = try SnapshotDevice.create(name: name, origin: originDevice, cowPath: cow, originSizeBytes: size)
             } catch { throw BenchError("create \(name)", error) }
             var live = true
             defer { if live { try? device.remove() } }
-            let slabEmpty = MemoryInfo.read().slabBytes - slabBefore
+            let memoryEmpty = MemoryInfo.read()
+            let slabEmpty = memoryEmpty.slabBytes - slabBefore
+            let vmallocEmpty = memoryEmpty.vmallocBytes - memoryBefore.vmallocBytes
             let count = Int(changed / 4096)
             if count > 0 {
                 _ = try writeBlocks(device.devicePath.string, offsets: blocks.prefix(count).map { Int64($0) * 4096 })
             }
-            let slabWritten = MemoryInfo.read().slabBytes - slabBefore
+            let memoryWritten = MemoryInfo.read()
+            let slabWritten = memoryWritten.slabBytes - slabBefore
+            let vmallocWritten = memoryWritten.vmallocBytes - memoryBefore.vmallocBytes
             var samples: [UInt64] = []
             for _ in 0..<3 {
                 do { try device.remove() } catch { throw BenchError("remove \(name)", error) }
@@ -137,15 +155,18 @@ extension Bench {
             let summary = LatencySummary(nanoseconds: samples)!
             let per10k = count > 0 ? summary.p50Milliseconds / Double(count) * 10_000 : 0
             section.rows.append([formatBytes(changed), "\(count)", fixed(summary.p50Milliseconds, 1),
-                                 count > 0 ? fixed(per10k, 1) : "-", formatBytes(slabEmpty), formatBytes(slabWritten)])
+                                 count > 0 ? fixed(per10k, 1) : "-", formatBytes(slabEmpty), formatBytes(slabWritten),
+                                 formatBytes(vmallocEmpty), formatBytes(vmallocWritten)])
             report.add(record: [("figure", .string("io-restore")), ("changed_bytes", .int(Int(changed))),
                                 ("exceptions", .int(count)), ("allocated_chunks", .int(allocated)), ("restore", summary.json),
-                                ("slab_growth_empty_bytes", .int(Int(slabEmpty))), ("slab_growth_written_bytes", .int(Int(slabWritten)))])
+                                ("slab_growth_empty_bytes", .int(Int(slabEmpty))), ("slab_growth_written_bytes", .int(Int(slabWritten))),
+                                ("vmalloc_growth_empty_bytes", .int(Int(vmallocEmpty))),
+                                ("vmalloc_growth_written_bytes", .int(Int(vmallocWritten)))])
             progress.end()
         }
         section.notes.append("restore: SnapshotDevice.restore with caches dropped before each (3 runs); the kernel reads "
-            + "every metadata area at table load (dm-snap-persistent.c, read_exceptions). slab: /proc/meminfo Slab growth "
-            + "with one live snapshot, empty and after the writes (noisy: other kernel work allocates too).")
+            + "every metadata area at table load (dm-snap-persistent.c, read_exceptions). slab, vmalloc: /proc/meminfo Slab "
+            + "and VmallocUsed growth with one live snapshot, empty and after the writes (noisy: other kernel work allocates too).")
         report.add(section)
     }
 

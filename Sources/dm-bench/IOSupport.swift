@@ -81,11 +81,30 @@ struct MemoryInfo {
 
     subscript(_ name: String) -> Int64 { fields[name] ?? 0 }
 
-    /// Host page cache: Buffers + Cached + Dirty, less Shmem. In the VM the scratch
-    /// filesystem's own "disk" is a file on tmpfs, whose pages are Shmem (inside Cached);
-    /// they are the disk, not a cache of it.
-    var pageCacheBytes: Int64 { self["Buffers"] + self["Cached"] + self["Dirty"] - self["Shmem"] }
+    /// Host page cache: Buffers + Cached, less Shmem. In the VM the scratch filesystem's
+    /// own "disk" is a file on tmpfs, whose pages are Shmem (inside Cached); they are the
+    /// disk, not a cache of it. Dirty is not added: dirty pages are already in Buffers or Cached.
+    var pageCacheBytes: Int64 { self["Buffers"] + self["Cached"] - self["Shmem"] }
     var slabBytes: Int64 { self["Slab"] }
+    var vmallocBytes: Int64 { self["VmallocUsed"] }
+}
+
+/// How much of a file is in the page cache (`mincore` over a shared read-only mapping).
+func cachedBytes(ofFile path: FilePath) -> Int64 {
+    let fd = open(path.string, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return 0 }
+    defer { close(fd) }
+    var status = stat()
+    guard fstat(fd, &status) == 0, status.st_size > 0 else { return 0 }
+    let size = Int(status.st_size)
+    guard let map = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0), map != UnsafeMutableRawPointer(bitPattern: -1) else {
+        return 0
+    }
+    defer { munmap(map, size) }
+    let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+    var resident = [UInt8](repeating: 0, count: (size + pageSize - 1) / pageSize)
+    guard mincore(map, size, &resident) == 0 else { return 0 }
+    return Int64(resident.reduce(0) { $0 + Int($1 & 1) }) * Int64(pageSize)
 }
 
 /// `sync`, then drop clean page cache, dentries and inodes, so reads start cold.
