@@ -173,10 +173,12 @@ extension LoopRegistry {
 }
 
 /// `cleanupStaleDevices`, run on the library's own threads.
-public func cleanupStaleDevices(prefix: String = "wrenn-", includingUnownedDevices: Bool = false) async -> StaleCleanupReport {
+public func cleanupStaleDevices(
+    prefix: String = "wrenn-", includingUnownedDevices: Bool = false, dryRun: Bool = false
+) async -> StaleCleanupReport {
     do {
         return try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in
-            cleanupStaleDevices(prefix: prefix, includingUnownedDevices: includingUnownedDevices)
+            cleanupStaleDevices(prefix: prefix, includingUnownedDevices: includingUnownedDevices, dryRun: dryRun)
         }
     } catch {
         return StaleCleanupReport(failures: [.init(name: "*", error: error)])  // Not reached: cleanup reports, never throws.

@@ -52,7 +52,12 @@ private let cleanupLogger = Logger(label: "DeviceMapper.cleanupStaleDevices")
 /// `includingUnownedDevices` also removes snapshot devices with the prefix that carry no
 /// UUID, as an older agent made them: for a one-time migration. Devices with another
 /// UUID are never touched.
-public func cleanupStaleDevices(prefix: String = "wrenn-", includingUnownedDevices: Bool = false) -> StaleCleanupReport {
+///
+/// With `dryRun`, nothing is removed: the report lists in `removed` what a real run would
+/// remove, classified by the same rule.
+public func cleanupStaleDevices(
+    prefix: String = "wrenn-", includingUnownedDevices: Bool = false, dryRun: Bool = false
+) -> StaleCleanupReport {
     var report = StaleCleanupReport()
     let devices: [DMListedDevice]
     do {
@@ -81,6 +86,10 @@ public func cleanupStaleDevices(prefix: String = "wrenn-", includingUnownedDevic
             guard info.openCount == 0 else {
                 report.inUse.append(.init(name: device.name, openCount: Int(info.openCount)))
                 cleanupLogger.info("device in use left alone", metadata: ["name": "\(name)", "openCount": "\(info.openCount)"])
+                continue
+            }
+            if dryRun {
+                report.removed.append(device.name)
                 continue
             }
             let cowLoop = table.first.flatMap { SnapshotTableParameters($0.parameters) }.flatMap { cowLoopDevice($0.cow) }

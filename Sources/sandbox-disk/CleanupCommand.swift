@@ -44,9 +44,7 @@ struct Cleanup: ParsableCommand {
 
     func run() throws {
         common.setUp()
-        let report = dryRun
-            ? classifyStaleDevices(prefix: prefix, includingUnownedDevices: includeUnowned)
-            : CleanupOutcome(cleanupStaleDevices(prefix: prefix, includingUnownedDevices: includeUnowned))
+        let report = CleanupOutcome(cleanupStaleDevices(prefix: prefix, includingUnownedDevices: includeUnowned, dryRun: dryRun))
 
         if common.json {
             printOutput(JSON.object([
@@ -96,8 +94,7 @@ struct Cleanup: ParsableCommand {
     }
 }
 
-/// A cleanup's report: `StaleCleanupReport`'s fields, for a real run or a dry run (the
-/// library's report has no public initialiser).
+/// A cleanup's report, in the shape this command prints.
 struct CleanupOutcome {
     var removed: [String] = []
     var inUse: [(name: String, openCount: Int)] = []
@@ -108,8 +105,6 @@ struct CleanupOutcome {
     /// Nothing failed and nothing was left attached, as `StaleCleanupReport.isClean`.
     var isClean: Bool { failures.isEmpty && stillAttachedLoopDevices.isEmpty }
 
-    init() {}
-
     init(_ report: StaleCleanupReport) {
         removed = report.removed
         inUse = report.inUse.map { ($0.name, $0.openCount) }
@@ -117,59 +112,4 @@ struct CleanupOutcome {
         failures = report.failures.map { ($0.name, $0.error) }
         stillAttachedLoopDevices = report.stillAttachedLoopDevices.map(\.path.string)
     }
-}
-
-/// What `cleanupStaleDevices(prefix:includingUnownedDevices:)` would do, without removing
-/// anything.
-///
-/// This is the library's rule (Sources/DeviceMapper/StaleCleanup.swift), step for step, on
-/// its public calls, and must stay identical to it: for each device-mapper device whose name
-/// starts with `prefix` and is a valid name, read its info (gone: skip); if its UUID does not
-/// start with `SnapshotDevice.uuidPrefix`, and it is not (with `includingUnownedDevices`) a
-/// device without a UUID, it is left alone, and reported as not owned if its table is one
-/// `snapshot` target; otherwise a device whose table is not one `snapshot` target is skipped;
-/// an open one (open count above 0) is in use; the rest would be removed. A device that
-/// vanishes while it is looked at counts as removed, as it does in the library; any other
-/// error is a failure. Nothing is removed, so no loop device is left attached.
-func classifyStaleDevices(prefix: String, includingUnownedDevices: Bool) -> CleanupOutcome {
-    var report = CleanupOutcome()
-    let devices: [DMListedDevice]
-    do {
-        devices = try DeviceMapperControl.list(withTargetTypes: false)
-    } catch {
-        report.failures.append(("*", error))
-        return report
-    }
-    for device in devices where device.name.hasPrefix(prefix) {
-        guard let name = try? DeviceName(device.name) else { continue }
-        do throws(DeviceMapperError) {
-            guard let info = try DeviceMapperControl.info(name: name) else { continue }  // Gone meanwhile.
-            let owned = info.uuid?.hasPrefix(SnapshotDevice.uuidPrefix) ?? false
-            guard owned || (includingUnownedDevices && info.uuid == nil) else {
-                if isSnapshot(try DeviceMapperControl.table(name: name)) {
-                    report.notOwned.append(device.name)
-                }
-                continue
-            }
-            let table = try DeviceMapperControl.table(name: name)
-            guard isSnapshot(table) else { continue }
-            guard info.openCount == 0 else {
-                report.inUse.append((device.name, Int(info.openCount)))
-                continue
-            }
-            report.removed.append(device.name)
-        } catch where error.code == .deviceNotFound {
-            report.removed.append(device.name)
-        } catch where error.errno == .resourceBusy {
-            report.inUse.append((device.name, 0))
-        } catch {
-            report.failures.append((device.name, error))
-        }
-    }
-    return report
-}
-
-/// Whether a table is one `snapshot` target.
-private func isSnapshot(_ table: [DMTarget]) -> Bool {
-    table.count == 1 && table.first?.type == "snapshot"
 }
