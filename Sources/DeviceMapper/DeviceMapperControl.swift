@@ -27,8 +27,22 @@ public struct DMUdevFlags: OptionSet, Hashable, Sendable {
     /// In: no subsystem rules (`DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG`).
     public static let disableSubsystemRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG))
 
-    /// What sandbox devices use: udev makes the node and scans nothing.
-    public static let sandboxDevice: DMUdevFlags = [.disableDiskRules, .disableOtherRules, .disableSubsystemRules]
+    /// In: udev's device-mapper rules make no `/dev/mapper/<name>` symlink
+    /// (`DM_UDEV_DISABLE_DM_RULES_FLAG`); the library makes and removes the node itself,
+    /// so no call waits for udev's event processing.
+    public static let disableDeviceMapperRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_DM_RULES_FLAG))
+
+    /// What sandbox devices use: udev runs none of its rules for them and makes no node;
+    /// the library makes the node. udev still completes each event's cookie, in the background.
+    public static let sandboxDevice: DMUdevFlags = [
+        .disableDeviceMapperRules, .disableDiskRules, .disableOtherRules, .disableSubsystemRules,
+    ]
+
+    /// Whether udev makes and removes the `/dev/mapper` node of a device with these flags:
+    /// only where libdevmapper syncs with udev, and its device-mapper rules are not disabled.
+    var udevMakesNode: Bool {
+        Libdevmapper.syncsWithUdev && !contains(.disableDeviceMapperRules)
+    }
 }
 
 /// How `DeviceMapperControl.remove` retries a device that is busy.
@@ -102,10 +116,11 @@ public enum DeviceMapperControl {
     /// Three tasks, so that each step's errno reaches the caller (libdevmapper's
     /// one-call create-with-table loses it): `DM_DEVICE_CREATE`, `DM_DEVICE_RELOAD`
     /// with the table, and `DM_DEVICE_RESUME` with a udev cookie. `/dev/mapper/<name>`
-    /// exists when this returns: where udev runs, udev makes it and this waits for the node,
-    /// not for udev's other rules (the cookie is completed in the background); where it does
-    /// not, the library makes it. If the load or resume fails, or udev makes no node within
-    /// `udevTimeoutMilliseconds` (`.udevTimeout`), the new device is removed.
+    /// exists when this returns: the library makes it, unless `udevFlags` leave udev's
+    /// device-mapper rules on where udev runs; then udev makes it and this waits for the
+    /// node (not for udev's other rules). The udev cookie is completed in the background.
+    /// If the load or resume fails, or udev makes no node within `udevTimeoutMilliseconds`
+    /// (`.udevTimeout`), the new device is removed.
     /// A name (or `uuid`) already in use fails with `.fileExists` (`EEXIST`; the kernel says
     /// `EBUSY`). If the new device cannot be removed after a failure, the error's
     /// `rollbackErrors` says so: the device may still exist and hold its table's devices.
@@ -148,7 +163,7 @@ public enum DeviceMapperControl {
                 throw DeviceMapperError(code: .unexpectedKernelOutput, operation: "dm_task_get_info(DM_DEVICE_RESUME)",
                                         subject: name.rawValue, detail: "the device was created but reports no info")
             }
-            if Libdevmapper.syncsWithUdev {
+            if udevFlags.udevMakesNode {
                 guard poll(until: deadline, { DeviceNodes.isPresent(name, number: info.number) }) else {
                     throw udevDidNotAnswer(name, making: true)
                 }
@@ -179,10 +194,10 @@ public enum DeviceMapperControl {
     /// (`ENXIO`). With `deferred`, a busy device is removed by the kernel when its
     /// last opener closes it, and the call returns at once.
     ///
-    /// `/dev/mapper/<name>` is gone when this returns: where udev runs, this waits for
-    /// udev to remove it, up to `udevTimeoutMilliseconds`, and past that removes it itself
-    /// and fails with `.udevTimeout` (the device itself is removed); where udev does not
-    /// run, the library removes it.
+    /// `/dev/mapper/<name>` is gone when this returns: the library removes it, unless udev
+    /// makes the node (see `create`); then this waits for udev to remove it, up to
+    /// `udevTimeoutMilliseconds`, and past that removes it itself and fails with
+    /// `.udevTimeout` (the device itself is removed).
     /// The corresponding ioctl is `DM_DEV_REMOVE`.
     public static func remove(
         name: DeviceName, deferred: Bool = false, retry: BusyRetryPolicy = .default,
@@ -201,7 +216,7 @@ public enum DeviceMapperControl {
                 let deadline = MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds)
                 UdevCookieReaper.shared.hand(cookie, deadline: deadline)
                 guard let number else { return }  // No node to wait for or remove.
-                if !Libdevmapper.syncsWithUdev {
+                if !udevFlags.udevMakesNode {
                     DeviceNodes.remove(name, number: number)
                 } else if !deferred {
                     // udev removes the node once the kernel's remove event reaches it; a

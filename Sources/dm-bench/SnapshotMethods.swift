@@ -198,12 +198,17 @@ struct SnapshotMaker: Sendable {
         }
     }
 
-    /// After a remove: no node, no device, and the CoW loop device detached.
+    /// After a remove: no node, no device, and the CoW loop device detached. With udev
+    /// running, a udev worker that scans the loop device may hold it a moment after its
+    /// snapshot is gone, which delays autoclear: that is waited for, up to 5 s, untimed.
     func checkRemoved(_ snapshot: MadeSnapshot) throws(BenchError) {
         var status = stat()
         let node = "/dev/mapper/\(snapshot.name)"
         guard lstat(node, &status) != 0 else {
             throw BenchError("\(snapshot.method.label): \(node) still exists after remove")
+        }
+        for _ in 0..<500 where loopBackingFile(snapshot.cowLoopIndex) == snapshot.cowPath.string {
+            usleep(10_000)
         }
         if loopBackingFile(snapshot.cowLoopIndex) == snapshot.cowPath.string {
             throw BenchError("\(snapshot.method.label): /dev/loop\(snapshot.cowLoopIndex) is still attached to "

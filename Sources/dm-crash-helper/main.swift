@@ -7,7 +7,7 @@
 //                           [--block N] [--write DATA_FILE@OFFSET]...
 //   dm-crash-helper list-owned PREFIX
 //   dm-crash-helper remove NAME
-//   dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS
+//   dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS (library-node|udev-node)
 //
 // `list-owned` and `remove` play an agent that restarted: a fresh process that adopts the
 // live devices the library made. `list-owned` prints one line per owned device whose name
@@ -16,7 +16,8 @@
 //
 // `udev-probe` runs one DeviceMapperControl call in a fresh process, so that libdevmapper
 // decides afresh whether udev runs: `create` makes a 8-sector `zero` device, `remove`
-// removes device NAME, with DeviceMapperControl.udevTimeoutMilliseconds = TIMEOUT_MS. It
+// removes device NAME, with DeviceMapperControl.udevTimeoutMilliseconds = TIMEOUT_MS and
+// the sandbox udev flags (`library-node`) or the same with udev's dm rules on (`udev-node`). It
 // then waits (up to 3 x TIMEOUT_MS) for the library to finish with every udev cookie, and
 // prints `result=ok` or `result=<error code>`, `exists=0|1`, `node=0|1` (whether
 // /dev/mapper/NAME is there) and `pending_cookies=N`, one per line. Exit 0.
@@ -66,7 +67,7 @@ func usage() -> Never {
           dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock [--block N] [--write FILE@OFFSET]...
           dm-crash-helper list-owned PREFIX
           dm-crash-helper remove NAME
-          dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS
+          dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS (library-node|udev-node)
         """, status: 2)
 }
 
@@ -140,16 +141,19 @@ func runAdoption(_ arguments: [String]) -> Never {
 
 /// `udev-probe`: one create or remove under a chosen udev timeout, and what it left.
 func runUdevProbe(_ arguments: [String]) -> Never {
-    guard arguments.count == 4, ["create", "remove"].contains(arguments[1]), let timeout = UInt32(arguments[3]),
-          let name = try? DeviceName(arguments[2])
+    guard arguments.count == 5, ["create", "remove"].contains(arguments[1]), let timeout = UInt32(arguments[3]),
+          let name = try? DeviceName(arguments[2]), ["library-node", "udev-node"].contains(arguments[4])
     else { usage() }
+    // The sandbox flags (the library makes the node), or the same with udev's device-mapper rules on.
+    let flags: DMUdevFlags = arguments[4] == "library-node" ? .sandboxDevice : [.disableDiskRules, .disableOtherRules, .disableSubsystemRules]
     DeviceMapperControl.udevTimeoutMilliseconds = timeout
     var result = "ok"
     do {
         if arguments[1] == "create" {
-            try DeviceMapperControl.create(name: name, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
+            try DeviceMapperControl.create(
+                name: name, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")], udevFlags: flags)
         } else {
-            try DeviceMapperControl.remove(name: name)
+            try DeviceMapperControl.remove(name: name, udevFlags: flags)
         }
     } catch {
         result = "\(error.code)"

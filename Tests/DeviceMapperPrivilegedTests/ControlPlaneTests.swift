@@ -86,8 +86,10 @@ final class ControlPlaneTests: PrivilegedTestCase {
     /// udev looks alive (`/run/udev/control` exists) but does not answer: in the `--udev`
     /// run systemd-udevd is stopped with SIGSTOP; in the plain run a fake control file
     /// stands in. A fresh process (libdevmapper decides once per process whether udev runs)
-    /// then creates and removes: each returns within the deadline with `.udevTimeout`, the
-    /// half-made device is gone, and every udev semaphore is destroyed.
+    /// then creates and removes. With the sandbox flags the library makes the node, so both
+    /// succeed without udev; with udev's device-mapper rules on, each returns within the
+    /// deadline with `.udevTimeout` and nothing half-made. Either way every udev semaphore
+    /// is destroyed.
     func testCreateAndRemoveNeverHangWhenUdevDoesNotAnswer() throws {
         XCTAssertTrue(udevCookiesSettled(timeoutMilliseconds: 30_000), "earlier tests' cookies")
         let semaphoresBefore = try semaphoreCount()
@@ -99,20 +101,26 @@ final class ControlPlaneTests: PrivilegedTestCase {
         let silence = try UdevSilence()
         defer { silence.end() }
         let started = Date()
-        let create = try udevProbe("create", deviceName("silent"))
+        let create = try udevProbe("create", deviceName("silent"), .udevNode)
         XCTAssertEqual(create["result"], "udev did not answer in time", "\(create)")
         XCTAssertEqual(create["exists"], "0", "the half-made device is removed again")
         XCTAssertEqual(create["node"], "0")
         XCTAssertEqual(create["pending_cookies"], "0")
 
-        let remove = try udevProbe("remove", survivor.rawValue)
+        let remove = try udevProbe("remove", survivor.rawValue, .udevNode)
         XCTAssertEqual(remove["result"], "udev did not answer in time", "\(remove)")
         XCTAssertEqual(remove["exists"], "0", "the device itself is removed")
         XCTAssertEqual(remove["node"], "0", "the library removed the node udev did not")
         XCTAssertEqual(remove["pending_cookies"], "0")
         survivorRemoved = true
+
+        let libraryCreate = try udevProbe("create", deviceName("quiet"), .libraryNode)
+        XCTAssertEqual(libraryCreate, ["result": "ok", "exists": "1", "node": "1", "pending_cookies": "0"])
+        let libraryRemove = try udevProbe("remove", deviceName("quiet"), .libraryNode)
+        XCTAssertEqual(libraryRemove, ["result": "ok", "exists": "0", "node": "0", "pending_cookies": "0"])
         XCTAssertLessThan(Date().timeIntervalSince(started), 120, "bounded by the deadlines, not hung")
         silence.end()
+        XCTAssertTrue(udevCookiesSettled(timeoutMilliseconds: 30_000))
         XCTAssertTrue(eventually(10) { (try? self.semaphoreCount()) == semaphoresBefore },
                       "no udev semaphore leaked: \(semaphoresBefore) before, \((try? semaphoreCount()) ?? -1) after")
         XCTAssertEqual(try devices(withPrefix: prefix), [])
@@ -214,9 +222,15 @@ final class ControlPlaneTests: PrivilegedTestCase {
         return text.split(separator: "\n").count - 1
     }
 
+    /// Who makes the probe's node: the library (the sandbox flags) or udev (its dm rules on).
+    enum NodeMaker: String {
+        case libraryNode = "library-node"
+        case udevNode = "udev-node"
+    }
+
     /// Runs `dm-crash-helper udev-probe` with a 2 s udev timeout; returns its `key=value` lines.
-    func udevProbe(_ call: String, _ name: String) throws -> [String: String] {
-        let output = try CrashHelper.run(["udev-probe", call, name, "2000"])
+    func udevProbe(_ call: String, _ name: String, _ maker: NodeMaker) throws -> [String: String] {
+        let output = try CrashHelper.run(["udev-probe", call, name, "2000", maker.rawValue])
         var fields: [String: String] = [:]
         for line in output.split(separator: "\n") {
             guard let equals = line.firstIndex(of: "=") else { continue }
