@@ -42,7 +42,7 @@ struct Inspect: ParsableCommand {
         } catch {
             recordError = error
         }
-        let attachment = storeAttachment(identity.identity)
+        let attachment = storeHolder(identity.identity)
 
         if common.json {
             printOutput(JSON.object([
@@ -59,7 +59,7 @@ struct Inspect: ParsableCommand {
                 "origin_record_error": .string(recordError?.description),
                 "attached": .bool(attachment != nil),
                 "loop_device": .string(attachment?.loop.path.string),
-                "holders": .array((attachment?.holders ?? []).map { .string($0) }),
+                "holders": .array((attachment?.deviceMapperHolders ?? []).map { .string($0) }),
             ]).document)
             return
         }
@@ -132,7 +132,7 @@ struct Verify: ParsableCommand {
             checks.append(originCheck(file))
             do {
                 let identity = try fileStatus(path).identity
-                if let attachment = storeAttachment(identity) {
+                if let attachment = storeHolder(identity) {
                     checks.append(Check(name: "in_use", result: .fail, detail: inUseText(attachment)))
                 } else {
                     checks.append(Check(name: "in_use", result: .pass, detail: "not attached to any loop device"))
@@ -210,75 +210,18 @@ func fileStatus(_ path: FilePath) throws(DeviceMapperError) -> (identity: FileId
     return (FileIdentity(device: UInt64(status.st_dev), inode: UInt64(status.st_ino)), Int64(status.st_blocks) * 512)
 }
 
-/// A loop device attached to a store, and the device-mapper devices that hold it.
-struct StoreAttachment {
-    var loop: LoopDevice
-    /// Names of the devices in `/sys/block/loopN/holders` (a snapshot over the store).
-    var holders: [String]
-}
-
-/// The loop device attached to the file `identity`, if any: matched by device and inode
-/// (`LOOP_GET_STATUS64`), or, where the loop device cannot be opened, by the identity of
-/// the path sysfs names, as the library's in-use check does.
-func storeAttachment(_ identity: FileIdentity) -> StoreAttachment? {
-    for attachment in attachedLoopDevices() {
-        var backing: FileIdentity?
-        if let status = try? loopDeviceStatus(attachment.device.path) {
-            backing = status.backingFile
-        } else {
-            backing = try? fileStatus(attachment.backingFile).identity
-        }
-        guard backing == identity else { continue }
-        let holders = directoryEntries("/sys/block/loop\(attachment.device.index)/holders").map { kernelName in
-            readSysfs("/sys/block/\(kernelName)/dm/name") ?? kernelName
-        }
-        return StoreAttachment(loop: attachment.device, holders: holders.sorted())
-    }
-    return nil
-}
-
-func attachmentText(_ attachment: StoreAttachment?) -> String {
+func attachmentText(_ attachment: StoreHolder?) -> String {
     guard let attachment else { return "no: no loop device holds it" }
-    if attachment.holders.isEmpty {
+    if attachment.deviceMapperHolders.isEmpty {
         return "yes: \(attachment.loop.path), which no device-mapper device holds (being released, or attached by other code)"
     }
-    return "yes: \(attachment.loop.path), held by \(attachment.holders.joined(separator: ", "))"
+    return "yes: \(attachment.loop.path), held by \(attachment.deviceMapperHolders.joined(separator: ", "))"
 }
 
 /// Why an attached store cannot be resumed, for `verify`.
-func inUseText(_ attachment: StoreAttachment) -> String {
-    let holder = attachment.holders.isEmpty
+func inUseText(_ attachment: StoreHolder) -> String {
+    let holder = attachment.deviceMapperHolders.isEmpty
         ? "which no device-mapper device holds (being released, or attached by other code)"
-        : "held by \(attachment.holders.joined(separator: ", ")): a live snapshot uses it"
+        : "held by \(attachment.deviceMapperHolders.joined(separator: ", ")): a live snapshot uses it"
     return "in use: attached to \(attachment.loop.path), \(holder); a store may be attached once only"
-}
-
-/// The names in a directory, without `.` and `..`; empty if it cannot be read.
-func directoryEntries(_ path: String) -> [String] {
-    guard let directory = opendir(path) else { return [] }
-    defer { closedir(directory) }
-    var names: [String] = []
-    while let entry = readdir(directory) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { bytes in
-            String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
-        }
-        if name != "." && name != ".." { names.append(name) }
-    }
-    return names
-}
-
-/// A small sysfs file's text without its trailing newline; nil if it cannot be read.
-func readSysfs(_ path: String) -> String? {
-    guard let file = fopen(path, "r") else { return nil }
-    defer { fclose(file) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let count = buffer.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, file) }
-        if count == 0 { break }
-        bytes += buffer.prefix(count)
-    }
-    var text = String(decoding: bytes, as: UTF8.self)
-    while text.hasSuffix("\n") { text.removeLast() }
-    return text
 }
