@@ -262,11 +262,36 @@ final class UdevSilence {
         }
     }
 
+    /// Lets udev go on. A udev whose workers were stopped mid-event does not always recover
+    /// (later events then time out), so it is restarted as an operator would: asked to exit,
+    /// started again (`systemd-udevd --daemon`), and settled.
     func end() {
         guard !ended else { return }
         ended = true
-        for pid in stopped { kill(pid, SIGCONT) }
         if madeControlFile { try? FileManager.default.removeItem(atPath: "/run/udev") }
+        guard !stopped.isEmpty else { return }
+        for pid in stopped { kill(pid, SIGCONT) }
+        _ = Self.run("/bin/udevadm", ["control", "--exit"])
+        let deadline = Date().addingTimeInterval(30)
+        while !udevProcesses().isEmpty, Date() < deadline { usleep(100_000) }
+        for pid in udevProcesses() { kill(pid, SIGKILL) }
+        while !udevProcesses().isEmpty, Date() < deadline.addingTimeInterval(10) { usleep(100_000) }
+        let candidates: [String] = ["/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd"]
+        let daemon = candidates.first { FileManager.default.isExecutableFile(atPath: $0) }
+        if let daemon { _ = Self.run(daemon, ["--daemon", "--resolve-names=never"]) }
+        _ = Self.run("/bin/udevadm", ["settle", "--timeout=60"])
+    }
+
+    /// Runs a tool to its end; its exit status, or -1 if it could not start.
+    private static func run(_ path: String, _ arguments: [String]) -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        do { try process.run() } catch { return -1 }
+        process.waitUntilExit()
+        return process.terminationStatus
     }
 
     private func udevProcesses() -> [pid_t] {
