@@ -84,8 +84,8 @@ final class ControlPlaneTests: PrivilegedTestCase {
     // MARK: - udev that does not answer
 
     /// udev looks alive (`/run/udev/control` exists) but does not answer: in the `--udev`
-    /// run systemd-udevd is stopped with SIGSTOP; in the plain run a fake control file
-    /// stands in. A fresh process (libdevmapper decides once per process whether udev runs)
+    /// run systemd-udevd's event execution is stopped (`udevadm control --stop-exec-queue`);
+    /// in the plain run a fake control file stands in. A fresh process (libdevmapper decides once per process whether udev runs)
     /// then creates and removes. With the sandbox flags the library makes the node, so both
     /// succeed without udev; with udev's device-mapper rules on, each returns within the
     /// deadline with `.udevTimeout` and nothing half-made. Either way every udev semaphore
@@ -240,19 +240,20 @@ final class ControlPlaneTests: PrivilegedTestCase {
     }
 }
 
-/// Makes udev look alive but not answer, until `end()`: stops every systemd-udevd process
-/// (SIGSTOP) where udev runs; else creates `/run/udev/control`, which is all libdevmapper
-/// checks, and removes it again.
+/// Makes udev look alive but not answer, until `end()`: where udev runs, stops its event
+/// execution (`udevadm control --stop-exec-queue`: events queue up, nothing is processed);
+/// else creates `/run/udev/control`, which is all libdevmapper checks, and removes it again.
 final class UdevSilence {
-    private var stopped: [pid_t] = []
+    private var stoppedQueue = false
     private var madeControlFile = false
     private var ended = false
 
     init() throws {
         if access("/run/udev/control", F_OK) == 0 {
-            stopped = udevProcesses()
-            guard !stopped.isEmpty else { throw HelperError(description: "/run/udev/control exists but no systemd-udevd runs") }
-            for pid in stopped { kill(pid, SIGSTOP) }
+            guard Self.run("/bin/udevadm", ["control", "--stop-exec-queue"]) == 0 else {
+                throw HelperError(description: "udevadm control --stop-exec-queue failed")
+            }
+            stoppedQueue = true
         } else {
             try FileManager.default.createDirectory(atPath: "/run/udev", withIntermediateDirectories: true)
             guard FileManager.default.createFile(atPath: "/run/udev/control", contents: nil) else {
@@ -262,27 +263,18 @@ final class UdevSilence {
         }
     }
 
-    /// Lets udev go on. A udev whose workers were stopped mid-event does not always recover
-    /// (later events then time out), so it is restarted as an operator would: asked to exit,
-    /// started again (`systemd-udevd --daemon`), and settled.
+    /// Lets udev go on: its queued events run, and this waits (up to 60 s) until they have.
     func end() {
         guard !ended else { return }
         ended = true
         if madeControlFile { try? FileManager.default.removeItem(atPath: "/run/udev") }
-        guard !stopped.isEmpty else { return }
-        for pid in stopped { kill(pid, SIGCONT) }
-        _ = Self.run("/bin/udevadm", ["control", "--exit"])
-        let deadline = Date().addingTimeInterval(30)
-        while !udevProcesses().isEmpty, Date() < deadline { usleep(100_000) }
-        for pid in udevProcesses() { kill(pid, SIGKILL) }
-        while !udevProcesses().isEmpty, Date() < deadline.addingTimeInterval(10) { usleep(100_000) }
-        let candidates: [String] = ["/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd"]
-        let daemon = candidates.first { FileManager.default.isExecutableFile(atPath: $0) }
-        if let daemon { _ = Self.run(daemon, ["--daemon", "--resolve-names=never"]) }
-        _ = Self.run("/bin/udevadm", ["settle", "--timeout=60"])
+        if stoppedQueue {
+            _ = Self.run("/bin/udevadm", ["control", "--start-exec-queue"])
+            _ = Self.run("/bin/udevadm", ["settle", "--timeout=60"])
+        }
     }
 
-    /// Runs a tool to its end; its exit status, or -1 if it could not start.
+    /// Runs a short tool to its end; its exit status, or -1 if it could not start.
     private static func run(_ path: String, _ arguments: [String]) -> Int32 {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
@@ -292,17 +284,6 @@ final class UdevSilence {
         do { try process.run() } catch { return -1 }
         process.waitUntilExit()
         return process.terminationStatus
-    }
-
-    private func udevProcesses() -> [pid_t] {
-        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-        return entries.compactMap { entry -> pid_t? in
-            guard let pid = pid_t(entry),
-                  let comm = try? String(contentsOfFile: "/proc/\(entry)/comm", encoding: .utf8)
-            else { return nil }
-            let name = comm.trimmingCharacters(in: .whitespacesAndNewlines)
-            return name == "systemd-udevd" || name == "(udev-worker)" ? pid : nil
-        }
     }
 }
 
