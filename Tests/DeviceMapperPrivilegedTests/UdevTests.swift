@@ -76,6 +76,17 @@ final class UdevTests: PrivilegedTestCase {
     /// makes the node where it runs (a symlink to `../dm-N`), and create waits for it;
     /// without udev the library makes it all the same.
     func testUdevMakesTheNodeWhenItsDeviceMapperRulesAreOn() throws {
+        // Sandbox devices do not wait for udev, so earlier tests may have left udev a long
+        // queue of events (each spawns `dmsetup` under emulation): let it drain first, or
+        // this create's node would wait behind them past its deadline.
+        if udevControlSocketExists {
+            let settle = Process()
+            settle.executableURL = URL(fileURLWithPath: "/bin/udevadm")
+            settle.arguments = ["settle", "--timeout=300"]
+            try settle.run()
+            settle.waitUntilExit()
+            XCTAssertEqual(settle.terminationStatus, 0, "udevadm settle")
+        }
         let flags: DMUdevFlags = [.disableDiskRules, .disableOtherRules, .disableSubsystemRules]
         let zero = DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")
         for index in 0..<3 {
