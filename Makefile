@@ -8,7 +8,7 @@ SWIFT ?= swift
 XCTEST_BUNDLE := .build/debug/DeviceMapperPackageTests.xctest
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build test unit-test privileged-test privileged-test-udev sanitize fuzz bench clean
+.PHONY: all deps build lint test unit-test privileged-test privileged-test-udev sanitize fuzz bench clean
 
 all: build
 
@@ -20,7 +20,11 @@ build: deps
 
 # Unit tests first (no root, no device-mapper), then the privileged suite against
 # a real kernel, then the udev variant, the sanitizers and the fuzzer.
-test: deps
+# The formatter's lint, with the committed .swift-format (swift format ships with the toolchain).
+lint:
+	$(SWIFT) format lint --strict --recursive --parallel Sources Tests Package.swift
+
+test: deps lint
 	$(SWIFT) build --build-tests
 	$(MAKE) --no-print-directory unit-test privileged-test privileged-test-udev sanitize fuzz
 	@bash scripts/test-summary.sh .build/unit-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log

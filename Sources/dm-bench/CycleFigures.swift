@@ -2,12 +2,13 @@
 // interleaved round by round so that a slow patch of the machine hits all alike.
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Latencies of one method, in nanoseconds.
 struct MethodSamples {
@@ -50,27 +51,30 @@ extension Bench {
                 + "origin \(formatBytes(origin.sizeBytes)))",
             operations: [("create", \.create), ("remove", \.remove), ("create+remove", \.cycle)],
             samples: samples, figure: "create-remove", parameters: [])
-        section.notes.append("p50 / library: how many times the library's p50 the method's p50 is (above 1: the library is faster).")
+        section.notes.append(
+            "p50 / library: how many times the library's p50 the method's p50 is (above 1: the library is faster).")
         report.add(section)
 
         let library = samples[.library].flatMap { LatencySummary(nanoseconds: $0.cycle) }
         if methods.contains(.subprocess) {
             let baseline = samples[.subprocess].flatMap { LatencySummary(nanoseconds: $0.cycle) }
             let ratio = ratioOf(baseline?.p50Milliseconds, library?.p50Milliseconds)
-            report.add(TargetCheck(
-                name: "library create+remove p50 vs subprocess",
-                target: ">= 12x faster",
-                measured: ratio.map { fixed($0, 1) + "x faster" } ?? "n/a",
-                met: ratio.map { $0 >= 12 }))
+            report.add(
+                TargetCheck(
+                    name: "library create+remove p50 vs subprocess",
+                    target: ">= 12x faster",
+                    measured: ratio.map { fixed($0, 1) + "x faster" } ?? "n/a",
+                    met: ratio.map { $0 >= 12 }))
         }
         if methods.contains(.c) {
             let baseline = samples[.c].flatMap { LatencySummary(nanoseconds: $0.cycle) }
             let ratio = ratioOf(library?.p50Milliseconds, baseline?.p50Milliseconds)
-            report.add(TargetCheck(
-                name: "library create+remove p50 vs minimal C",
-                target: "<= 1.10x the C time",
-                measured: ratio.map { fixed($0, 3) + "x" } ?? "n/a",
-                met: ratio.map { $0 <= 1.10 }))
+            report.add(
+                TargetCheck(
+                    name: "library create+remove p50 vs minimal C",
+                    target: "<= 1.10x the C time",
+                    measured: ratio.map { fixed($0, 3) + "x" } ?? "n/a",
+                    met: ratio.map { $0 <= 1.10 }))
         }
     }
 
@@ -112,10 +116,11 @@ extension Bench {
             title: "Restore, ms (reattach a kept CoW file and recreate the device; \(cyclesDescription(methods)))",
             operations: [("restore", \.create), ("remove", \.remove)],
             samples: samples, figure: "restore", parameters: [])
-        section.notes.append(methods.contains(.subprocess)
-            ? "The subprocess restore is `losetup --find --show` + `dmsetup create`; the library and C also read "
-                + "and check the CoW header and ask whether the name is taken."
-            : "The subprocess baseline runs here only when --baseline subprocess is given.")
+        section.notes.append(
+            methods.contains(.subprocess)
+                ? "The subprocess restore is `losetup --find --show` + `dmsetup create`; the library and C also read "
+                    + "and check the CoW header and ask whether the name is taken."
+                : "The subprocess baseline runs here only when --baseline subprocess is given.")
         report.add(section)
     }
 
@@ -146,8 +151,9 @@ extension Bench {
         var parts: [String] = []
         let fast = methods.filter { $0 != .subprocess }
         if !fast.isEmpty {
-            parts.append("\(fast.map(\.label).joined(separator: " and ")): \(options.iterations) cycles each "
-                + "after \(options.warmup) warm-up")
+            parts.append(
+                "\(fast.map(\.label).joined(separator: " and ")): \(options.iterations) cycles each "
+                    + "after \(options.warmup) warm-up")
         }
         if methods.contains(.subprocess) {
             let plan = plan(for: .subprocess)
@@ -162,11 +168,14 @@ extension Bench {
         samples: [Method: MethodSamples], figure: String, parameters: [(String, JSONValue)],
         firstColumn: String = "operation"
     ) -> TableSection {
-        var section = TableSection(title: title, header: [firstColumn, "method", "p50", "p90", "p99", "mean", "p50 / library"])
+        var section = TableSection(
+            title: title, header: [firstColumn, "method", "p50", "p90", "p99", "mean", "p50 / library"])
         for (operation, path) in operations {
             let library = samples[.library].flatMap { LatencySummary(nanoseconds: $0[keyPath: path]) }
             for method in Method.allCases {
-                guard let summary = samples[method].flatMap({ LatencySummary(nanoseconds: $0[keyPath: path]) }) else { continue }
+                guard let summary = samples[method].flatMap({ LatencySummary(nanoseconds: $0[keyPath: path]) }) else {
+                    continue
+                }
                 let ratio = ratioOf(summary.p50Milliseconds, library?.p50Milliseconds)
                 section.rows.append([
                     operation, method.label,
@@ -174,14 +183,15 @@ extension Bench {
                     formatMilliseconds(summary.p99Milliseconds), formatMilliseconds(summary.meanMilliseconds),
                     method == .library ? "1.00x" : ratio.map { fixed($0, 2) + "x" } ?? "-",
                 ])
-                report.add(record: [
-                    ("figure", .string(figure)),
-                    ("operation", .string(operation)),
-                    ("method", .string(method.rawValue)),
-                ] + parameters + [
-                    ("latency", summary.json),
-                    ("p50_ratio_to_library", ratio.map(JSONValue.double) ?? .null),
-                ])
+                report.add(
+                    record: [
+                        ("figure", .string(figure)),
+                        ("operation", .string(operation)),
+                        ("method", .string(method.rawValue)),
+                    ] + parameters + [
+                        ("latency", summary.json),
+                        ("p50_ratio_to_library", ratio.map(JSONValue.double) ?? .null),
+                    ])
             }
         }
         return section

@@ -3,13 +3,14 @@
 
 import ArgumentParser
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Logging
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// A figure, or a group of them, named on the command line.
 enum Figure: String, CaseIterable, ExpressibleByArgument, Sendable {
@@ -119,12 +120,16 @@ struct DMBench: ParsableCommand {
     @Argument(help: "The figures to run (default: all).")
     var figures: [Figure] = []
 
-    @Option(help: ArgumentHelp("Measured cycles of the library and the C baseline in the cycle, restore and live figures "
-        + "(per method, per live level)."))
+    @Option(
+        help: ArgumentHelp(
+            "Measured cycles of the library and the C baseline in the cycle, restore and live figures "
+                + "(per method, per live level)."))
     var iterations = 50
 
-    @Option(help: ArgumentHelp("Measured cycles of the subprocess baseline (each spawns up to five processes, so "
-        + "fewer), spread evenly among the others' rounds."))
+    @Option(
+        help: ArgumentHelp(
+            "Measured cycles of the subprocess baseline (each spawns up to five processes, so "
+                + "fewer), spread evenly among the others' rounds."))
     var subprocessIterations = 20
 
     @Option(help: "Cycles run before each measurement and not counted (at most 2 for the subprocess baseline).")
@@ -133,27 +138,32 @@ struct DMBench: ParsableCommand {
     @Option(help: "Size of the origin image the cycle, restore, live, concurrency and stale figures snapshot (sparse).")
     var imageSize = ByteSize(1 << 30)
 
-    @Option(help: ArgumentHelp(
-        "A baseline to run beside the library, repeatable: subprocess (truncate, losetup, dmsetup), "
-            + "c (the library's calls in C), none (default: subprocess and c; the restore figure runs the "
-            + "subprocess baseline only when it is named here).",
-        valueName: "baseline"))
+    @Option(
+        help: ArgumentHelp(
+            "A baseline to run beside the library, repeatable: subprocess (truncate, losetup, dmsetup), "
+                + "c (the library's calls in C), none (default: subprocess and c; the restore figure runs the "
+                + "subprocess baseline only when it is named here).",
+            valueName: "baseline"))
     var baseline: [Baseline] = []
 
-    @Option(help: ArgumentHelp(
-        "Measure the live figure with N other snapshots of the same origin alive; repeatable. Live 0 is always "
-            + "measured as the reference (default: 500).",
-        valueName: "N"))
+    @Option(
+        help: ArgumentHelp(
+            "Measure the live figure with N other snapshots of the same origin alive; repeatable. Live 0 is always "
+                + "measured as the reference (default: 500).",
+            valueName: "N"))
     var live: [Int] = []
 
-    @Option(help: ArgumentHelp(
-        "Measure the concurrency figure with K threads creating and removing at once; repeatable. One thread is "
-            + "always measured as the reference (default: 4).",
-        valueName: "K"))
+    @Option(
+        help: ArgumentHelp(
+            "Measure the concurrency figure with K threads creating and removing at once; repeatable. One thread is "
+                + "always measured as the reference (default: 4).",
+            valueName: "K"))
     var concurrency: [Int] = []
 
-    @Option(help: ArgumentHelp("Create+remove cycles per concurrency level and method, shared among its threads "
-        + "(default: 40)."))
+    @Option(
+        help: ArgumentHelp(
+            "Create+remove cycles per concurrency level and method, shared among its threads "
+                + "(default: 40)."))
     var concurrencyCycles: Int?
 
     @Option(help: "Leftover snapshots the stale figure makes and cleans up.")
@@ -171,8 +181,10 @@ struct DMBench: ParsableCommand {
     @Option(help: "Runs of each flatten method per image.")
     var flattenRuns = 1
 
-    @Option(help: ArgumentHelp("The io figure's size: short (the default run's) or full (the default when io is named).",
-                               valueName: "short|full"))
+    @Option(
+        help: ArgumentHelp(
+            "The io figure's size: short (the default run's) or full (the default when io is named).",
+            valueName: "short|full"))
     var ioScale: String?
 
     @Flag(help: "Print JSON instead of the table: one object per line, one per figure, then one per target.")
@@ -181,9 +193,10 @@ struct DMBench: ParsableCommand {
     @Option(help: "Where the bench makes its files (default: $DM_TEST_TMPDIR, else /tmp).")
     var workDir: String?
 
-    @Flag(help: ArgumentHelp(
-        "Also sample the concurrency figure's threads' kernel stacks in an extra, untimed pass, "
-            + "and print where they wait."))
+    @Flag(
+        help: ArgumentHelp(
+            "Also sample the concurrency figure's threads' kernel stacks in an extra, untimed pass, "
+                + "and print where they wait."))
     var profile = false
 
     @Flag(help: "No progress line on stderr.")
@@ -224,8 +237,9 @@ struct DMBench: ParsableCommand {
             return handler
         }
         guard geteuid() == 0 else {
-            printError("dm-bench: needs root (it makes loop and device-mapper devices); "
-                + "scripts/bench.sh runs it as root, in a VM if this kernel has no device-mapper")
+            printError(
+                "dm-bench: needs root (it makes loop and device-mapper devices); "
+                    + "scripts/bench.sh runs it as root, in a VM if this kernel has no device-mapper")
             throw ExitCode(2)
         }
         do {
@@ -278,7 +292,8 @@ struct DMBench: ParsableCommand {
     }
 
     private func resolvedOptions() -> BenchOptions {
-        var figures = self.figures.isEmpty || self.figures.contains(.all)
+        var figures =
+            self.figures.isEmpty || self.figures.contains(.all)
             ? Figure.runOrder : Figure.runOrder.filter { self.figures.contains($0) }
         if figures.isEmpty { figures = Figure.runOrder }
         let baselines = baseline.isEmpty ? [.subprocess, .c] : baseline.filter { $0 != .none }
@@ -353,13 +368,14 @@ final class Bench {
         self.workspace = workspace
         self.progress = progress
         func methodList(_ baselines: [Baseline]) -> [Method] {
-            [.library] + baselines.compactMap { baseline in
-                switch baseline {
-                case .subprocess: .subprocess
-                case .c: .c
-                case .none: nil
+            [.library]
+                + baselines.compactMap { baseline in
+                    switch baseline {
+                    case .subprocess: .subprocess
+                    case .c: .c
+                    case .none: nil
+                    }
                 }
-            }
         }
         methods = methodList(options.baselines)
         restoreMethods = methodList(options.restoreBaselines)

@@ -4,12 +4,13 @@
 // are compared byte for byte.
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 extension Bench {
     func runFlatten() throws(BenchError) {
@@ -29,11 +30,14 @@ extension Bench {
             let speedup = ratioOf(result.device.p50Milliseconds, result.offline.p50Milliseconds)
             speedups[label] = speedup ?? 0
             allIdentical = allIdentical && result.identical
-            for (method, summary, allocated) in [("device read", result.device, result.deviceAllocatedBytes),
-                                                 ("offline", result.offline, result.offlineAllocatedBytes)] {
+            for (method, summary, allocated) in [
+                ("device read", result.device, result.deviceAllocatedBytes),
+                ("offline", result.offline, result.offlineAllocatedBytes),
+            ] {
                 let mebibytesPerSecond = Double(size) / 1_048_576 / (summary.p50Milliseconds / 1000)
                 section.rows.append([
-                    "\(formatBytes(size)) \(label)", method, fixed(summary.p50Milliseconds / 1000, 2), fixed(mebibytesPerSecond, 0),
+                    "\(formatBytes(size)) \(label)", method, fixed(summary.p50Milliseconds / 1000, 2),
+                    fixed(mebibytesPerSecond, 0),
                     method == "offline" ? speedup.map { fixed($0, 1) + "x" } ?? "-" : "1.0x",
                     formatBytes(allocated), result.identical ? "yes" : "NO",
                 ])
@@ -49,20 +53,23 @@ extension Bench {
                 ])
             }
         }
-        section.notes.append("device read: SnapshotDevice.flatten(to:) on the live /dev/mapper device (O_DIRECT, 4 MiB reads, "
-            + "zero blocks left as holes). offline: CowFile(path:) + CowFile.flatten(origin:to:) from the image file "
-            + "and the CoW file, with the device removed. MiB/s counts the whole disk.")
-        section.notes.append("mostly-empty: the origin is one hole; mostly-written: every origin block holds data. "
-            + "identical: the two outputs compared byte for byte (first run).")
+        section.notes.append(
+            "device read: SnapshotDevice.flatten(to:) on the live /dev/mapper device (O_DIRECT, 4 MiB reads, "
+                + "zero blocks left as holes). offline: CowFile(path:) + CowFile.flatten(origin:to:) from the image file "
+                + "and the CoW file, with the device removed. MiB/s counts the whole disk.")
+        section.notes.append(
+            "mostly-empty: the origin is one hole; mostly-written: every origin block holds data. "
+                + "identical: the two outputs compared byte for byte (first run).")
         report.add(section)
         for (label, _, size) in images {
             let speedup = speedups[label] ?? 0
-            report.add(TargetCheck(
-                name: "offline vs device-read flatten, \(formatBytes(size)) \(label), "
-                    + "\(formatBytes(options.flattenChangedBytes)) changed",
-                target: ">= 10x faster, byte-identical",
-                measured: "\(fixed(speedup, 1))x, identical: \(allIdentical ? "yes" : "NO")",
-                met: speedup >= 10 && allIdentical))
+            report.add(
+                TargetCheck(
+                    name: "offline vs device-read flatten, \(formatBytes(size)) \(label), "
+                        + "\(formatBytes(options.flattenChangedBytes)) changed",
+                    target: ">= 10x faster, byte-identical",
+                    measured: "\(fixed(speedup, 1))x, identical: \(allIdentical ? "yes" : "NO")",
+                    met: speedup >= 10 && allIdentical))
         }
     }
 
@@ -96,11 +103,14 @@ extension Bench {
         try writeChangedChunks(device: device.devicePath, sizeBytes: size, changedBytes: options.flattenChangedBytes)
         progress.end()
 
-        var deviceTimes: [UInt64] = [], offlineTimes: [UInt64] = []
-        var deviceAllocated: Int64 = 0, offlineAllocated: Int64 = 0
+        var deviceTimes: [UInt64] = []
+        var offlineTimes: [UInt64] = []
+        var deviceAllocated: Int64 = 0
+        var offlineAllocated: Int64 = 0
         var identical = false
-        progress.begin("flatten \(label): device read and offline, \(options.flattenRuns) run\(options.flattenRuns == 1 ? "" : "s") each",
-                       total: options.flattenRuns)
+        progress.begin(
+            "flatten \(label): device read and offline, \(options.flattenRuns) run\(options.flattenRuns == 1 ? "" : "s") each",
+            total: options.flattenRuns)
         for run in 0..<options.flattenRuns {
             try checkInterrupted()
             if run > 0 {
@@ -176,13 +186,15 @@ extension Bench {
 /// read as zeros alike, so only the union of their data extents (`SEEK_DATA`/`SEEK_HOLE`)
 /// is read and compared.
 func filesAreIdentical(_ first: FilePath, _ second: FilePath) throws(BenchError) -> Bool {
-    let a = open(first.string, O_RDONLY | O_CLOEXEC), b = open(second.string, O_RDONLY | O_CLOEXEC)
+    let a = open(first.string, O_RDONLY | O_CLOEXEC)
+    let b = open(second.string, O_RDONLY | O_CLOEXEC)
     defer {
         if a >= 0 { close(a) }
         if b >= 0 { close(b) }
     }
     guard a >= 0, b >= 0 else { throw BenchError("cannot open the flatten outputs to compare them: \(errnoText())") }
-    var statusA = stat(), statusB = stat()
+    var statusA = stat()
+    var statusB = stat()
     guard fstat(a, &statusA) == 0, fstat(b, &statusB) == 0 else { throw BenchError("fstat failed: \(errnoText())") }
     guard statusA.st_size == statusB.st_size else { return false }
     let size = Int64(statusA.st_size)

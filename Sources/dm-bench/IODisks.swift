@@ -3,12 +3,13 @@
 // with the base image as its external origin.
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Who provides the disk.
 enum IOMethod: Hashable, Sendable {
@@ -28,7 +29,8 @@ enum IOMethod: Hashable, Sendable {
         case .raw: "raw loop"
         case .thin: "dm-thin"
         case .library(let chunk, let direct):
-            self == .libraryDefault ? "library (default)"
+            self == .libraryDefault
+                ? "library (default)"
                 : "library, \(Int(chunk) / 2) KiB chunks, CoW loop \(direct ? "direct" : "buffered")"
         }
     }
@@ -53,8 +55,10 @@ final class IODisk {
     let writtenFiles: [FilePath]
     private var teardown: [() -> Void]
 
-    init(method: IOMethod, path: String, devices: [(role: String, name: String)], writtenFiles: [FilePath] = [],
-         teardown: [() -> Void]) {
+    init(
+        method: IOMethod, path: String, devices: [(role: String, name: String)], writtenFiles: [FilePath] = [],
+        teardown: [() -> Void]
+    ) {
         self.method = method
         self.path = path
         self.devices = devices
@@ -113,10 +117,12 @@ struct IODiskMaker {
             // The ext4 workload: the same filesystem the base image holds, made the same way.
             try mkfs.run(mkfsArguments + [held.path.string])
         }
-        return IODisk(method: .raw, path: held.path.string, devices: [("loop", held.name)], teardown: [
-            { if !readOnly { unlink(file.string) } },
-            { held.release() },
-        ])
+        return IODisk(
+            method: .raw, path: held.path.string, devices: [("loop", held.name)],
+            teardown: [
+                { if !readOnly { unlink(file.string) } },
+                { held.release() },
+            ])
     }
 
     private func makeSnapshot(chunkSectors: UInt32, cowDirectIO: Bool) throws(BenchError) -> IODisk {
@@ -131,34 +137,43 @@ struct IODiskMaker {
             throw BenchError("SnapshotDevice.create \(name)", error)
         }
         guard let top = blockDeviceName(device.devicePath.string),
-              let cowLoop = blockDeviceName(device.cowLoopDevice.string)
+            let cowLoop = blockDeviceName(device.cowLoopDevice.string)
         else { throw BenchError("cannot find the sysfs names of \(device.devicePath) and \(device.cowLoopDevice)") }
         if cowDirectIO && !device.cowLoopUsesDirectIO {
             throw BenchError("the CoW loop device \(device.cowLoopDevice) did not get direct I/O on ext4")
         }
-        return IODisk(method: .library(chunkSectors: chunkSectors, cowDirectIO: cowDirectIO), path: device.devicePath.string,
-                      devices: [("dm", top), ("cow", cowLoop), ("origin", originName)], writtenFiles: [cow], teardown: [
-                          { unlink(cow.string) },
-                          { try? device.remove() },
-                      ])
+        return IODisk(
+            method: .library(chunkSectors: chunkSectors, cowDirectIO: cowDirectIO), path: device.devicePath.string,
+            devices: [("dm", top), ("cow", cowLoop), ("origin", originName)], writtenFiles: [cow],
+            teardown: [
+                { unlink(cow.string) },
+                { try? device.remove() },
+            ])
     }
 
     private func makeThin() throws(BenchError) -> IODisk {
         guard let dmsetup else { throw BenchError("dm-thin needs dmsetup") }
         let name = workspace.uniqueName("thin")
         let poolName = name + "-pool"
-        let dataFile = scratch.path("\(name).data"), metaFile = scratch.path("\(name).meta")
+        let dataFile = scratch.path("\(name).data")
+        let metaFile = scratch.path("\(name).meta")
         // Data: room for the whole origin; metadata: 64 MiB, more than thin_metadata_size asks for.
         let blockSectors: UInt64 = 128
         let dataSectors = (UInt64(origin.sizeBytes) / 512 + blockSectors - 1) / blockSectors * blockSectors
         try makeSparseFile(dataFile, sizeBytes: Int64(dataSectors) * 512)
         try makeSparseFile(metaFile, sizeBytes: 64 << 20)
-        var teardown: [() -> Void] = [{ unlink(dataFile.string); unlink(metaFile.string) }]
+        var teardown: [() -> Void] = [
+            {
+                unlink(dataFile.string)
+                unlink(metaFile.string)
+            }
+        ]
         func fail(_ error: BenchError) -> BenchError {
             for step in teardown.reversed() { step() }
             return error
         }
-        let data: HeldLoop, meta: HeldLoop
+        let data: HeldLoop
+        let meta: HeldLoop
         do {
             data = HeldLoop(try attachLoopDevice(backingFile: dataFile, readOnly: false, directIO: loopDirectIO))
             teardown.append { data.release() }
@@ -169,20 +184,27 @@ struct IODiskMaker {
         }
         let node = dmsetup.dmsetupNodeArguments
         do {
-            try dmsetup.dmsetup.run(["create", poolName, "--table",
-                                     "0 \(dataSectors) thin-pool \(meta.path) \(data.path) \(blockSectors) 0 1 skip_block_zeroing"] + node)
+            try dmsetup.dmsetup.run(
+                [
+                    "create", poolName, "--table",
+                    "0 \(dataSectors) thin-pool \(meta.path) \(data.path) \(blockSectors) 0 1 skip_block_zeroing",
+                ] + node)
             teardown.append { _ = try? dmsetup.dmsetup.run(["remove", poolName] + node) }
             try dmsetup.dmsetup.run(["message", poolName, "0", "create_thin 0"])
-            try dmsetup.dmsetup.run(["create", name, "--table",
-                                     "0 \(origin.sizeSectors) thin /dev/mapper/\(poolName) 0 \(origin.devicePath)"] + node)
+            try dmsetup.dmsetup.run(
+                [
+                    "create", name, "--table",
+                    "0 \(origin.sizeSectors) thin /dev/mapper/\(poolName) 0 \(origin.devicePath)",
+                ] + node)
             teardown.append { _ = try? dmsetup.dmsetup.run(["remove", name] + node) }
         } catch {
             throw fail(error)
         }
         let path = "/dev/mapper/\(name)"
         guard let top = blockDeviceName(path) else { throw fail(BenchError("no block device at \(path)")) }
-        return IODisk(method: .thin, path: path,
-                      devices: [("dm", top), ("data", data.name), ("meta", meta.name), ("origin", originName)],
-                      teardown: teardown)
+        return IODisk(
+            method: .thin, path: path,
+            devices: [("dm", top), ("data", data.name), ("meta", meta.name), ("origin", originName)],
+            teardown: teardown)
     }
 }

@@ -4,13 +4,14 @@
 // data changed.
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Synchronization
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// The io figure's sizes: `full` when `io` is named, `short` in the default run.
 struct IOScale: Sendable {
@@ -109,8 +110,9 @@ extension Bench {
         let tree = try makeTarball(scratch: scratch, files: scale.files, tar: tar)
         progress.end()
 
-        let maker = IODiskMaker(scratch: scratch, workspace: workspace, origin: origin, originName: originName,
-                                dmsetup: dmsetup, loopDirectIO: SnapshotOptions().cowDirectIO)
+        let maker = IODiskMaker(
+            scratch: scratch, workspace: workspace, origin: origin, originName: originName,
+            dmsetup: dmsetup, loopDirectIO: SnapshotOptions().cowDirectIO)
         var methods: [IOMethod] = [.raw, .libraryDefault]
         if scale.leverVariants {
             methods += [.library(chunkSectors: 8, cowDirectIO: false), .library(chunkSectors: 128, cowDirectIO: true)]
@@ -138,27 +140,36 @@ extension Bench {
         let workloadCount = IOWorkload.allCases.count * methods.count
         progress.begin("io: workloads", total: workloadCount)
         var done = 0
-        for group in [[IOWorkload.sequentialWrite], [.firstWriteQD1], [.firstWriteQD16, .rewriteQD16], [.randomRead], [.ext4Unpack]] {
+        for group in [
+            [IOWorkload.sequentialWrite], [.firstWriteQD1], [.firstWriteQD16, .rewriteQD16], [.randomRead],
+            [.ext4Unpack],
+        ] {
             for method in methods {
                 try checkInterrupted()
                 let content: IODiskMaker.Content = group == [.randomRead] || group == [.ext4Unpack] ? .base : .any
-                let disk = try maker.make(method, content: content, mkfsArguments: group == [.ext4Unpack] ? baseMkfs : [],
-                                          mkfs: mkfs)
+                let disk = try maker.make(
+                    method, content: content, mkfsArguments: group == [.ext4Unpack] ? baseMkfs : [],
+                    mkfs: mkfs)
                 defer { disk.destroy() }
                 for workload in group {
                     if workload == .randomRead { dropCaches() }
                     // Rewrites are short: three rounds, the median one kept.
                     var rounds: [IOResult] = []
                     for _ in 0..<(workload == .rewriteQD16 ? 3 : 1) {
-                    rounds.append(try measure(disk: disk, workload: workload) { () throws(BenchError) -> Int in
-                        switch workload {
-                        case .sequentialWrite: return try sequentialWrite(disk.path, bytes: scale.sequentialBytes)
-                        case .firstWriteQD1: return try randomWrites(disk.path, offsets: qd1Offsets, threads: 1)
-                        case .firstWriteQD16, .rewriteQD16: return try randomWrites(disk.path, offsets: qd16Offsets, threads: 16)
-                        case .randomRead: return try randomReads(disk.path, offsets: readOffsets)
-                        case .ext4Unpack: return try unpack(tree, onto: disk.path, scratch: scratch, tar: tar, files: scale.files)
-                        }
-                    })
+                        rounds.append(
+                            try measure(disk: disk, workload: workload) { () throws(BenchError) -> Int in
+                                switch workload {
+                                case .sequentialWrite:
+                                    return try sequentialWrite(disk.path, bytes: scale.sequentialBytes)
+                                case .firstWriteQD1: return try randomWrites(disk.path, offsets: qd1Offsets, threads: 1)
+                                case .firstWriteQD16, .rewriteQD16:
+                                    return try randomWrites(disk.path, offsets: qd16Offsets, threads: 16)
+                                case .randomRead: return try randomReads(disk.path, offsets: readOffsets)
+                                case .ext4Unpack:
+                                    return try unpack(
+                                        tree, onto: disk.path, scratch: scratch, tar: tar, files: scale.files)
+                                }
+                            })
                     }
                     results.append(rounds.sorted { $0.nanoseconds < $1.nanoseconds }[rounds.count / 2])
                     done += 1
@@ -174,14 +185,17 @@ extension Bench {
     }
 
     /// Runs `body` between two readings of every device's counters; times it.
-    private func measure(disk: IODisk, workload: IOWorkload, _ body: () throws(BenchError) -> Int) throws(BenchError) -> IOResult {
+    private func measure(disk: IODisk, workload: IOWorkload, _ body: () throws(BenchError) -> Int) throws(BenchError)
+        -> IOResult
+    {
         let before = disk.counters()
         let start = monotonicNanoseconds()
         let operations = try body()
         let nanoseconds = monotonicNanoseconds() - start
         let after = disk.counters()
-        return IOResult(workload: workload, method: disk.method, nanoseconds: nanoseconds, operations: operations,
-                        devices: zip(disk.devices, zip(after, before)).map { ($0.0.role, $0.1.0 - $0.1.1) })
+        return IOResult(
+            workload: workload, method: disk.method, nanoseconds: nanoseconds, operations: operations,
+            devices: zip(disk.devices, zip(after, before)).map { ($0.0.role, $0.1.0 - $0.1.1) })
     }
 
     // MARK: - Workloads
@@ -204,7 +218,9 @@ extension Bench {
     }
 
     /// 4 KiB `O_DIRECT | O_DSYNC` writes at `offsets`, spread over `threads` threads (the queue depth).
-    private func randomWrites(_ path: String, offsets: [Int64], threads: Int, sync: Bool = true) throws(BenchError) -> Int {
+    private func randomWrites(_ path: String, offsets: [Int64], threads: Int, sync: Bool = true) throws(BenchError)
+        -> Int
+    {
         let fd = open(path, O_RDWR | O_CLOEXEC | openDirect | (sync ? O_DSYNC : 0))
         guard fd >= 0 else { throw BenchError("open \(path): \(errnoText())") }
         defer { close(fd) }
@@ -237,7 +253,9 @@ extension Bench {
     }
 
     /// Mounts the disk's ext4, unpacks the tarball into it, `syncfs`; unmounts after the counters.
-    private func unpack(_ tarball: FilePath, onto path: String, scratch: ScratchFilesystem, tar: Tool, files: Int) throws(BenchError) -> Int {
+    private func unpack(_ tarball: FilePath, onto path: String, scratch: ScratchFilesystem, tar: Tool, files: Int)
+        throws(BenchError) -> Int
+    {
         let mountPoint = workspace.path("mnt")
         mkdir(mountPoint.string, 0o700)
         guard mount(path, mountPoint.string, "ext4", 0, nil) == 0 else {
@@ -287,7 +305,9 @@ extension Bench {
         let buffer = AlignedBuffer(count: 1 << 20, seed: 19)
         var offset = from
         while offset < from + count {
-            guard writeFully(fd, buffer, count: buffer.count, offset: offset) else { throw BenchError("write \(path): \(errnoText())") }
+            guard writeFully(fd, buffer, count: buffer.count, offset: offset) else {
+                throw BenchError("write \(path): \(errnoText())")
+            }
             offset += Int64(buffer.count)
         }
         fsync(fd)
@@ -298,27 +318,41 @@ extension Bench {
     private func reportWorkloads(_ results: [IOResult], methods: [IOMethod], scale: IOScale) {
         var headline = TableSection(
             title: "Data plane: amplification (requests underneath per guest operation; ext4: per file)",
-            header: ["workload", "method", "time vs raw", "writes/op", "KiB written/op", "flushes/op", "reads/op", "KiB read/op"])
+            header: [
+                "workload", "method", "time vs raw", "writes/op", "KiB written/op", "flushes/op", "reads/op",
+                "KiB read/op",
+            ])
         var detail = TableSection(
             title: "Data plane: per device (the kernel's /sys/block/*/stat, per guest operation)",
-            header: ["workload", "method / device", "s", "writes/op", "KiB written/op", "flushes/op", "reads/op", "KiB read/op"])
+            header: [
+                "workload", "method / device", "s", "writes/op", "KiB written/op", "flushes/op", "reads/op",
+                "KiB read/op",
+            ])
         func per(_ value: UInt64, _ ops: Int) -> String { fixed(Double(value) / Double(max(ops, 1)), 2) }
         func kib(_ sectors: UInt64, _ ops: Int) -> String { fixed(Double(sectors) / 2 / Double(max(ops, 1)), 1) }
         for workload in IOWorkload.allCases {
             let raw = results.first { $0.workload == workload && $0.method == .raw }
             for method in methods {
-                guard let result = results.first(where: { $0.workload == workload && $0.method == method }) else { continue }
+                guard let result = results.first(where: { $0.workload == workload && $0.method == method }) else {
+                    continue
+                }
                 let ratio = raw.map { Double(result.nanoseconds) / Double(max($0.nanoseconds, 1)) }
                 let below = result.underneath
                 let ops = result.operations
-                headline.rows.append([workload.rawValue, method.label, ratio.map { fixed($0, 2) + "x" } ?? "-",
-                                      per(below.writeRequests, ops), kib(below.writeSectors, ops), per(below.flushRequests, ops),
-                                      per(below.readRequests, ops), kib(below.readSectors, ops)])
-                detail.rows.append([workload.rawValue, method.label, fixed(seconds(result.nanoseconds), 2), "", "", "", "", ""])
+                headline.rows.append([
+                    workload.rawValue, method.label, ratio.map { fixed($0, 2) + "x" } ?? "-",
+                    per(below.writeRequests, ops), kib(below.writeSectors, ops), per(below.flushRequests, ops),
+                    per(below.readRequests, ops), kib(below.readSectors, ops),
+                ])
+                detail.rows.append([
+                    workload.rawValue, method.label, fixed(seconds(result.nanoseconds), 2), "", "", "", "", "",
+                ])
                 for (role, counters) in result.devices {
-                    detail.rows.append(["", "  " + role, "", per(counters.writeRequests, ops), kib(counters.writeSectors, ops),
-                                        per(counters.flushRequests, ops), per(counters.readRequests, ops),
-                                        kib(counters.readSectors, ops)])
+                    detail.rows.append([
+                        "", "  " + role, "", per(counters.writeRequests, ops), kib(counters.writeSectors, ops),
+                        per(counters.flushRequests, ops), per(counters.readRequests, ops),
+                        kib(counters.readSectors, ops),
+                    ])
                 }
                 var record: [(String, JSONValue)] = [
                     ("figure", .string("io")), ("workload", .string(workload.key)), ("method", .string(method.key)),
@@ -326,23 +360,30 @@ extension Bench {
                     ("ratio_to_raw_loop", ratio.map(JSONValue.double) ?? .null),
                 ]
                 for (role, counters) in result.devices {
-                    record.append((role, .object([
-                        ("write_requests", .int(Int(counters.writeRequests))),
-                        ("write_kib", .double(Double(counters.writeSectors) / 2)),
-                        ("flushes", .int(Int(counters.flushRequests))),
-                        ("read_requests", .int(Int(counters.readRequests))),
-                        ("read_kib", .double(Double(counters.readSectors) / 2)),
-                    ])))
+                    record.append(
+                        (
+                            role,
+                            .object([
+                                ("write_requests", .int(Int(counters.writeRequests))),
+                                ("write_kib", .double(Double(counters.writeSectors) / 2)),
+                                ("flushes", .int(Int(counters.flushRequests))),
+                                ("read_requests", .int(Int(counters.readRequests))),
+                                ("read_kib", .double(Double(counters.readSectors) / 2)),
+                            ])
+                        ))
                 }
                 report.add(record: record)
             }
         }
-        headline.notes.append("underneath: the CoW and origin loops (library), the data, metadata and origin loops (dm-thin), "
-            + "the loop itself (raw loop). time vs raw: the workload's wall time over the raw loop's.")
-        headline.notes.append("\(scale.randomOps) random 4 KiB ops per workload (O_DIRECT|O_DSYNC writes, each in its own 64 KiB "
-            + "slot; O_DIRECT reads of origin data); seq: \(formatBytes(scale.sequentialBytes)) in 1 MiB O_DIRECT writes + fsync; "
-            + "ext4: tar -x of \(scale.files) files (200 B-8 KiB) + syncfs + umount. Files on ext4 on a loop device; "
-            + "raw loop, CoW loop and dm-thin's loops with direct I/O unless labelled buffered; the origin loop buffered.")
+        headline.notes.append(
+            "underneath: the CoW and origin loops (library), the data, metadata and origin loops (dm-thin), "
+                + "the loop itself (raw loop). time vs raw: the workload's wall time over the raw loop's.")
+        headline.notes.append(
+            "\(scale.randomOps) random 4 KiB ops per workload (O_DIRECT|O_DSYNC writes, each in its own 64 KiB "
+                + "slot; O_DIRECT reads of origin data); seq: \(formatBytes(scale.sequentialBytes)) in 1 MiB O_DIRECT writes + fsync; "
+                + "ext4: tar -x of \(scale.files) files (200 B-8 KiB) + syncfs + umount. Files on ext4 on a loop device; "
+                + "raw loop, CoW loop and dm-thin's loops with direct I/O unless labelled buffered; the origin loop buffered."
+        )
         report.add(headline)
         report.add(detail)
 
@@ -358,22 +399,29 @@ extension Bench {
             return (Double(result.underneath.writeRequests) - flushes) / Double(max(result.operations, 1))
         }
         if let lib = result(.firstWriteQD16, .libraryDefault) {
-            let cow = Double(lib.devices.first { $0.role == "cow" }?.counters.writeRequests ?? 0) / Double(max(lib.operations, 1))
+            let cow =
+                Double(lib.devices.first { $0.role == "cow" }?.counters.writeRequests ?? 0)
+                / Double(max(lib.operations, 1))
             let perOp = dataAndMetadataWrites(lib)
             let thin = result(.firstWriteQD16, .thin).map(dataAndMetadataWrites)
-            report.add(TargetCheck(
-                name: "write requests (data + metadata) per 4 KiB first write, QD16, default CoW loop",
-                target: "<= 1.5 (dm-thin beside it)",
-                measured: "\(fixed(perOp, 2)); \(fixed(cow, 2)) with the guest's flushes (dm-thin: "
-                    + "\(thin.map { fixed($0, 2) } ?? "n/a") data + metadata)",
-                met: perOp <= 1.5))
+            report.add(
+                TargetCheck(
+                    name: "write requests (data + metadata) per 4 KiB first write, QD16, default CoW loop",
+                    target: "<= 1.5 (dm-thin beside it)",
+                    measured: "\(fixed(perOp, 2)); \(fixed(cow, 2)) with the guest's flushes (dm-thin: "
+                        + "\(thin.map { fixed($0, 2) } ?? "n/a") data + metadata)",
+                    met: perOp <= 1.5))
         }
-        for (workload, name) in [(IOWorkload.rewriteQD16, "rewrites of copied chunks (4 KiB, QD16)"),
-                                 (.sequentialWrite, "sequential write (1 MiB O_DIRECT)")] {
+        for (workload, name) in [
+            (IOWorkload.rewriteQD16, "rewrites of copied chunks (4 KiB, QD16)"),
+            (.sequentialWrite, "sequential write (1 MiB O_DIRECT)"),
+        ] {
             if let lib = result(workload, .libraryDefault), let raw = result(workload, .raw) {
                 let ratio = Double(lib.nanoseconds) / Double(max(raw.nanoseconds, 1))
-                report.add(TargetCheck(name: "\(name) vs raw loop time", target: "<= 1.2x",
-                                       measured: fixed(ratio, 2) + "x", met: ratio <= 1.2))
+                report.add(
+                    TargetCheck(
+                        name: "\(name) vs raw loop time", target: "<= 1.2x",
+                        measured: fixed(ratio, 2) + "x", met: ratio <= 1.2))
             }
         }
     }

@@ -4,19 +4,20 @@
 // loop device, a library snapshot, a dm-thin volume with an external origin).
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Synchronization
 import SystemPackage
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
 /// `O_DIRECT`, which glibc defines only under `_GNU_SOURCE` (so it does not import).
 #if arch(arm64) || arch(arm)
-let openDirect: Int32 = 0o200000
+    let openDirect: Int32 = 0o200000
 #else
-let openDirect: Int32 = 0o40000
+    let openDirect: Int32 = 0o40000
 #endif
 
 // MARK: - Kernel counters
@@ -39,7 +40,8 @@ struct BlockCounters: Sendable {
 
     static func - (after: BlockCounters, before: BlockCounters) -> BlockCounters {
         BlockCounters(
-            readRequests: after.readRequests &- before.readRequests, readSectors: after.readSectors &- before.readSectors,
+            readRequests: after.readRequests &- before.readRequests,
+            readSectors: after.readSectors &- before.readSectors,
             writeRequests: after.writeRequests &- before.writeRequests,
             writeSectors: after.writeSectors &- before.writeSectors,
             flushRequests: after.flushRequests &- before.flushRequests)
@@ -129,7 +131,9 @@ final class AlignedBuffer: @unchecked Sendable {
         var state = seed | 1
         let words = pointer.bindMemory(to: UInt64.self, capacity: count / 8)
         for index in 0..<count / 8 {
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
             words[index] = state | 0x0101_0101_0101_0101
         }
     }
@@ -147,7 +151,9 @@ struct SeededGenerator: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 | 1 }
     mutating func next() -> UInt64 {
-        state ^= state << 13; state ^= state >> 7; state ^= state << 17
+        state ^= state << 13
+        state ^= state >> 7
+        state ^= state << 17
         return state
     }
 }
@@ -186,7 +192,9 @@ final class ScratchFilesystem {
         }
         loopName = "loop\(loop.device.index)"
         // Few inodes and no lazy init: no ext4lazyinit thread writing during the figures.
-        try mkfs.run(["-q", "-F", "-i", "1048576", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop.device.path.string])
+        try mkfs.run([
+            "-q", "-F", "-i", "1048576", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop.device.path.string,
+        ])
         guard mkdir(mountPoint.string, 0o700) == 0 else { throw BenchError("mkdir \(mountPoint): \(errnoText())") }
         guard mount(loop.device.path.string, mountPoint.string, "ext4", 0, nil) == 0 else {
             throw BenchError("mount \(loop.device) on \(mountPoint): \(errnoText())")
@@ -201,7 +209,10 @@ final class ScratchFilesystem {
         guard mounted else { return }
         sync()
         for _ in 0..<50 {
-            if umount(mountPoint.string) == 0 { mounted = false; break }
+            if umount(mountPoint.string) == 0 {
+                mounted = false
+                break
+            }
             usleep(100_000)
         }
         if mounted, umount2(mountPoint.string, Int32(MNT_DETACH)) == 0 { mounted = false }

@@ -1,9 +1,9 @@
 // Timing and statistics: a monotonic clock, latency percentiles, byte sizes.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Nanoseconds on `CLOCK_MONOTONIC`: never steps, unaffected by NTP slews of the wall clock.

@@ -2,9 +2,9 @@
 // the VM's console) a line when a step starts, every 10 seconds, and when it ends.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 final class Progress {

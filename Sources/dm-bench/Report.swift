@@ -3,10 +3,11 @@
 
 import CBenchBaseline
 import DeviceMapper
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A block of the human table: a title, aligned columns, and notes under it.
@@ -81,8 +82,10 @@ final class Report {
         if !targets.isEmpty {
             var section = TableSection(title: "Targets", header: ["target", "requirement", "measured", "met"])
             for target in targets {
-                section.rows.append([target.name, target.target, target.measured,
-                                     target.met.map { $0 ? "yes" : "NO" } ?? "n/a"])
+                section.rows.append([
+                    target.name, target.target, target.measured,
+                    target.met.map { $0 ? "yes" : "NO" } ?? "n/a",
+                ])
             }
             print(renderTargets(section))
         }
@@ -98,7 +101,8 @@ final class Report {
         func line(_ cells: [String]) -> String {
             var text = "  "
             for (index, cell) in cells.enumerated() {
-                text += cell + String(repeating: " ", count: index < cells.count - 1 ? widths[index] - cell.count + 2 : 0)
+                text +=
+                    cell + String(repeating: " ", count: index < cells.count - 1 ? widths[index] - cell.count + 2 : 0)
             }
             return text
         }
@@ -134,11 +138,13 @@ struct MachineFacts {
         uname(&name)
         let release = withUnsafeBytes(of: name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
         let cpuInfo = readText("/proc/cpuinfo") ?? ""
-        let model = cpuInfo.split(separator: "\n").first { $0.hasPrefix("model name") }
+        let model =
+            cpuInfo.split(separator: "\n").first { $0.hasPrefix("model name") }
             .map { String($0.split(separator: ":", maxSplits: 1).last ?? "").trimmingWhitespace() } ?? "unknown"
         let isEmulated = model.contains("QEMU TCG") || cpuInfo.contains("TCG")
         let isVirtual = cpuInfo.split(separator: "\n").contains { $0.hasPrefix("flags") && $0.contains(" hypervisor") }
-        let memory = (readText("/proc/meminfo") ?? "").split(separator: "\n").first { $0.hasPrefix("MemTotal:") }
+        let memory =
+            (readText("/proc/meminfo") ?? "").split(separator: "\n").first { $0.hasPrefix("MemTotal:") }
             .flatMap { line in Int64(line.split(separator: " ").dropFirst().first ?? "") }.map { $0 * 1024 } ?? 0
         var libraryVersion = [CChar](repeating: 0, count: 64)
         CBenchBaseline_libraryVersion(&libraryVersion, libraryVersion.count)
@@ -148,18 +154,21 @@ struct MachineFacts {
             cpus: Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))),
             cpuModel: model,
             memoryBytes: memory,
-            virtualisation: isEmulated ? "QEMU TCG (full emulation)"
+            virtualisation: isEmulated
+                ? "QEMU TCG (full emulation)"
                 : isVirtual ? "virtual machine (hardware-assisted)" : "none detected",
             isEmulated: isEmulated,
             udevRunning: access("/run/udev/control", F_OK) == 0,
             driverVersion: (try? DeviceMapperControl.driverVersion()) ?? "unknown",
-            libdevmapperVersion: String(decoding: libraryVersion.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self),
+            libdevmapperVersion: String(
+                decoding: libraryVersion.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self),
             host: host.flatMap { $0.isEmpty ? nil : $0 },
             workDirectory: workDirectory)
     }
 
     var summary: String {
-        var text = "kernel \(kernel), \(cpus) CPUs (\(cpuModel)), \(formatBytes(memoryBytes)) RAM, "
+        var text =
+            "kernel \(kernel), \(cpus) CPUs (\(cpuModel)), \(formatBytes(memoryBytes)) RAM, "
             + "virtualisation: \(virtualisation), udev \(udevRunning ? "running" : "not running"), "
             + "device-mapper \(driverVersion), libdevmapper \(libdevmapperVersion), work dir \(workDirectory)"
         if let host { text += "\n          host: \(host)" }

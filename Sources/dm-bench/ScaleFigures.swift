@@ -2,13 +2,14 @@
 // with several threads creating and removing at once.
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Synchronization
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 extension Bench {
     /// Create and remove, measured with N other snapshots of the same origin alive, for each N.
@@ -37,7 +38,9 @@ extension Bench {
             progress.begin("live \(level): starting \(level - alive.count) more snapshots", total: level)
             while alive.count < level {
                 try checkInterrupted()
-                let tag = alive.count < min(reserved, options.staleCount) ? "stale-sweep"
+                let tag =
+                    alive.count < min(reserved, options.staleCount)
+                    ? "stale-sweep"
                     : alive.count < reserved ? "stale-single" : "live"
                 let name = workspace.uniqueName(tag)
                 let (made, _) = try maker.create(.library, name: name, cowPath: workspace.cowPath(for: name))
@@ -73,7 +76,8 @@ extension Bench {
                 section.rows.append(["\(level) " + row[0]] + row.dropFirst())
             }
             for method in measured {
-                createP50[level, default: [:]][method] = samples[method].flatMap { LatencySummary(nanoseconds: $0.create) }?.p50Milliseconds
+                createP50[level, default: [:]][method] =
+                    samples[method].flatMap { LatencySummary(nanoseconds: $0.create) }?.p50Milliseconds
             }
         }
         section.header[0] = "live N, op"
@@ -82,15 +86,17 @@ extension Bench {
         if top > 0 {
             for method in measured {
                 let ratio = ratioOf(createP50[top]?[method], createP50[0]?[method])
-                section.notes.append("\(method.label): create p50 at live \(top) is "
-                    + (ratio.map { fixed($0, 2) + "x" } ?? "n/a") + " the create p50 at live 0.")
+                section.notes.append(
+                    "\(method.label): create p50 at live \(top) is "
+                        + (ratio.map { fixed($0, 2) + "x" } ?? "n/a") + " the create p50 at live 0.")
             }
             let ratio = ratioOf(createP50[top]?[.library], createP50[0]?[.library])
-            report.add(TargetCheck(
-                name: "library create p50, live \(top) vs live 0",
-                target: top == 500 ? "<= 1.25x" : "<= 1.25x (the target names live 500)",
-                measured: ratio.map { fixed($0, 2) + "x" } ?? "n/a",
-                met: ratio.map { $0 <= 1.25 }))
+            report.add(
+                TargetCheck(
+                    name: "library create p50, live \(top) vs live 0",
+                    target: top == 500 ? "<= 1.25x" : "<= 1.25x (the target names live 500)",
+                    measured: ratio.map { fixed($0, 2) + "x" } ?? "n/a",
+                    met: ratio.map { $0 <= 1.25 }))
         }
         report.add(section)
     }
@@ -156,11 +162,14 @@ extension Bench {
                 }
             }
         }
-        section.notes.append("cycles/s: create+remove cycles finished by all threads over the wall time from their "
-            + "common start to the last thread's end; vs 1 thread: that throughput over the same method's with 1 thread.")
+        section.notes.append(
+            "cycles/s: create+remove cycles finished by all threads over the wall time from their "
+                + "common start to the last thread's end; vs 1 thread: that throughput over the same method's with 1 thread."
+        )
         if measured.contains(.rawC) {
-            section.notes.append("C raw ioctl: the dm ioctls straight on /dev/mapper/control, no libdevmapper, no "
-                + "process-wide lock: how far the kernel alone lets the threads overlap.")
+            section.notes.append(
+                "C raw ioctl: the dm ioctls straight on /dev/mapper/control, no libdevmapper, no "
+                    + "process-wide lock: how far the kernel alone lets the threads overlap.")
         }
         let top = levels.last ?? 1
         if top > 1 {
@@ -168,12 +177,13 @@ extension Bench {
             let kernel = ratioOf(throughputs[.rawC]?[top], throughputs[.rawC]?[1])
             // The target holds without udev; with udev it is reported only (udev's workers
             // share the machine's CPUs with the threads).
-            report.add(TargetCheck(
-                name: "library throughput, \(top) threads vs 1" + (udevRunning ? " (udev running)" : ""),
-                target: udevRunning ? "reported" : (top == 4 ? ">= 2.5x" : ">= 2.5x (the target names 4 threads)"),
-                measured: (ratio.map { fixed($0, 2) + "x" } ?? "n/a")
-                    + (kernel.map { " (C raw ioctl: " + fixed($0, 2) + "x)" } ?? ""),
-                met: udevRunning ? nil : ratio.map { $0 >= 2.5 }))
+            report.add(
+                TargetCheck(
+                    name: "library throughput, \(top) threads vs 1" + (udevRunning ? " (udev running)" : ""),
+                    target: udevRunning ? "reported" : (top == 4 ? ">= 2.5x" : ">= 2.5x (the target names 4 threads)"),
+                    measured: (ratio.map { fixed($0, 2) + "x" } ?? "n/a")
+                        + (kernel.map { " (C raw ioctl: " + fixed($0, 2) + "x)" } ?? ""),
+                    met: udevRunning ? nil : ratio.map { $0 >= 2.5 }))
         }
         report.add(section)
 
@@ -239,7 +249,8 @@ extension Bench {
 
     private func profileSection(_ profile: KernelProfile, threads: Int, method: Method) -> TableSection {
         var section = TableSection(
-            title: "Profile, \(method.label), \(threads) thread\(threads == 1 ? "" : "s"): where the worker threads were "
+            title:
+                "Profile, \(method.label), \(threads) thread\(threads == 1 ? "" : "s"): where the worker threads were "
                 + "(\(profile.samples) samples of /proc/self/task/*/stat and stack, every 2 ms; a separate, untimed pass)",
             header: ["share", "state: first kernel frames below the scheduler"])
         section.rows.append([profile.percent(profile.running), "R: running or runnable"])
@@ -249,11 +260,13 @@ extension Bench {
         if !profile.stacksReadable {
             section.notes.append("Some kernel stacks were unreadable (needs root and CONFIG_STACKTRACE).")
         }
-        section.notes.append("S futex_lock_pi / futex_wait: waiting on a user-space lock (Swift's Mutex is a PI futex; "
-            + "in the library, the process-wide lock around libdevmapper calls); R: on a CPU or waiting for one; "
-            + "other S/D frames are waits in the kernel.")
+        section.notes.append(
+            "S futex_lock_pi / futex_wait: waiting on a user-space lock (Swift's Mutex is a PI futex; "
+                + "in the library, the process-wide lock around libdevmapper calls); R: on a CPU or waiting for one; "
+                + "other S/D frames are waits in the kernel.")
         report.add(record: [
-            ("figure", .string("concurrency-profile")), ("method", .string(method.rawValue)), ("threads", .int(threads)),
+            ("figure", .string("concurrency-profile")), ("method", .string(method.rawValue)),
+            ("threads", .int(threads)),
             ("samples", .int(profile.samples)), ("running", .int(profile.running)),
             ("waits", .array(profile.waits.map { .object([("where", .string($0.0)), ("samples", .int($0.1))]) })),
         ])

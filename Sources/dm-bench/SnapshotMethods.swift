@@ -4,12 +4,13 @@
 
 import CBenchBaseline
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Who makes the snapshot.
 enum Method: String, CaseIterable, Sendable {
@@ -83,17 +84,23 @@ struct SnapshotMaker: Sendable {
             }
             let device: SnapshotDevice
             do { device = try result.get() } catch { throw BenchError("SnapshotDevice.create \(name)", error) }
-            return (MadeSnapshot(method: method, name: name, cowPath: cowPath,
-                                 cowLoopIndex: loopIndex(device.cowLoopDevice), device: device), nanoseconds)
+            return (
+                MadeSnapshot(
+                    method: method, name: name, cowPath: cowPath,
+                    cowLoopIndex: loopIndex(device.cowLoopDevice), device: device), nanoseconds
+            )
         case .c:
             var index: Int32 = -1
             let (status, nanoseconds) = timed {
-                CBenchBaseline_create(name, origin.devicePath.string, cowPath.string, cowSizeBytes,
-                                      origin.sizeSectors, 8, udevFlags, &index)
+                CBenchBaseline_create(
+                    name, origin.devicePath.string, cowPath.string, cowSizeBytes,
+                    origin.sizeSectors, 8, udevFlags, &index)
             }
             guard status == 0 else { throw cFailure("create", name, status) }
-            return (MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
-                    nanoseconds)
+            return (
+                MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
+                nanoseconds
+            )
         case .subprocess:
             let tools = try oldWayTools()
             let start = monotonicNanoseconds()
@@ -101,20 +108,27 @@ struct SnapshotMaker: Sendable {
             let loop = try tools.losetup.run(["--find", "--show", cowPath.string]).trimmingWhitespace()
             try tools.dmsetup.run(["create", name, "--table", table(cowDevice: loop)] + tools.dmsetupNodeArguments)
             let nanoseconds = monotonicNanoseconds() - start
-            return (MadeSnapshot(method: method, name: name, cowPath: cowPath,
-                                 cowLoopIndex: loopIndex(FilePath(loop)), device: nil), nanoseconds)
+            return (
+                MadeSnapshot(
+                    method: method, name: name, cowPath: cowPath,
+                    cowLoopIndex: loopIndex(FilePath(loop)), device: nil), nanoseconds
+            )
         case .rawC:
             var index: Int32 = -1
             let (status, nanoseconds) = timed {
-                CBenchBaseline_rawCreate(name, origin.devicePath.string, cowPath.string, cowSizeBytes,
-                                         origin.sizeSectors, 8, &index)
+                CBenchBaseline_rawCreate(
+                    name, origin.devicePath.string, cowPath.string, cowSizeBytes,
+                    origin.sizeSectors, 8, &index)
             }
             guard status == 0 else {
-                throw BenchError("C raw ioctl create \(name): \(String(cString: CBenchBaseline_rawLastFailure())) "
-                    + "failed: \(errnoText(status))")
+                throw BenchError(
+                    "C raw ioctl create \(name): \(String(cString: CBenchBaseline_rawLastFailure())) "
+                        + "failed: \(errnoText(status))")
             }
-            return (MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
-                    nanoseconds)
+            return (
+                MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
+                nanoseconds
+            )
         }
     }
 
@@ -130,25 +144,34 @@ struct SnapshotMaker: Sendable {
             }
             let device: SnapshotDevice
             do { device = try result.get() } catch { throw BenchError("SnapshotDevice.restore \(name)", error) }
-            return (MadeSnapshot(method: method, name: name, cowPath: cowPath,
-                                 cowLoopIndex: loopIndex(device.cowLoopDevice), device: device), nanoseconds)
+            return (
+                MadeSnapshot(
+                    method: method, name: name, cowPath: cowPath,
+                    cowLoopIndex: loopIndex(device.cowLoopDevice), device: device), nanoseconds
+            )
         case .c:
             var index: Int32 = -1
             let (status, nanoseconds) = timed {
-                CBenchBaseline_restore(name, origin.devicePath.string, cowPath.string, cowSizeBytes,
-                                       origin.sizeSectors, 8, udevFlags, &index)
+                CBenchBaseline_restore(
+                    name, origin.devicePath.string, cowPath.string, cowSizeBytes,
+                    origin.sizeSectors, 8, udevFlags, &index)
             }
             guard status == 0 else { throw cFailure("restore", name, status) }
-            return (MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
-                    nanoseconds)
+            return (
+                MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
+                nanoseconds
+            )
         case .subprocess:
             let tools = try oldWayTools()
             let start = monotonicNanoseconds()
             let loop = try tools.losetup.run(["--find", "--show", cowPath.string]).trimmingWhitespace()
             try tools.dmsetup.run(["create", name, "--table", table(cowDevice: loop)] + tools.dmsetupNodeArguments)
             let nanoseconds = monotonicNanoseconds() - start
-            return (MadeSnapshot(method: method, name: name, cowPath: cowPath,
-                                 cowLoopIndex: loopIndex(FilePath(loop)), device: nil), nanoseconds)
+            return (
+                MadeSnapshot(
+                    method: method, name: name, cowPath: cowPath,
+                    cowLoopIndex: loopIndex(FilePath(loop)), device: nil), nanoseconds
+            )
         case .rawC:
             throw BenchError("the C raw ioctl method does not restore")
         }
@@ -159,7 +182,9 @@ struct SnapshotMaker: Sendable {
     func remove(_ snapshot: MadeSnapshot) throws(BenchError) -> UInt64 {
         switch snapshot.method {
         case .library:
-            guard let device = snapshot.device else { throw BenchError("library snapshot \(snapshot.name) has no handle") }
+            guard let device = snapshot.device else {
+                throw BenchError("library snapshot \(snapshot.name) has no handle")
+            }
             let (result, nanoseconds) = timed { () -> Result<Void, DeviceMapperError> in
                 Result { () throws(DeviceMapperError) in try device.remove() }
             }
@@ -178,8 +203,9 @@ struct SnapshotMaker: Sendable {
         case .rawC:
             let (status, nanoseconds) = timed { CBenchBaseline_rawRemove(snapshot.name) }
             guard status == 0 else {
-                throw BenchError("C raw ioctl remove \(snapshot.name): \(String(cString: CBenchBaseline_rawLastFailure())) "
-                    + "failed: \(errnoText(status))")
+                throw BenchError(
+                    "C raw ioctl remove \(snapshot.name): \(String(cString: CBenchBaseline_rawLastFailure())) "
+                        + "failed: \(errnoText(status))")
             }
             return nanoseconds
         }
@@ -194,7 +220,8 @@ struct SnapshotMaker: Sendable {
             throw BenchError("\(snapshot.method.label): \(node) is not a block device after create: \(errnoText())")
         }
         guard loopBackingFile(snapshot.cowLoopIndex) == snapshot.cowPath.string else {
-            throw BenchError("\(snapshot.method.label): /dev/loop\(snapshot.cowLoopIndex) is not attached to \(snapshot.cowPath)")
+            throw BenchError(
+                "\(snapshot.method.label): /dev/loop\(snapshot.cowLoopIndex) is not attached to \(snapshot.cowPath)")
         }
     }
 
@@ -211,8 +238,9 @@ struct SnapshotMaker: Sendable {
             usleep(10_000)
         }
         if loopBackingFile(snapshot.cowLoopIndex) == snapshot.cowPath.string {
-            throw BenchError("\(snapshot.method.label): /dev/loop\(snapshot.cowLoopIndex) is still attached to "
-                + "\(snapshot.cowPath) after remove")
+            throw BenchError(
+                "\(snapshot.method.label): /dev/loop\(snapshot.cowLoopIndex) is still attached to "
+                    + "\(snapshot.cowPath) after remove")
         }
     }
 
@@ -227,8 +255,9 @@ struct SnapshotMaker: Sendable {
     }
 
     private func cFailure(_ operation: String, _ name: String, _ status: Int32) -> BenchError {
-        BenchError("C baseline \(operation) \(name): \(String(cString: CBenchBaseline_lastFailure())) failed: "
-            + errnoText(status))
+        BenchError(
+            "C baseline \(operation) \(name): \(String(cString: CBenchBaseline_lastFailure())) failed: "
+                + errnoText(status))
     }
 }
 

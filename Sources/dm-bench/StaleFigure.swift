@@ -3,12 +3,13 @@
 // difference goes, from the same calls the cleanup makes, timed one by one.
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 extension Bench {
     func runStaleCleanup() throws(BenchError) {
@@ -27,8 +28,10 @@ extension Bench {
         let (cleanup, cleanupNanoseconds) = timed { cleanupStaleDevices(prefix: "\(workspace.prefix)stale-sweep-") }
         progress.end()
         guard cleanup.removed.count == count, cleanup.isClean else {
-            throw BenchError("cleanupStaleDevices removed \(cleanup.removed.count) of \(count) devices; failures: "
-                + "\(cleanup.failures.map { "\($0.name): \($0.error)" }), still attached: \(cleanup.stillAttachedLoopDevices)")
+            throw BenchError(
+                "cleanupStaleDevices removed \(cleanup.removed.count) of \(count) devices; failures: "
+                    + "\(cleanup.failures.map { "\($0.name): \($0.error)" }), still attached: \(cleanup.stillAttachedLoopDevices)"
+            )
         }
         for made in sweep {
             try maker.checkRemoved(made)
@@ -62,9 +65,11 @@ extension Bench {
             title: "Stale cleanup (\(count) leftover snapshots of one origin, library)",
             header: ["how", "", "total ms", "per device ms", "vs single removes"])
         func row(_ label: String, _ nanoseconds: UInt64, ratio: Bool = true) -> [String] {
-            [label, "", formatMilliseconds(milliseconds(nanoseconds)),
-             formatMilliseconds(milliseconds(nanoseconds) / Double(count)),
-             ratio ? fixed(seconds(nanoseconds) / seconds(sumNanoseconds), 2) + "x" : ""]
+            [
+                label, "", formatMilliseconds(milliseconds(nanoseconds)),
+                formatMilliseconds(milliseconds(nanoseconds) / Double(count)),
+                ratio ? fixed(seconds(nanoseconds) / seconds(sumNanoseconds), 2) + "x" : "",
+            ]
         }
         section.rows.append(row("cleanupStaleDevices", cleanupNanoseconds))
         section.rows.append(row("\(count) single removes (sum)", sumNanoseconds))
@@ -73,8 +78,9 @@ extension Bench {
         section.rows.append(row("  DM_DEV_STATUS + DM_TABLE_STATUS, each device", steps.tables))
         section.rows.append(row("  CoW loop lookup, each (sysfs + LOOP_GET_STATUS64)", steps.lookups))
         section.rows.append(row("  after-remove check, each (LOOP_GET_STATUS64)", afterCheckNanoseconds))
-        section.notes.append("cleanupStaleDevices ran first, with the single-remove set alive; the single removes "
-            + "then ran with nothing else of ours alive. The steps were timed on the single-remove set.")
+        section.notes.append(
+            "cleanupStaleDevices ran first, with the single-remove set alive; the single removes "
+                + "then ran with nothing else of ours alive. The steps were timed on the single-remove set.")
         report.add(section)
         report.add(record: [
             ("figure", .string("stale-cleanup")), ("devices", .int(count)),
@@ -86,10 +92,11 @@ extension Bench {
             ("step_loop_lookups_ms", .double(milliseconds(steps.lookups))),
             ("step_after_checks_ms", .double(milliseconds(afterCheckNanoseconds))),
         ])
-        report.add(TargetCheck(
-            name: "cleanupStaleDevices over \(count) vs \(count) single removes",
-            target: count == 200 ? "<= 1.2x" : "<= 1.2x (the target names 200 devices)",
-            measured: fixed(ratio, 2) + "x", met: ratio <= 1.2))
+        report.add(
+            TargetCheck(
+                name: "cleanupStaleDevices over \(count) vs \(count) single removes",
+                target: count == 200 ? "<= 1.2x" : "<= 1.2x (the target names 200 devices)",
+                measured: fixed(ratio, 2) + "x", met: ratio <= 1.2))
     }
 
     /// Makes snapshots named `dmbench-<pid>-<tag>-<serial>` with the library, untimed,
@@ -110,27 +117,31 @@ extension Bench {
     /// The calls cleanupStaleDevices makes before its removes, through the same public
     /// API: one list, then per device its info (owner UUID, open count), its table and its
     /// CoW loop device's status.
-    private func timeCleanupSteps(_ devices: [MadeSnapshot]) throws(BenchError) -> (list: UInt64, tables: UInt64, lookups: UInt64) {
+    private func timeCleanupSteps(_ devices: [MadeSnapshot]) throws(BenchError) -> (
+        list: UInt64, tables: UInt64, lookups: UInt64
+    ) {
         let (listed, list) = timed { try? DeviceMapperControl.list(withTargetTypes: false) }
         guard listed != nil else { throw BenchError("DeviceMapperControl.list failed") }
-        var tables: UInt64 = 0, lookups: UInt64 = 0
+        var tables: UInt64 = 0
+        var lookups: UInt64 = 0
         for made in devices {
             guard let name = try? DeviceName(made.name) else { continue }
             tables += timed { _ = try? DeviceMapperControl.info(name: name) }.nanoseconds
             let (table, tableNanoseconds) = timed { try? DeviceMapperControl.table(name: name) }
             tables += tableNanoseconds
             guard let parameters = table?.first?.parameters else { throw BenchError("no table for \(made.name)") }
-            lookups += timed {
-                // As the library does: the CoW device's number from the table, its loop index
-                // from sysfs, then LOOP_GET_STATUS64 on it.
-                let fields = parameters.split(separator: " ")
-                guard fields.count >= 2,
-                      let uevent = readText("/sys/dev/block/\(fields[1])/uevent"),
-                      let line = uevent.split(separator: "\n").first(where: { $0.hasPrefix("DEVNAME=loop") }),
-                      let index = Int(line.dropFirst("DEVNAME=loop".count))
-                else { return }
-                _ = try? loopDeviceStatus(FilePath("/dev/loop\(index)"))
-            }.nanoseconds
+            lookups +=
+                timed {
+                    // As the library does: the CoW device's number from the table, its loop index
+                    // from sysfs, then LOOP_GET_STATUS64 on it.
+                    let fields = parameters.split(separator: " ")
+                    guard fields.count >= 2,
+                        let uevent = readText("/sys/dev/block/\(fields[1])/uevent"),
+                        let line = uevent.split(separator: "\n").first(where: { $0.hasPrefix("DEVNAME=loop") }),
+                        let index = Int(line.dropFirst("DEVNAME=loop".count))
+                    else { return }
+                    _ = try? loopDeviceStatus(FilePath("/dev/loop\(index)"))
+                }.nanoseconds
         }
         return (list, tables, lookups)
     }

@@ -2,9 +2,9 @@
 // for the subprocess baseline only. The library never spawns anything.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// What a finished child process printed and how it ended.
@@ -28,8 +28,9 @@ struct Tool: Sendable {
                 return
             }
         }
-        throw BenchError("the subprocess baseline needs `\(name)`, which is not on PATH (apt-get install "
-            + (name == "dmsetup" ? "dmsetup" : "util-linux coreutils") + ", or use --baseline c)")
+        throw BenchError(
+            "the subprocess baseline needs `\(name)`, which is not on PATH (apt-get install "
+                + (name == "dmsetup" ? "dmsetup" : "util-linux coreutils") + ", or use --baseline c)")
     }
 
     /// Runs the tool with `arguments` and waits for it; throws if it does not exit 0.
@@ -38,8 +39,9 @@ struct Tool: Sendable {
         let result = try spawnAndWait([path] + arguments)
         guard result.exitStatus == 0 else {
             let command = ([path] + arguments).joined(separator: " ")
-            throw BenchError("`\(command)` exited with status \(result.exitStatus): "
-                + result.standardError.trimmingWhitespace())
+            throw BenchError(
+                "`\(command)` exited with status \(result.exitStatus): "
+                    + result.standardError.trimmingWhitespace())
         }
         return result.standardOutput
     }

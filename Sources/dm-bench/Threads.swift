@@ -1,12 +1,13 @@
 // Real threads for the concurrency figure (Swift's cooperative pool has one thread
 // per core and must not block in ioctls), and a sampler of where they wait in the kernel.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 private final class ThreadStart: @unchecked Sendable {
     let body: () -> Void
@@ -17,11 +18,13 @@ private final class ThreadStart: @unchecked Sendable {
 func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
     var thread = pthread_t()
     let start = Unmanaged.passRetained(ThreadStart(body)).toOpaque()
-    let status = pthread_create(&thread, nil, { context in
-        let start = Unmanaged<ThreadStart>.fromOpaque(context!).takeRetainedValue()
-        start.body()
-        return nil
-    }, start)
+    let status = pthread_create(
+        &thread, nil,
+        { context in
+            let start = Unmanaged<ThreadStart>.fromOpaque(context!).takeRetainedValue()
+            start.body()
+            return nil
+        }, start)
     precondition(status == 0, "pthread_create failed: \(status)")
     return thread
 }
@@ -102,9 +105,10 @@ final class KernelStackSampler: Sendable {
         stop.store(true, ordering: .relaxed)
         pthread_join(thread, nil)
         return state.withLock { state in
-            KernelProfile(samples: state.samples, running: state.running,
-                          waits: state.waits.sorted { $0.value > $1.value }.map { ($0.key, $0.value) },
-                          stacksReadable: state.stacksReadable)
+            KernelProfile(
+                samples: state.samples, running: state.running,
+                waits: state.waits.sorted { $0.value > $1.value }.map { ($0.key, $0.value) },
+                stacksReadable: state.stacksReadable)
         }
     }
 
@@ -112,11 +116,15 @@ final class KernelStackSampler: Sendable {
         let ids = state.withLock { $0.threadIDs }
         for id in ids {
             guard let stat = readText("/proc/self/task/\(id)/stat"),
-                  let close = stat.lastIndex(of: ")") else { continue }  // Thread gone.
+                let close = stat.lastIndex(of: ")")
+            else { continue }  // Thread gone.
             let fields = stat[stat.index(after: close)...].split(separator: " ")
             guard let schedulerState = fields.first else { continue }
             if schedulerState == "R" {
-                state.withLock { $0.samples += 1; $0.running += 1 }
+                state.withLock {
+                    $0.samples += 1
+                    $0.running += 1
+                }
                 continue
             }
             let stack = readText("/proc/self/task/\(id)/stack")

@@ -3,13 +3,14 @@
 // error or Ctrl-C.
 
 import DeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Synchronization
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Why the bench stopped.
 struct BenchError: Error, CustomStringConvertible {

@@ -33,14 +33,15 @@
 
 import DeviceMapper
 import SystemPackage
+
 #if DEBUG
-import Synchronization
+    import Synchronization
 #endif
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Writes `text` straight to a descriptor: no stdio buffer to flush before a SIGKILL.
@@ -60,7 +61,8 @@ func fail(_ message: String, status: Int32) -> Never {
 }
 
 func usage() -> Never {
-    fail("""
+    fail(
+        """
         usage:
           dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
           dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
@@ -92,7 +94,7 @@ struct Arguments {
                 block = number
             case "--write":
                 guard let value = rest.popFirst(), let at = value.lastIndex(of: "@"),
-                      let offset = Int64(value[value.index(after: at)...]), offset >= 0
+                    let offset = Int64(value[value.index(after: at)...]), offset >= 0
                 else { usage() }
                 writes.append((FilePath(String(value[..<at])), offset))
             default:
@@ -125,8 +127,9 @@ func runAdoption(_ arguments: [String]) -> Never {
         switch (arguments.first, arguments.count) {
         case ("list-owned", 2):
             for owned in try SnapshotDevice.listOwned() where owned.device.name.hasPrefix(arguments[1]) {
-                emit("\(owned.device.name)\t\(owned.device.cowPath)\t\(owned.device.cowLoopDevice)\t\(owned.openCount)\n",
-                     to: STDOUT_FILENO)
+                emit(
+                    "\(owned.device.name)\t\(owned.device.cowPath)\t\(owned.device.cowLoopDevice)\t\(owned.openCount)\n",
+                    to: STDOUT_FILENO)
             }
         case ("remove", 2):
             try SnapshotDevice.adopt(name: arguments[1]).device.remove()
@@ -142,16 +145,19 @@ func runAdoption(_ arguments: [String]) -> Never {
 /// `udev-probe`: one create or remove under a chosen udev timeout, and what it left.
 func runUdevProbe(_ arguments: [String]) -> Never {
     guard arguments.count == 5, ["create", "remove"].contains(arguments[1]), let timeout = UInt32(arguments[3]),
-          let name = try? DeviceName(arguments[2]), ["library-node", "udev-node"].contains(arguments[4])
+        let name = try? DeviceName(arguments[2]), ["library-node", "udev-node"].contains(arguments[4])
     else { usage() }
     // The sandbox flags (the library makes the node), or the same with udev's device-mapper rules on.
-    let flags: DMUdevFlags = arguments[4] == "library-node" ? .sandboxDevice : [.disableDiskRules, .disableOtherRules, .disableSubsystemRules]
+    let flags: DMUdevFlags =
+        arguments[4] == "library-node"
+        ? .sandboxDevice : [.disableDiskRules, .disableOtherRules, .disableSubsystemRules]
     DeviceMapperControl.udevTimeoutMilliseconds = timeout
     var result = "ok"
     do {
         if arguments[1] == "create" {
             try DeviceMapperControl.create(
-                name: name, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")], udevFlags: flags)
+                name: name, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")],
+                udevFlags: flags)
         } else {
             try DeviceMapperControl.remove(name: name, udevFlags: flags)
         }
@@ -163,7 +169,9 @@ func runUdevProbe(_ arguments: [String]) -> Never {
     var status = stat()
     let node = lstat(name.devicePath, &status) == 0
     let idle = udevCookiesSettled(timeoutMilliseconds: timeout * 3)
-    emit("result=\(result)\nexists=\(exists ? 1 : 0)\nnode=\(node ? 1 : 0)\npending_cookies=\(idle ? 0 : 1)\n", to: STDOUT_FILENO)
+    emit(
+        "result=\(result)\nexists=\(exists ? 1 : 0)\nnode=\(node ? 1 : 0)\npending_cookies=\(idle ? 0 : 1)\n",
+        to: STDOUT_FILENO)
     exit(0)
 }
 
@@ -176,59 +184,62 @@ if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove
 }
 
 #if DEBUG
-/// Runs the command and stops at the hook; returns only on failure.
-func run(_ arguments: Arguments) -> Never {
-    let allowed: [String: [TestHookPoint]] = [
-        "create": [.afterCowLoopAttach, .afterSnapshotCreate],
-        "restore": [.afterCowLoopAttach],
-        "flatten": [.afterFlattenBlock],
-    ]
-    guard let points = allowed[arguments.command] else { usage() }
-    guard let stopAt = arguments.stopAt.flatMap(TestHookPoint.init(rawValue:)), points.contains(stopAt) else {
-        fail("\(arguments.command) stops at \(points.map(\.rawValue).joined(separator: " or ")) (--stop-at)", status: 2)
-    }
-    guard arguments.positional.count == (arguments.command == "flatten" ? 4 : 3) else { usage() }
-    let name = arguments.positional[0]
-    let image = FilePath(arguments.positional[1])
-    let cowPath = FilePath(arguments.positional[2])
-
-    // Stops at the chosen hit of the chosen point; every other hit passes.
-    let hits = Mutex(0)
-    let wantedHit = stopAt == .afterFlattenBlock ? arguments.block : 1
-    TestHooks.install { point in
-        guard point == stopAt else { return }
-        let hit = hits.withLock { count in
-            count += 1
-            return count
+    /// Runs the command and stops at the hook; returns only on failure.
+    func run(_ arguments: Arguments) -> Never {
+        let allowed: [String: [TestHookPoint]] = [
+            "create": [.afterCowLoopAttach, .afterSnapshotCreate],
+            "restore": [.afterCowLoopAttach],
+            "flatten": [.afterFlattenBlock],
+        ]
+        guard let points = allowed[arguments.command] else { usage() }
+        guard let stopAt = arguments.stopAt.flatMap(TestHookPoint.init(rawValue:)), points.contains(stopAt) else {
+            fail(
+                "\(arguments.command) stops at \(points.map(\.rawValue).joined(separator: " or ")) (--stop-at)",
+                status: 2)
         }
-        guard hit == wantedHit else { return }
-        emit("READY \(point.rawValue)\n", to: STDOUT_FILENO)
-        while true { pause() }  // Until SIGKILL.
-    }
+        guard arguments.positional.count == (arguments.command == "flatten" ? 4 : 3) else { usage() }
+        let name = arguments.positional[0]
+        let image = FilePath(arguments.positional[1])
+        let cowPath = FilePath(arguments.positional[2])
 
-    do {
-        let registry = LoopRegistry()
-        let origin = try registry.acquire(imagePath: image)
-        let size = try originSizeBytes(of: origin)
-        switch arguments.command {
-        case "create":
-            _ = try SnapshotDevice.create(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
-        case "restore":
-            _ = try SnapshotDevice.restore(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
-        default:
-            let snapshot = try SnapshotDevice.create(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
-            for (file, offset) in arguments.writes {
-                try writeData(file, to: snapshot.devicePath, at: offset)
+        // Stops at the chosen hit of the chosen point; every other hit passes.
+        let hits = Mutex(0)
+        let wantedHit = stopAt == .afterFlattenBlock ? arguments.block : 1
+        TestHooks.install { point in
+            guard point == stopAt else { return }
+            let hit = hits.withLock { count in
+                count += 1
+                return count
             }
-            try snapshot.flatten(to: FilePath(arguments.positional[3]))
+            guard hit == wantedHit else { return }
+            emit("READY \(point.rawValue)\n", to: STDOUT_FILENO)
+            while true { pause() }  // Until SIGKILL.
         }
-    } catch {
-        fail("\(arguments.command) failed: \(error)", status: 1)
-    }
-    fail("\(arguments.command) returned without reaching \(stopAt.rawValue)", status: 1)
-}
 
-run(Arguments(Array(CommandLine.arguments.dropFirst())))
+        do {
+            let registry = LoopRegistry()
+            let origin = try registry.acquire(imagePath: image)
+            let size = try originSizeBytes(of: origin)
+            switch arguments.command {
+            case "create":
+                _ = try SnapshotDevice.create(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+            case "restore":
+                _ = try SnapshotDevice.restore(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+            default:
+                let snapshot = try SnapshotDevice.create(
+                    name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+                for (file, offset) in arguments.writes {
+                    try writeData(file, to: snapshot.devicePath, at: offset)
+                }
+                try snapshot.flatten(to: FilePath(arguments.positional[3]))
+            }
+        } catch {
+            fail("\(arguments.command) failed: \(error)", status: 1)
+        }
+        fail("\(arguments.command) returned without reaching \(stopAt.rawValue)", status: 1)
+    }
+
+    run(Arguments(Array(CommandLine.arguments.dropFirst())))
 #else
-fail("the test hooks exist in debug builds only; build without -c release", status: 2)
+    fail("the test hooks exist in debug builds only; build without -c release", status: 2)
 #endif

@@ -44,33 +44,44 @@ struct Cleanup: ParsableCommand {
 
     func run() throws {
         common.setUp()
-        let report = CleanupOutcome(cleanupStaleDevices(prefix: prefix, includingUnownedDevices: includeUnowned, dryRun: dryRun))
+        let report = CleanupOutcome(
+            cleanupStaleDevices(prefix: prefix, includingUnownedDevices: includeUnowned, dryRun: dryRun))
 
         if common.json {
-            printOutput(JSON.object([
-                "dry_run": .bool(dryRun),
-                "prefix": .string(prefix),
-                "include_unowned": .bool(includeUnowned),
-                "removed": .array(report.removed.map { .string($0) }),
-                "in_use": .array(report.inUse.map { .object(["name": .string($0.name), "open_count": .int($0.openCount)]) }),
-                "not_owned": .array(report.notOwned.map { .string($0) }),
-                "failures": .array(report.failures.map {
-                    .object(["name": .string($0.name), "code": .string($0.error.code.description), "error": .string($0.error.description)])
-                }),
-                "still_attached_loop_devices": .array(report.stillAttachedLoopDevices.map { .string($0) }),
-                "clean": .bool(report.isClean),
-            ]).document)
+            printOutput(
+                JSON.object([
+                    "dry_run": .bool(dryRun),
+                    "prefix": .string(prefix),
+                    "include_unowned": .bool(includeUnowned),
+                    "removed": .array(report.removed.map { .string($0) }),
+                    "in_use": .array(
+                        report.inUse.map { .object(["name": .string($0.name), "open_count": .int($0.openCount)]) }),
+                    "not_owned": .array(report.notOwned.map { .string($0) }),
+                    "failures": .array(
+                        report.failures.map {
+                            .object([
+                                "name": .string($0.name), "code": .string($0.error.code.description),
+                                "error": .string($0.error.description),
+                            ])
+                        }),
+                    "still_attached_loop_devices": .array(report.stillAttachedLoopDevices.map { .string($0) }),
+                    "clean": .bool(report.isClean),
+                ]).document)
         } else {
             var table = Table("DEVICE", "ACTION", "DETAIL")
             for name in report.removed {
                 table.add(name, dryRun ? "would remove" : "removed", "idle, made by this library")
             }
             for device in report.inUse {
-                table.add(device.name, "skipped", device.openCount > 0
-                    ? "in use: open count \(device.openCount)" : "in use: opened while it was being removed")
+                table.add(
+                    device.name, "skipped",
+                    device.openCount > 0
+                        ? "in use: open count \(device.openCount)" : "in use: opened while it was being removed")
             }
             for name in report.notOwned {
-                table.add(name, "left alone", "no \(SnapshotDevice.uuidPrefix) UUID: not made by this library (--include-unowned removes it)")
+                table.add(
+                    name, "left alone",
+                    "no \(SnapshotDevice.uuidPrefix) UUID: not made by this library (--include-unowned removes it)")
             }
             for failure in report.failures {
                 table.add(failure.name, "failed", failure.error.description)

@@ -34,9 +34,10 @@ struct List: ParsableCommand {
         }
         var table = Table("NAME", "STATE", "COW USE", "OPEN", "STORE", "ORIGIN", "COW LOOP", "ORIGIN LOOP")
         for device in owned {
-            table.add(device.device.name, stateName(device.status?.state), cowUse(device.status), String(device.openCount),
-                      device.device.cowPath.string, originText(device), device.device.cowLoopDevice.string,
-                      device.originLoopDevice?.path.string ?? "-")
+            table.add(
+                device.device.name, stateName(device.status?.state), cowUse(device.status), String(device.openCount),
+                device.device.cowPath.string, originText(device), device.device.cowLoopDevice.string,
+                device.originLoopDevice?.path.string ?? "-")
         }
         printOutput(table.text)
     }
@@ -104,7 +105,8 @@ func deviceJSON(_ device: OwnedSnapshot) -> JSON {
         "cow_allocated_sectors": active.map { .int($0.allocatedSectors) } ?? .null,
         "cow_total_sectors": active.map { .int($0.totalSectors) } ?? .null,
         "cow_metadata_sectors": active.map { .int($0.metadataSectors) } ?? .null,
-        "cow_used_percent": active.flatMap { percentage($0.allocatedSectors, of: $0.totalSectors) }.map { .double($0) } ?? .null,
+        "cow_used_percent": active.flatMap { percentage($0.allocatedSectors, of: $0.totalSectors) }.map { .double($0) }
+            ?? .null,
         "origin_device": .string(device.originDevice.description),
         "origin_loop_device": .string(device.originLoopDevice?.path.string),
         "origin_image": .string(device.originImage?.string),
@@ -127,7 +129,8 @@ func stateName(_ state: SnapshotStatus.State?) -> String {
 func cowUse(_ status: SnapshotStatus?) -> String {
     guard let status, status.state == .active else { return "-" }
     let percent = percentage(status.allocatedSectors, of: status.totalSectors).map { " (\(fixed($0, 1))%)" } ?? ""
-    return "\(humanBytes(Int64(status.allocatedSectors) * 512)) / \(humanBytes(Int64(status.totalSectors) * 512))\(percent)"
+    return
+        "\(humanBytes(Int64(status.allocatedSectors) * 512)) / \(humanBytes(Int64(status.totalSectors) * 512))\(percent)"
 }
 
 /// The origin image, or the origin's device number where it is not a loop device.

@@ -7,9 +7,9 @@ import Synchronization
 import SystemPackage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 struct Flatten: ParsableCommand {
@@ -70,19 +70,24 @@ struct Flatten: ParsableCommand {
             if let origin {
                 let store = try CowFile(path: FilePath(source))
                 try store.flatten(origin: FilePath(origin), to: outputPath, progress: progress)
-                fields = ["source": .string("store"), "name": .null, "store_path": .string(source), "origin": .string(origin)]
+                fields = [
+                    "source": .string("store"), "name": .null, "store_path": .string(source), "origin": .string(origin),
+                ]
             } else {
                 let device = try SnapshotDevice.adopt(name: source)
                 try device.device.flatten(to: outputPath, progress: progress)
-                fields = ["source": .string("device"), "name": .string(source),
-                          "store_path": .string(device.device.cowPath.string), "origin": .string(device.originImage?.string)]
+                fields = [
+                    "source": .string("device"), "name": .string(source),
+                    "store_path": .string(device.device.cowPath.string), "origin": .string(device.originImage?.string),
+                ]
             }
         } catch {
             display.finish()
             let signalNumber = receivedSignal.load(ordering: .relaxed)
             if error.code == .cancelled && signalNumber != 0 {
-                printError("interrupted by \(signalNumber == SIGINT ? "SIGINT" : "SIGTERM"): stopped; "
-                    + "the partial output was removed, nothing was written at \(output)")
+                printError(
+                    "interrupted by \(signalNumber == SIGINT ? "SIGINT" : "SIGTERM"): stopped; "
+                        + "the partial output was removed, nothing was written at \(output)")
                 throw CommandFailure(status: 128 + signalNumber)
             }
             printError(error.description)
@@ -104,8 +109,9 @@ struct Flatten: ParsableCommand {
             printOutput(JSON.object(fields).document)
         } else {
             let from = origin == nil ? "device \(source)" : "store \(source) over \(origin!)"
-            printOutput("wrote \(output): \(humanBytes(size)) (\(size) bytes, \(humanBytes(written.allocatedBytes)) on disk) "
-                + "from \(from) in \(fixed(seconds, 1)) s\n")
+            printOutput(
+                "wrote \(output): \(humanBytes(size)) (\(size) bytes, \(humanBytes(written.allocatedBytes)) on disk) "
+                    + "from \(from) in \(fixed(seconds, 1)) s\n")
         }
     }
 }

@@ -3,9 +3,9 @@
 // people, and the shared formatting of sizes and percentages.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 // MARK: - JSON
@@ -43,7 +43,10 @@ enum JSON: Sendable, Equatable {
             output += value.isFinite ? fixed(value, 2) : "null"
         case .string(let value): JSON.writeString(value, to: &output)
         case .array(let values):
-            guard !values.isEmpty else { output += "[]"; return }
+            guard !values.isEmpty else {
+                output += "[]"
+                return
+            }
             output += "[\n"
             for (index, value) in values.enumerated() {
                 output += inner
@@ -52,7 +55,10 @@ enum JSON: Sendable, Equatable {
             }
             output += closing + "]"
         case .object(let members):
-            guard !members.isEmpty else { output += "{}"; return }
+            guard !members.isEmpty else {
+                output += "{}"
+                return
+            }
             output += "{\n"
             let keys = members.keys.sorted()
             for (index, key) in keys.enumerated() {
@@ -107,7 +113,8 @@ struct Table {
         for row in all {
             var line = ""
             for (index, cell) in row.enumerated() {
-                line += index == row.count - 1 ? cell : cell + String(repeating: " ", count: widths[index] - cell.count + 2)
+                line +=
+                    index == row.count - 1 ? cell : cell + String(repeating: " ", count: widths[index] - cell.count + 2)
             }
             while line.hasSuffix(" ") { line.removeLast() }
             output += line + "\n"

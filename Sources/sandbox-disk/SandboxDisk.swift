@@ -6,9 +6,9 @@ import DeviceMapper
 import Logging
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 struct SandboxDisk: ParsableCommand {

@@ -5,9 +5,9 @@ import DeviceMapper
 import SystemPackage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 struct Inspect: ParsableCommand {
@@ -45,44 +45,55 @@ struct Inspect: ParsableCommand {
         let attachment = storeHolder(identity.identity)
 
         if common.json {
-            printOutput(JSON.object([
-                "path": .string(store),
-                "store_size_bytes": .int(file.storeSizeBytes),
-                "allocated_bytes": .int(identity.allocatedBytes),
-                "version": .int(file.header.version),
-                "chunk_size_sectors": .int(file.header.chunkSizeSectors),
-                "chunk_size_bytes": .int(file.chunkSizeBytes),
-                "valid": .bool(file.isValid),
-                "exception_count": .int(file.exceptionCount),
-                "changed_bytes": .int(file.changedBytes),
-                "origin_record": record.map(originRecordJSON) ?? .null,
-                "origin_record_error": .string(recordError?.description),
-                "attached": .bool(attachment != nil),
-                "loop_device": .string(attachment?.loop.path.string),
-                "holders": .array((attachment?.deviceMapperHolders ?? []).map { .string($0) }),
-            ]).document)
+            printOutput(
+                JSON.object([
+                    "path": .string(store),
+                    "store_size_bytes": .int(file.storeSizeBytes),
+                    "allocated_bytes": .int(identity.allocatedBytes),
+                    "version": .int(file.header.version),
+                    "chunk_size_sectors": .int(file.header.chunkSizeSectors),
+                    "chunk_size_bytes": .int(file.chunkSizeBytes),
+                    "valid": .bool(file.isValid),
+                    "exception_count": .int(file.exceptionCount),
+                    "changed_bytes": .int(file.changedBytes),
+                    "origin_record": record.map(originRecordJSON) ?? .null,
+                    "origin_record_error": .string(recordError?.description),
+                    "attached": .bool(attachment != nil),
+                    "loop_device": .string(attachment?.loop.path.string),
+                    "holders": .array((attachment?.deviceMapperHolders ?? []).map { .string($0) }),
+                ]).document)
             return
         }
         let recordText: String
         if let record {
-            recordText = "\(record.imagePath.map { "image \($0) on " } ?? "")\(record.originPath), "
+            recordText =
+                "\(record.imagePath.map { "image \($0) on " } ?? "")\(record.originPath), "
                 + "\(record.fingerprint.sizeBytes) bytes, sample SHA-256 \(record.fingerprint.sampleSHA256)"
         } else if let recordError {
             recordText = "unreadable: \(recordError)"
         } else {
-            recordText = "none (an older agent's store, or a filesystem without the attribute): restore cannot check the origin"
+            recordText =
+                "none (an older agent's store, or a filesystem without the attribute): restore cannot check the origin"
         }
-        printOutput(keyValueText([
-            ("store", store),
-            ("size", "\(humanBytes(file.storeSizeBytes)) (\(file.storeSizeBytes) bytes), \(humanBytes(identity.allocatedBytes)) on disk"),
-            ("chunk size", "\(file.chunkSizeBytes) bytes (\(file.header.chunkSizeSectors) sectors)"),
-            ("header", file.isValid ? "valid (version \(file.header.version))"
-                : "INVALID: the kernel invalidated this store (overflow or I/O error); its data cannot be used"),
-            ("exceptions", "\(file.exceptionCount)"),
-            ("changed", "\(humanBytes(file.changedBytes)) (\(file.changedBytes) bytes)"),
-            ("origin record", recordText),
-            ("attached", attachmentText(attachment)),
-        ]))
+        printOutput(
+            keyValueText([
+                ("store", store),
+                (
+                    "size",
+                    "\(humanBytes(file.storeSizeBytes)) (\(file.storeSizeBytes) bytes), \(humanBytes(identity.allocatedBytes)) on disk"
+                ),
+                ("chunk size", "\(file.chunkSizeBytes) bytes (\(file.header.chunkSizeSectors) sectors)"),
+                (
+                    "header",
+                    file.isValid
+                        ? "valid (version \(file.header.version))"
+                        : "INVALID: the kernel invalidated this store (overflow or I/O error); its data cannot be used"
+                ),
+                ("exceptions", "\(file.exceptionCount)"),
+                ("changed", "\(humanBytes(file.changedBytes)) (\(file.changedBytes) bytes)"),
+                ("origin record", recordText),
+                ("attached", attachmentText(attachment)),
+            ]))
     }
 }
 
@@ -123,12 +134,18 @@ struct Verify: ParsableCommand {
         let path = FilePath(store)
         do {
             let file = try CowFile(path: path)
-            checks.append(Check(name: "store", result: .pass,
-                                detail: "a snapshot store, \(file.chunkSizeBytes)-byte chunks, \(file.exceptionCount) changed"))
-            checks.append(file.isValid
-                ? Check(name: "valid", result: .pass, detail: "the header is valid")
-                : Check(name: "valid", result: .fail,
-                        detail: "the kernel invalidated this store (it overflowed or hit an I/O error); its data cannot be used"))
+            checks.append(
+                Check(
+                    name: "store", result: .pass,
+                    detail: "a snapshot store, \(file.chunkSizeBytes)-byte chunks, \(file.exceptionCount) changed"))
+            checks.append(
+                file.isValid
+                    ? Check(name: "valid", result: .pass, detail: "the header is valid")
+                    : Check(
+                        name: "valid", result: .fail,
+                        detail:
+                            "the kernel invalidated this store (it overflowed or hit an I/O error); its data cannot be used"
+                    ))
             checks.append(originCheck(file))
             do {
                 let identity = try fileStatus(path).identity
@@ -149,15 +166,20 @@ struct Verify: ParsableCommand {
 
         let reasons = checks.filter { $0.result == .fail }.map(\.detail)
         if common.json {
-            printOutput(JSON.object([
-                "store": .string(store),
-                "origin": .string(origin),
-                "resumable": .bool(reasons.isEmpty),
-                "checks": .array(checks.map { check in
-                    .object(["name": .string(check.name), "result": .string(check.result.rawValue), "detail": .string(check.detail)])
-                }),
-                "reasons": .array(reasons.map { .string($0) }),
-            ]).document)
+            printOutput(
+                JSON.object([
+                    "store": .string(store),
+                    "origin": .string(origin),
+                    "resumable": .bool(reasons.isEmpty),
+                    "checks": .array(
+                        checks.map { check in
+                            .object([
+                                "name": .string(check.name), "result": .string(check.result.rawValue),
+                                "detail": .string(check.detail),
+                            ])
+                        }),
+                    "reasons": .array(reasons.map { .string($0) }),
+                ]).document)
         } else {
             var table = Table("CHECK", "RESULT", "DETAIL")
             for check in checks { table.add(check.name, check.result.rawValue, check.detail) }
@@ -205,7 +227,8 @@ func fileStatus(_ path: FilePath) throws(DeviceMapperError) -> (identity: FileId
     var status = stat()
     guard stat(path.string, &status) == 0 else {
         let number = errno
-        throw DeviceMapperError(code: .systemCallFailed, operation: "stat", subject: path.string, errno: Errno(rawValue: number))
+        throw DeviceMapperError(
+            code: .systemCallFailed, operation: "stat", subject: path.string, errno: Errno(rawValue: number))
     }
     return (FileIdentity(device: UInt64(status.st_dev), inode: UInt64(status.st_ino)), Int64(status.st_blocks) * 512)
 }
@@ -213,14 +236,16 @@ func fileStatus(_ path: FilePath) throws(DeviceMapperError) -> (identity: FileId
 func attachmentText(_ attachment: StoreHolder?) -> String {
     guard let attachment else { return "no: no loop device holds it" }
     if attachment.deviceMapperHolders.isEmpty {
-        return "yes: \(attachment.loop.path), which no device-mapper device holds (being released, or attached by other code)"
+        return
+            "yes: \(attachment.loop.path), which no device-mapper device holds (being released, or attached by other code)"
     }
     return "yes: \(attachment.loop.path), held by \(attachment.deviceMapperHolders.joined(separator: ", "))"
 }
 
 /// Why an attached store cannot be resumed, for `verify`.
 func inUseText(_ attachment: StoreHolder) -> String {
-    let holder = attachment.deviceMapperHolders.isEmpty
+    let holder =
+        attachment.deviceMapperHolders.isEmpty
         ? "which no device-mapper device holds (being released, or attached by other code)"
         : "held by \(attachment.deviceMapperHolders.joined(separator: ", ")): a live snapshot uses it"
     return "in use: attached to \(attachment.loop.path), \(holder); a store may be attached once only"

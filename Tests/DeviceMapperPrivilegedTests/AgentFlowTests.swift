@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The host agent's flows, through the public API only: start, pause, resume, template,
@@ -29,7 +29,8 @@ final class AgentFlowTests: PrivilegedTestCase {
     /// start: acquire the base image's origin, create the sandbox's snapshot, write to it.
     func start(_ name: String, image: FilePath, cow: FilePath) throws -> SnapshotDevice {
         let origin = try registry.acquire(imagePath: image)
-        let snapshot = try SnapshotDevice.create(name: name, origin: origin, cowPath: cow, originSizeBytes: try originSizeBytes(of: origin))
+        let snapshot = try SnapshotDevice.create(
+            name: name, origin: origin, cowPath: cow, originSizeBytes: try originSizeBytes(of: origin))
         for (offset, bytes) in writes { try write(snapshot.devicePath, offset: offset, bytes) }
         return snapshot
     }
@@ -37,7 +38,8 @@ final class AgentFlowTests: PrivilegedTestCase {
     /// resume: acquire the origin again and restore the snapshot from its CoW file.
     func resume(_ name: String, image: FilePath, cow: FilePath) throws -> SnapshotDevice {
         let origin = try registry.acquire(imagePath: image)
-        return try SnapshotDevice.restore(name: name, origin: origin, cowPath: cow, originSizeBytes: try originSizeBytes(of: origin))
+        return try SnapshotDevice.restore(
+            name: name, origin: origin, cowPath: cow, originSizeBytes: try originSizeBytes(of: origin))
     }
 
     func testStartPauseResumeKeepsTheData() throws {
@@ -91,8 +93,9 @@ final class AgentFlowTests: PrivilegedTestCase {
         try holder.close()
         let resumed = try resume(name, image: image, cow: cow)
         XCTAssertEqual(try read(resumed.devicePath, count: imageSize), try expectedDisk(base: image))
-        XCTAssertTrue(eventually { loopDevices(backedBy: directory).count == 2 },
-                      "the stale device's loop devices went with it: \(loopDevices(backedBy: directory))")
+        XCTAssertTrue(
+            eventually { loopDevices(backedBy: directory).count == 2 },
+            "the stale device's loop devices went with it: \(loopDevices(backedBy: directory))")
         try resumed.remove()
         registry.release(imagePath: image)
         assertLoopDevices([])
@@ -113,13 +116,16 @@ final class AgentFlowTests: PrivilegedTestCase {
         try copy.remove()
         registry.release(imagePath: image)
         assertLoopDevices([])
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains(".partial-") }, [])
+        XCTAssertEqual(
+            try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains(".partial-") },
+            [])
         XCTAssertLessThan(try allocatedBytes(template), Int64(imageSize) + (1 << 20))
 
         // boot: the template is the origin of a new sandbox, which reads the data back.
         let origin = try registry.acquire(imagePath: template)
         XCTAssertEqual(try originSizeBytes(of: origin), Int64(imageSize))
-        let child = try SnapshotDevice.create(name: deviceName("child"), origin: origin, cowPath: path("child.cow"), originSizeBytes: Int64(imageSize))
+        let child = try SnapshotDevice.create(
+            name: deviceName("child"), origin: origin, cowPath: path("child.cow"), originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(child.devicePath, count: imageSize), expected)
         let more = pseudoRandomBytes(count: 4096, seed: 53)
         try write(child.devicePath, offset: 0, more)
@@ -174,25 +180,33 @@ final class AgentFlowTests: PrivilegedTestCase {
         let size = imageSize
         DispatchQueue.concurrentPerform(iterations: 6) { thread in
             for index in stride(from: thread, to: count, by: 6) {
-                origins.set(index, Result {
-                    let origin = try registry.acquire(imagePath: image)
-                    defer { registry.release(imagePath: image) }
-                    let snapshot = try SnapshotDevice.create(name: names[index], origin: origin, cowPath: cows[index], originSizeBytes: Int64(size))
-                    let fd = try FileDescriptor.open(snapshot.devicePath, .readWrite)
-                    let disk = try fd.closeAfter {
-                        for (offset, bytes) in writes { _ = try bytes.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: offset, $0) } }
-                        var disk = [UInt8](repeating: 0, count: size)
-                        _ = try disk.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
-                        return disk
-                    }
-                    try snapshot.remove()
-                    guard disk == expected else { throw HelperError(description: "sandbox \(index) reads wrong data") }
-                    return origin
-                })
+                origins.set(
+                    index,
+                    Result {
+                        let origin = try registry.acquire(imagePath: image)
+                        defer { registry.release(imagePath: image) }
+                        let snapshot = try SnapshotDevice.create(
+                            name: names[index], origin: origin, cowPath: cows[index], originSizeBytes: Int64(size))
+                        let fd = try FileDescriptor.open(snapshot.devicePath, .readWrite)
+                        let disk = try fd.closeAfter {
+                            for (offset, bytes) in writes {
+                                _ = try bytes.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: offset, $0) }
+                            }
+                            var disk = [UInt8](repeating: 0, count: size)
+                            _ = try disk.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+                            return disk
+                        }
+                        try snapshot.remove()
+                        guard disk == expected else {
+                            throw HelperError(description: "sandbox \(index) reads wrong data")
+                        }
+                        return origin
+                    })
             }
         }
         for (index, result) in origins.values.enumerated() {
-            XCTAssertEqual(try XCTUnwrap(result, "sandbox \(index)").get(), shared, "sandbox \(index) shares the origin")
+            XCTAssertEqual(
+                try XCTUnwrap(result, "sandbox \(index)").get(), shared, "sandbox \(index) shares the origin")
         }
         XCTAssertEqual(registry.referenceCount(imagePath: image), 1)
         XCTAssertEqual(try devices(withPrefix: prefix), [])

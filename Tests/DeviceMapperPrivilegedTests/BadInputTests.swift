@@ -6,7 +6,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Bad input, one test each: each gets its own clear error (the code, the errno where
@@ -23,7 +23,8 @@ final class BadInputTests: PrivilegedTestCase {
 
     override func tearDownWithError() throws {
         for mountPoint in mountPoints.reversed() {
-            XCTAssertEqual(umount2(mountPoint.string, Int32(MNT_DETACH)), 0, "umount \(mountPoint): \(Errno(rawValue: errno))")
+            XCTAssertEqual(
+                umount2(mountPoint.string, Int32(MNT_DETACH)), 0, "umount \(mountPoint): \(Errno(rawValue: errno))")
         }
         mountPoints = []
         try super.tearDownWithError()
@@ -32,14 +33,16 @@ final class BadInputTests: PrivilegedTestCase {
     // MARK: - LoopRegistry.acquire
 
     func testAcquireOfAMissingImage() throws {
-        try assertAcquireFails(path("missing.img"), code: .systemCallFailed, errno: .noSuchFileOrDirectory,
-                               saying: ["open", "missing.img", "No such file or directory"])
+        try assertAcquireFails(
+            path("missing.img"), code: .systemCallFailed, errno: .noSuchFileOrDirectory,
+            saying: ["open", "missing.img", "No such file or directory"])
     }
 
     func testAcquireOfADirectory() throws {
         let image = path("directory.img")
         XCTAssertEqual(mkdir(image.string, 0o755), 0)
-        try assertAcquireFails(image, code: .invalidArgument, errno: .invalidArgument, saying: ["the image is a directory"])
+        try assertAcquireFails(
+            image, code: .invalidArgument, errno: .invalidArgument, saying: ["the image is a directory"])
     }
 
     func testAcquireOfAnEmptyImage() throws {
@@ -49,8 +52,9 @@ final class BadInputTests: PrivilegedTestCase {
 
     func testAcquireOfAnImageThatIsNotWholeSectors() throws {
         let image = try makeImage("odd.img", sizeBytes: 1000)
-        try assertAcquireFails(image, code: .invalidArgument, errno: .invalidArgument,
-                               saying: ["1000 bytes", "not a whole number of 512-byte sectors"])
+        try assertAcquireFails(
+            image, code: .invalidArgument, errno: .invalidArgument,
+            saying: ["1000 bytes", "not a whole number of 512-byte sectors"])
     }
 
     // MARK: - SnapshotDevice.create: names
@@ -62,28 +66,33 @@ final class BadInputTests: PrivilegedTestCase {
     func testCreateWithA128ByteName() throws {
         let name = deviceName("long-") + String(repeating: "x", count: 128 - deviceName("long-").utf8.count)
         XCTAssertEqual(name.utf8.count, 128)
-        try assertCreateFails(name: name, code: .invalidName, errno: .invalidArgument, saying: ["at most 127 bytes", "has 128"])
+        try assertCreateFails(
+            name: name, code: .invalidName, errno: .invalidArgument, saying: ["at most 127 bytes", "has 128"])
         // 127 bytes is the limit, and works.
         let origin = try registry.acquire(imagePath: try makeImage("base.img", sizeBytes: imageSize))
-        let longest = try SnapshotDevice.create(name: String(name.dropLast()), origin: origin, cowPath: path("127.cow"), originSizeBytes: Int64(imageSize))
+        let longest = try SnapshotDevice.create(
+            name: String(name.dropLast()), origin: origin, cowPath: path("127.cow"), originSizeBytes: Int64(imageSize))
         try longest.remove()
         XCTAssertEqual(unlink(path("127.cow").string), 0)
     }
 
     func testCreateWithANameContainingASlash() throws {
-        try assertCreateFails(name: deviceName("a/b"), code: .invalidName, errno: .invalidArgument, saying: ["cannot contain \"/\""])
+        try assertCreateFails(
+            name: deviceName("a/b"), code: .invalidName, errno: .invalidArgument, saying: ["cannot contain \"/\""])
     }
 
     func testCreateWithANonASCIIName() throws {
-        try assertCreateFails(name: deviceName("sandbox-é"), code: .invalidName, errno: .invalidArgument, saying: ["must be ASCII"])
+        try assertCreateFails(
+            name: deviceName("sandbox-é"), code: .invalidName, errno: .invalidArgument, saying: ["must be ASCII"])
     }
 
     // MARK: - SnapshotDevice.create: the CoW file and the origin
 
     func testCreateInAMissingCowDirectory() throws {
-        try assertCreateFails(cowPath: path("no-such-directory/sandbox.cow"), code: .systemCallFailed,
-                              errno: .noSuchFileOrDirectory,
-                              saying: ["could not create the CoW file", "no-such-directory", "No such file or directory"])
+        try assertCreateFails(
+            cowPath: path("no-such-directory/sandbox.cow"), code: .systemCallFailed,
+            errno: .noSuchFileOrDirectory,
+            saying: ["could not create the CoW file", "no-such-directory", "No such file or directory"])
     }
 
     func testCreateInAReadOnlyCowDirectory() throws {
@@ -94,35 +103,41 @@ final class BadInputTests: PrivilegedTestCase {
             return XCTFail("mount a read-only tmpfs: \(Errno(rawValue: errno))")
         }
         mountPoints.append(readOnly)
-        try assertCreateFails(cowPath: readOnly.appending("sandbox.cow"), code: .systemCallFailed, errno: .readOnlyFileSystem,
-                              saying: ["could not create the CoW file", "Read-only file system"])
+        try assertCreateFails(
+            cowPath: readOnly.appending("sandbox.cow"), code: .systemCallFailed, errno: .readOnlyFileSystem,
+            saying: ["could not create the CoW file", "Read-only file system"])
     }
 
     func testCreateWithAnOriginThatIsNotABlockDevice() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize)
-        try assertCreateFails(origin: image, code: .invalidArgument, errno: .invalidArgument,
-                              saying: ["base.img", "the origin must be a block device"])
+        try assertCreateFails(
+            origin: image, code: .invalidArgument, errno: .invalidArgument,
+            saying: ["base.img", "the origin must be a block device"])
     }
 
     func testCreateWithAnOriginSmallerThanTheSizeGiven() throws {
         // Refused before the CoW file or any loop device is made (the kernel would refuse
         // the table only after both exist).
-        try assertCreateFails(originSizeBytes: Int64(imageSize) * 2, code: .invalidArgument, errno: .invalidArgument,
-                              saying: ["originSizeBytes is \(imageSize * 2)", "holds \(imageSize) bytes"])
+        try assertCreateFails(
+            originSizeBytes: Int64(imageSize) * 2, code: .invalidArgument, errno: .invalidArgument,
+            saying: ["originSizeBytes is \(imageSize * 2)", "holds \(imageSize) bytes"])
     }
 
     // MARK: - remove and release
 
     func testRemoveOfADeviceThatNoLongerExists() throws {
         let origin = try registry.acquire(imagePath: try makeImage("base.img", sizeBytes: imageSize))
-        let snapshot = try SnapshotDevice.create(name: deviceName("gone"), origin: origin, cowPath: path("gone.cow"), originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("gone"), origin: origin, cowPath: path("gone.cow"), originSizeBytes: Int64(imageSize))
         try snapshot.remove()
         let files = try listing()
         XCTAssertThrowsError(try snapshot.remove()) { error in
             let error = error as! DeviceMapperError
             XCTAssertEqual(error.code, .deviceNotFound)
             XCTAssertEqual(error.errno, .noSuchAddressOrDevice)
-            XCTAssertTrue(error.description.contains("device not found") && error.description.contains(deviceName("gone")), "\(error)")
+            XCTAssertTrue(
+                error.description.contains("device not found") && error.description.contains(deviceName("gone")),
+                "\(error)")
         }
         XCTAssertEqual(try listing(), files)
         XCTAssertEqual(try devices(withPrefix: prefix), [])
@@ -130,7 +145,8 @@ final class BadInputTests: PrivilegedTestCase {
 
     func testCleanupCountsADeviceThatVanishesMeanwhileAsRemoved() throws {
         let origin = try registry.acquire(imagePath: try makeImage("base.img", sizeBytes: imageSize))
-        let snapshot = try SnapshotDevice.create(name: deviceName("vanishing"), origin: origin, cowPath: path("v.cow"), originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("vanishing"), origin: origin, cowPath: path("v.cow"), originSizeBytes: Int64(imageSize))
         // Just before cleanup's remove, someone else removes the device: cleanup's own remove
         // then finds no device (ENXIO), which counts as removed, not as a failure.
         let removedUnderCleanup = Mutex(false)
@@ -162,9 +178,11 @@ final class BadInputTests: PrivilegedTestCase {
         XCTAssertEqual(registry.referenceCount(imagePath: image), 1, "another image's reference is untouched")
         XCTAssertEqual(loopDevices(backedBy: directory).map(\.device.path), [device])
         let warnings = log.entries.filter { $0.level == .warning }.map(\.message)
-        XCTAssertEqual(warnings, ["release of an image that holds no reference", "release of an image that holds no reference"])
-        XCTAssertEqual(log.entries.filter { $0.level == .warning }.compactMap { $0.metadata["image"]?.description },
-                       [other.string, path("never-existed.img").string])
+        XCTAssertEqual(
+            warnings, ["release of an image that holds no reference", "release of an image that holds no reference"])
+        XCTAssertEqual(
+            log.entries.filter { $0.level == .warning }.compactMap { $0.metadata["image"]?.description },
+            [other.string, path("never-existed.img").string])
 
         registry.release(imagePath: image)
         assertLoopDevices([])
@@ -178,9 +196,12 @@ final class BadInputTests: PrivilegedTestCase {
         (FileManager.default.subpaths(atPath: directory.string) ?? []).sorted()
     }
 
-    func assertDescription(_ error: DeviceMapperError, says fragments: [String], file: StaticString = #filePath, line: UInt = #line) {
+    func assertDescription(
+        _ error: DeviceMapperError, says fragments: [String], file: StaticString = #filePath, line: UInt = #line
+    ) {
         for fragment in fragments {
-            XCTAssertTrue(error.description.contains(fragment), "\"\(error)\" should say \"\(fragment)\"", file: file, line: line)
+            XCTAssertTrue(
+                error.description.contains(fragment), "\"\(error)\" should say \"\(fragment)\"", file: file, line: line)
         }
     }
 
@@ -213,8 +234,9 @@ final class BadInputTests: PrivilegedTestCase {
         let devicesBefore = try DeviceMapperControl.list(withTargetTypes: false).map(\.name)
         let files = try listing()
         XCTAssertThrowsError(
-            try SnapshotDevice.create(name: name ?? deviceName("bad"), origin: origin ?? goodOrigin, cowPath: cow,
-                                      originSizeBytes: originSizeBytes ?? Int64(imageSize)),
+            try SnapshotDevice.create(
+                name: name ?? deviceName("bad"), origin: origin ?? goodOrigin, cowPath: cow,
+                originSizeBytes: originSizeBytes ?? Int64(imageSize)),
             file: file, line: line
         ) { error in
             let error = error as! DeviceMapperError
@@ -222,9 +244,12 @@ final class BadInputTests: PrivilegedTestCase {
             XCTAssertEqual(error.errno, errno, "\(error)", file: file, line: line)
             assertDescription(error, says: fragments, file: file, line: line)
         }
-        XCTAssertEqual(try DeviceMapperControl.list(withTargetTypes: false).map(\.name), devicesBefore, "no device", file: file, line: line)
-        XCTAssertTrue(eventually { loopDevices(backedBy: directory).map(\.backingFile) == [image] },
-                      "no loop device but the origin: \(loopDevices(backedBy: directory))", file: file, line: line)
+        XCTAssertEqual(
+            try DeviceMapperControl.list(withTargetTypes: false).map(\.name), devicesBefore, "no device", file: file,
+            line: line)
+        XCTAssertTrue(
+            eventually { loopDevices(backedBy: directory).map(\.backingFile) == [image] },
+            "no loop device but the origin: \(loopDevices(backedBy: directory))", file: file, line: line)
         XCTAssertEqual(try listing(), files, "no new file", file: file, line: line)
         XCTAssertFalse(fileExists(cow), file: file, line: line)
         registry.release(imagePath: image)
@@ -257,6 +282,7 @@ struct CapturingLogHandler: LogHandler {
     }
 
     func log(event: LogEvent) {
-        log.append(CapturedLog.Entry(level: event.level, message: event.message.description, metadata: event.metadata ?? [:]))
+        log.append(
+            CapturedLog.Entry(level: event.level, message: event.message.description, metadata: event.metadata ?? [:]))
     }
 }

@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The control plane at host scale: many threads at once, nodes the library owns, udev
@@ -20,24 +20,33 @@ final class ControlPlaneTests: PrivilegedTestCase {
     func testSixteenThreadsOfFiftyCreateWriteRemoveCycles() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 1)
         let origin = try registry.acquire(imagePath: image)
-        let threads = 16, cycles = 50
+        let threads = 16
+        let cycles = 50
         let failures = Failures()
         let payload = pseudoRandomBytes(count: 4096, seed: 2)
-        let prefix = self.prefix, directory = self.directory, imageSize = self.imageSize
+        let prefix = self.prefix
+        let directory = self.directory
+        let imageSize = self.imageSize
         DispatchQueue.concurrentPerform(iterations: threads) { thread in
             for cycle in 0..<cycles {
                 let name = prefix + "t\(thread)-c\(cycle)"
                 let cow = directory.appending("t\(thread)-c\(cycle).cow")
                 do {
-                    let snapshot = try SnapshotDevice.create(name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+                    let snapshot = try SnapshotDevice.create(
+                        name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
                     let info = try DeviceMapperControl.info(name: DeviceName(name))
                     var status = stat()
                     if stat(snapshot.devicePath.string, &status) != 0 || status.st_mode & S_IFMT != S_IFBLK
-                        || DeviceNumber(rawValue: UInt64(status.st_rdev)) != info?.number {
-                        failures.add("\(name): no node of \(String(describing: info?.number)) at \(snapshot.devicePath) after create")
+                        || DeviceNumber(rawValue: UInt64(status.st_rdev)) != info?.number
+                    {
+                        failures.add(
+                            "\(name): no node of \(String(describing: info?.number)) at \(snapshot.devicePath) after create"
+                        )
                     }
                     let fd = try FileDescriptor.open(snapshot.devicePath, .readWrite)
-                    _ = try fd.closeAfter { try payload.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: Int64(cycle) * 4096, $0) } }
+                    _ = try fd.closeAfter {
+                        try payload.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: Int64(cycle) * 4096, $0) }
+                    }
                     try snapshot.remove()
                     if lstat(snapshot.devicePath.string, &status) == 0 {
                         failures.add("\(name): node still there after remove")
@@ -77,7 +86,9 @@ final class ControlPlaneTests: PrivilegedTestCase {
             }
         }
         XCTAssertEqual(failures.all, [])
-        XCTAssertTrue(eventually(30) { (try? self.semaphoreCount()) == before }, "System V semaphores: \(before) before, \((try? semaphoreCount()) ?? -1) after")
+        XCTAssertTrue(
+            eventually(30) { (try? self.semaphoreCount()) == before },
+            "System V semaphores: \(before) before, \((try? semaphoreCount()) ?? -1) after")
         XCTAssertEqual(try devices(withPrefix: prefix), [])
     }
 
@@ -94,7 +105,8 @@ final class ControlPlaneTests: PrivilegedTestCase {
         XCTAssertTrue(udevCookiesSettled(timeoutMilliseconds: 30_000), "earlier tests' cookies")
         let semaphoresBefore = try semaphoreCount()
         let survivor = try DeviceName(deviceName("survivor"))
-        try DeviceMapperControl.create(name: survivor, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
+        try DeviceMapperControl.create(
+            name: survivor, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
         var survivorRemoved = false
         defer { if !survivorRemoved { try? DeviceMapperControl.remove(name: survivor) } }
 
@@ -121,8 +133,9 @@ final class ControlPlaneTests: PrivilegedTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(started), 120, "bounded by the deadlines, not hung")
         silence.end()
         XCTAssertTrue(udevCookiesSettled(timeoutMilliseconds: 30_000))
-        XCTAssertTrue(eventually(10) { (try? self.semaphoreCount()) == semaphoresBefore },
-                      "no udev semaphore leaked: \(semaphoresBefore) before, \((try? semaphoreCount()) ?? -1) after")
+        XCTAssertTrue(
+            eventually(10) { (try? self.semaphoreCount()) == semaphoresBefore },
+            "no udev semaphore leaked: \(semaphoresBefore) before, \((try? semaphoreCount()) ?? -1) after")
         XCTAssertEqual(try devices(withPrefix: prefix), [])
     }
 
@@ -164,7 +177,8 @@ final class ControlPlaneTests: PrivilegedTestCase {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 6)
         let origin = try await registry.acquire(imagePath: image)
         let cow = path("async.cow")
-        let snapshot = try await SnapshotDevice.create(name: deviceName("async"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let snapshot = try await SnapshotDevice.create(
+            name: deviceName("async"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         let data = pseudoRandomBytes(count: 8192, seed: 7)
         try write(snapshot.devicePath, offset: 4096, data)
         let threadNames = Collected<String>()
@@ -175,7 +189,8 @@ final class ControlPlaneTests: PrivilegedTestCase {
         try await snapshot.remove()
         let listed = try await SnapshotDevice.listOwned().filter { $0.device.name.hasPrefix(prefix) }
         XCTAssertEqual(listed.map(\.device), [])
-        let resumed = try await SnapshotDevice.restore(name: deviceName("async"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let resumed = try await SnapshotDevice.restore(
+            name: deviceName("async"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(resumed.devicePath, offset: 4096, count: data.count), data)
         try await resumed.remove()
         try await CowFile(path: cow).flatten(origin: image, to: path("offline.img"))
@@ -194,7 +209,8 @@ final class ControlPlaneTests: PrivilegedTestCase {
         XCTAssertTrue(FileManager.default.createFile(atPath: image.string, contents: nil))
         XCTAssertEqual(truncate(image.string, off_t(size)), 0)
         let origin = try await registry.acquire(imagePath: image)
-        let snapshot = try await SnapshotDevice.create(name: deviceName("cancel"), origin: origin, cowPath: path("c.cow"), originSizeBytes: Int64(size))
+        let snapshot = try await SnapshotDevice.create(
+            name: deviceName("cancel"), origin: origin, cowPath: path("c.cow"), originSizeBytes: Int64(size))
         let output = path("templates/out.img")
         try FileManager.default.createDirectory(atPath: path("templates").string, withIntermediateDirectories: true)
 
@@ -208,7 +224,9 @@ final class ControlPlaneTests: PrivilegedTestCase {
         XCTAssertThrowsError(try result.get()) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.code, .cancelled, "\(error)")
         }
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: path("templates").string), [], "no output, no partial file")
+        XCTAssertEqual(
+            try FileManager.default.contentsOfDirectory(atPath: path("templates").string), [],
+            "no output, no partial file")
         try await snapshot.remove()
         registry.releaseAll()
         assertLoopDevices([])
@@ -343,5 +361,6 @@ final class AsyncFlag: @unchecked Sendable {
 
 /// The calling thread's name (`/proc/thread-self/comm`).
 func currentThreadName() -> String {
-    ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+    ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "").trimmingCharacters(
+        in: .whitespacesAndNewlines)
 }

@@ -14,7 +14,8 @@ final class CowFileRoundTripTests: PrivilegedTestCase {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 31)
         let origin = try registry.acquire(imagePath: image)
         let cow = path("sandbox.cow")
-        let snapshot = try SnapshotDevice.create(name: deviceName("rt"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("rt"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
 
         // 600 distinct chunks (more than the 256 of one metadata area), some written twice,
         // and one write that straddles two chunks.
@@ -60,7 +61,8 @@ final class CowFileRoundTripTests: PrivilegedTestCase {
         try store.flatten(origin: image, to: offlineOutput)
         let deviceBytes = try read(deviceOutput, count: imageSize + 1)
         XCTAssertEqual(deviceBytes.count, imageSize)
-        XCTAssertTrue(deviceBytes == (try read(offlineOutput, count: imageSize + 1)), "offline and device flatten differ")
+        XCTAssertTrue(
+            deviceBytes == (try read(offlineOutput, count: imageSize + 1)), "offline and device flatten differ")
     }
 
     func testOfflineFlattenRefusesAStoreStillAttached() throws {
@@ -69,7 +71,8 @@ final class CowFileRoundTripTests: PrivilegedTestCase {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 32)
         let origin = try registry.acquire(imagePath: image)
         let cow = path("live.cow")
-        let snapshot = try SnapshotDevice.create(name: deviceName("live"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("live"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         try write(snapshot.devicePath, offset: 0, pseudoRandomBytes(count: chunk, seed: 1))
         let output = path("out.img")
         XCTAssertThrowsError(try CowFile(path: cow).flatten(origin: image, to: output)) { error in

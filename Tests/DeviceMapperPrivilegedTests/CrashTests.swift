@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An agent killed (`SIGKILL`) in the middle of a lifecycle call, at each test hook.
@@ -21,10 +21,13 @@ final class CrashTests: PrivilegedTestCase {
     func testKillAfterCowLoopAttachInCreateLeavesNothingButTheUninitialisedCowFile() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 1)
         let cow = path("a.cow")
-        let helper = try CrashHelper(["create", deviceName("a"), image.string, cow.string, "--stop-at", "afterCowLoopAttach"])
+        let helper = try CrashHelper([
+            "create", deviceName("a"), image.string, cow.string, "--stop-at", "afterCowLoopAttach",
+        ])
         defer { helper.killIfRunning() }
         try helper.waitUntilReady(at: "afterCowLoopAttach")
-        XCTAssertEqual(Set(loopDevices(backedBy: directory).map(\.backingFile)), [image, cow], "origin and CoW loop devices")
+        XCTAssertEqual(
+            Set(loopDevices(backedBy: directory).map(\.backingFile)), [image, cow], "origin and CoW loop devices")
         XCTAssertEqual(try devices(withPrefix: prefix), [])
 
         try helper.kill()
@@ -37,14 +40,18 @@ final class CrashTests: PrivilegedTestCase {
         XCTAssertTrue(fileExists(cow))
         XCTAssertEqual(try allocatedBytes(cow), 0, "nothing was ever written to it")
         let origin = try registry.acquire(imagePath: image)
-        XCTAssertThrowsError(try SnapshotDevice.restore(name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))) { error in
+        XCTAssertThrowsError(
+            try SnapshotDevice.restore(
+                name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        ) { error in
             let error = error as! DeviceMapperError
             XCTAssertEqual(error.code, .invalidCowStore)
             XCTAssertTrue(error.description.contains("never initialised"), "\(error)")
         }
         // So the agent deletes it and starts the sandbox again.
         XCTAssertEqual(unlink(cow.string), 0)
-        let snapshot = try SnapshotDevice.create(name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(snapshot.devicePath, count: 4096), try read(image, count: 4096))
         try snapshot.remove()
         registry.release(imagePath: image)
@@ -54,7 +61,9 @@ final class CrashTests: PrivilegedTestCase {
     func testKillAfterSnapshotCreateLeavesAStaleDeviceThatCleanupRemoves() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 2)
         let cow = path("b.cow")
-        let helper = try CrashHelper(["create", deviceName("b"), image.string, cow.string, "--stop-at", "afterSnapshotCreate"])
+        let helper = try CrashHelper([
+            "create", deviceName("b"), image.string, cow.string, "--stop-at", "afterSnapshotCreate",
+        ])
         defer { helper.killIfRunning() }
         try helper.waitUntilReady(at: "afterSnapshotCreate")
         XCTAssertEqual(try devices(withPrefix: prefix), [deviceName("b")])
@@ -68,7 +77,8 @@ final class CrashTests: PrivilegedTestCase {
 
         // The store was initialised by the table load: it restores, showing the base image.
         let origin = try registry.acquire(imagePath: image)
-        let restored = try SnapshotDevice.restore(name: deviceName("b"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let restored = try SnapshotDevice.restore(
+            name: deviceName("b"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(restored.devicePath, count: imageSize), try read(image, count: imageSize))
         try restored.remove()
         registry.release(imagePath: image)
@@ -83,14 +93,17 @@ final class CrashTests: PrivilegedTestCase {
             let registry = LoopRegistry()
             defer { registry.releaseAll() }
             let origin = try registry.acquire(imagePath: image)
-            let snapshot = try SnapshotDevice.create(name: deviceName("c"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+            let snapshot = try SnapshotDevice.create(
+                name: deviceName("c"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
             try write(snapshot.devicePath, offset: 12_345, data)
             try snapshot.remove()
         }
         assertLoopDevices([])
         let storeBefore = try read(cow, count: 64 << 20)
 
-        let helper = try CrashHelper(["restore", deviceName("c"), image.string, cow.string, "--stop-at", "afterCowLoopAttach"])
+        let helper = try CrashHelper([
+            "restore", deviceName("c"), image.string, cow.string, "--stop-at", "afterCowLoopAttach",
+        ])
         defer { helper.killIfRunning() }
         try helper.waitUntilReady(at: "afterCowLoopAttach")
         try helper.kill()
@@ -99,14 +112,18 @@ final class CrashTests: PrivilegedTestCase {
         defer { registry.releaseAll() }
 
         XCTAssertEqual(try read(cow, count: 64 << 20), storeBefore, "the killed restore changed nothing in the store")
-        try assertRestoresWithData(cow: cow, name: deviceName("c"), image: image, registry: registry, writes: [(12_345, data)])
+        try assertRestoresWithData(
+            cow: cow, name: deviceName("c"), image: image, registry: registry, writes: [(12_345, data)])
     }
 
     func testKillDuringFlattenLeavesNoOutputAndTheSweepRemovesItsTemporaryFile() throws {
         let (image, writes, arguments) = try flattenSetUp(name: deviceName("f"))
         let output = path("template.img")
-        let helper = try CrashHelper(["flatten", deviceName("f"), image.string, path("f.cow").string, output.string,
-                                      "--stop-at", "afterFlattenBlock", "--block", "2"] + arguments)
+        let helper = try CrashHelper(
+            [
+                "flatten", deviceName("f"), image.string, path("f.cow").string, output.string,
+                "--stop-at", "afterFlattenBlock", "--block", "2",
+            ] + arguments)
         defer { helper.killIfRunning() }
         try helper.waitUntilReady(at: "afterFlattenBlock")
         XCTAssertFalse(fileExists(output))
@@ -122,15 +139,19 @@ final class CrashTests: PrivilegedTestCase {
         XCTAssertEqual(removeStalePartialFiles(in: directory), temporary.map { directory.appending($0) })
         XCTAssertEqual(try partialFiles(), [])
 
-        try assertRestoresWithData(cow: path("f.cow"), name: deviceName("f"), image: image, registry: registry, writes: writes)
+        try assertRestoresWithData(
+            cow: path("f.cow"), name: deviceName("f"), image: image, registry: registry, writes: writes)
         XCTAssertFalse(fileExists(output))
     }
 
     func testFlattenRetriedAfterAKillReclaimsTheTemporaryFileAndSucceeds() throws {
         let (image, writes, arguments) = try flattenSetUp(name: deviceName("g"))
         let output = path("template.img")
-        let helper = try CrashHelper(["flatten", deviceName("g"), image.string, path("g.cow").string, output.string,
-                                      "--stop-at", "afterFlattenBlock", "--block", "3"] + arguments)
+        let helper = try CrashHelper(
+            [
+                "flatten", deviceName("g"), image.string, path("g.cow").string, output.string,
+                "--stop-at", "afterFlattenBlock", "--block", "3",
+            ] + arguments)
         defer { helper.killIfRunning() }
         try helper.waitUntilReady(at: "afterFlattenBlock")
         try helper.kill()
@@ -140,12 +161,16 @@ final class CrashTests: PrivilegedTestCase {
 
         // The agent retries the template: the new flatten removes the dead one's file first.
         let origin = try registry.acquire(imagePath: image)
-        let restored = try SnapshotDevice.restore(name: deviceName("g"), origin: origin, cowPath: path("g.cow"), originSizeBytes: Int64(flattenImageSize))
+        let restored = try SnapshotDevice.restore(
+            name: deviceName("g"), origin: origin, cowPath: path("g.cow"), originSizeBytes: Int64(flattenImageSize))
         try restored.flatten(to: output)
         XCTAssertEqual(try partialFiles(), [])
-        XCTAssertEqual(try read(output, count: flattenImageSize + 1), try read(restored.devicePath, count: flattenImageSize))
+        XCTAssertEqual(
+            try read(output, count: flattenImageSize + 1), try read(restored.devicePath, count: flattenImageSize))
         var expected = try read(image, count: flattenImageSize)
-        for (offset, bytes) in writes { expected.replaceSubrange(Int(offset)..<(Int(offset) + bytes.count), with: bytes) }
+        for (offset, bytes) in writes {
+            expected.replaceSubrange(Int(offset)..<(Int(offset) + bytes.count), with: bytes)
+        }
         XCTAssertEqual(try read(output, count: flattenImageSize), expected)
         try restored.remove()
         registry.release(imagePath: image)
@@ -178,7 +203,8 @@ final class CrashTests: PrivilegedTestCase {
     /// that nothing with the test's prefix or over the test's files is left.
     func recoverAsARestartedAgent(expectRemoved: [String], image: FilePath) throws -> LoopRegistry {
         let report = cleanupStaleDevices(prefix: prefix)
-        XCTAssertTrue(report.isClean, "\(report.failures.map { "\($0.name): \($0.error)" }) \(report.stillAttachedLoopDevices)")
+        XCTAssertTrue(
+            report.isClean, "\(report.failures.map { "\($0.name): \($0.error)" }) \(report.stillAttachedLoopDevices)")
         XCTAssertEqual(report.removed.sorted(), expectRemoved.sorted())
         XCTAssertEqual(try devices(withPrefix: prefix), [])
         // The origin loop device was autoclear and its registry's descriptor died with the
@@ -190,13 +216,18 @@ final class CrashTests: PrivilegedTestCase {
     }
 
     /// Restores the store under `name` and reads back every write over the base image.
-    func assertRestoresWithData(cow: FilePath, name: String, image: FilePath, registry: LoopRegistry, writes: [(Int64, [UInt8])]) throws {
-        let size = try Int(XCTUnwrap(FileManager.default.attributesOfItem(atPath: image.string)[.size] as? NSNumber).int64Value)
+    func assertRestoresWithData(
+        cow: FilePath, name: String, image: FilePath, registry: LoopRegistry, writes: [(Int64, [UInt8])]
+    ) throws {
+        let size = try Int(
+            XCTUnwrap(FileManager.default.attributesOfItem(atPath: image.string)[.size] as? NSNumber).int64Value)
         let origin = try registry.acquire(imagePath: image)
-        let restored = try SnapshotDevice.restore(name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(size))
+        let restored = try SnapshotDevice.restore(
+            name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(size))
         var expected = try read(image, count: size)
         for (offset, bytes) in writes {
-            XCTAssertEqual(try read(restored.devicePath, offset: offset, count: bytes.count), bytes, "data at \(offset)")
+            XCTAssertEqual(
+                try read(restored.devicePath, offset: offset, count: bytes.count), bytes, "data at \(offset)")
             expected.replaceSubrange(Int(offset)..<(Int(offset) + bytes.count), with: bytes)
         }
         XCTAssertEqual(try read(restored.devicePath, count: size), expected)
@@ -207,7 +238,8 @@ final class CrashTests: PrivilegedTestCase {
 
     /// The names of the `.partial-` temporary files in the test's directory.
     func partialFiles() throws -> [String] {
-        try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains(".partial-") }.sorted()
+        try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains(".partial-") }
+            .sorted()
     }
 }
 
@@ -220,7 +252,8 @@ final class CrashHelper {
 
     /// `dm-crash-helper` beside the test bundle (`.build/debug/`).
     static var executable: URL {
-        let bundle = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let bundle =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         return URL(fileURLWithPath: bundle).deletingLastPathComponent().appendingPathComponent("dm-crash-helper")
     }
 
@@ -243,8 +276,9 @@ final class CrashHelper {
         let bytes = helper.output.fileHandleForReading.readDataToEndOfFile()
         helper.process.waitUntilExit()
         guard helper.process.terminationStatus == 0 else {
-            throw HelperError(description: "dm-crash-helper \(arguments.joined(separator: " ")) exited "
-                + "\(helper.process.terminationStatus)")
+            throw HelperError(
+                description: "dm-crash-helper \(arguments.joined(separator: " ")) exited "
+                    + "\(helper.process.terminationStatus)")
         }
         return String(decoding: bytes, as: UTF8.self)
     }
@@ -256,7 +290,10 @@ final class CrashHelper {
         while !String(decoding: printed, as: UTF8.self).split(separator: "\n").contains("READY \(point)") {
             let remaining = deadline.timeIntervalSinceNow
             guard remaining > 0 else {
-                throw HelperError(description: "no READY \(point) after \(timeoutSeconds) s; printed: \(String(decoding: printed, as: UTF8.self))")
+                throw HelperError(
+                    description:
+                        "no READY \(point) after \(timeoutSeconds) s; printed: \(String(decoding: printed, as: UTF8.self))"
+                )
             }
             var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             guard poll(&poller, 1, Int32(min(remaining, 1) * 1000)) > 0 else { continue }
@@ -266,8 +303,9 @@ final class CrashHelper {
                 printed += buffer.prefix(count)
             } else if count == 0 {
                 process.waitUntilExit()
-                throw HelperError(description: "the helper exited (status \(process.terminationStatus)) before READY \(point); "
-                    + "printed: \(String(decoding: printed, as: UTF8.self))")
+                throw HelperError(
+                    description: "the helper exited (status \(process.terminationStatus)) before READY \(point); "
+                        + "printed: \(String(decoding: printed, as: UTF8.self))")
             }
         }
     }

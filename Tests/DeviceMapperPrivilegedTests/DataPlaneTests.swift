@@ -5,7 +5,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The data-plane levers (`SnapshotOptions`): direct I/O on the CoW loop device, read back
@@ -16,7 +16,8 @@ final class DataPlaneTests: PrivilegedTestCase {
 
     override func tearDownWithError() throws {
         for mountPoint in mountPoints.reversed() {
-            XCTAssertEqual(umount2(mountPoint.string, Int32(MNT_DETACH)), 0, "umount \(mountPoint): \(Errno(rawValue: errno))")
+            XCTAssertEqual(
+                umount2(mountPoint.string, Int32(MNT_DETACH)), 0, "umount \(mountPoint): \(Errno(rawValue: errno))")
         }
         mountPoints = []
         try super.tearDownWithError()
@@ -26,7 +27,8 @@ final class DataPlaneTests: PrivilegedTestCase {
     /// mounted in the test's directory: a filesystem with direct I/O, which the guest's tmpfs lacks.
     func mountExt4(_ name: String, sizeBytes: Int64) throws -> FilePath {
         let image = path("\(name).img")
-        let fd = try FileDescriptor.open(image, .readWrite, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
+        let fd = try FileDescriptor.open(
+            image, .readWrite, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
         try fd.closeAfter { XCTAssertEqual(ftruncate(fd.rawValue, off_t(sizeBytes)), 0) }
         let loop = try attachLoopDevice(backingFile: image, readOnly: false)
         try run("mkfs.ext4", ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop.device.path.string])
@@ -89,8 +91,10 @@ final class DataPlaneTests: PrivilegedTestCase {
         try write(direct.devicePath, offset: 8192 + 100, data)
         XCTAssertEqual(try read(direct.devicePath, offset: 8192 + 100, count: data.count), data)
         // The in-use guard holds with direct I/O: the lock is on the file description the loop device holds.
-        XCTAssertThrowsError(try SnapshotDevice.restore(
-            name: deviceName("b"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))) { error in
+        XCTAssertThrowsError(
+            try SnapshotDevice.restore(
+                name: deviceName("b"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        ) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.code, .cowStoreInUse, "\(error)")
         }
         try direct.remove()
@@ -111,7 +115,8 @@ final class DataPlaneTests: PrivilegedTestCase {
         // the device works, and the library says so in one warning naming the device.
         let tmpfsCow = path("t.cow")
         let fallback = try SnapshotDevice.create(
-            name: deviceName("t"), origin: origin, cowPath: tmpfsCow, originSizeBytes: Int64(imageSize), options: options)
+            name: deviceName("t"), origin: origin, cowPath: tmpfsCow, originSizeBytes: Int64(imageSize),
+            options: options)
         XCTAssertEqual(sysfsDirectIO(fallback.cowLoopDevice), "0", "tmpfs refuses direct I/O")
         XCTAssertFalse(fallback.cowLoopUsesDirectIO)
         // A warning the first time per filesystem in the process, debug after (other tests may have come first).
@@ -126,17 +131,22 @@ final class DataPlaneTests: PrivilegedTestCase {
 
         // The registry's opt-in: direct I/O for an origin on ext4; the same fallback on tmpfs.
         let registryLog = CapturedLog()
-        let directRegistry = LoopRegistry(logger: Logger(label: "test") { _ in CapturingLogHandler(log: registryLog) },
-                                          originDirectIO: true)
+        let directRegistry = LoopRegistry(
+            logger: Logger(label: "test") { _ in CapturingLogHandler(log: registryLog) },
+            originDirectIO: true)
         let ext4Image = ext4.appending("base.img")
-        XCTAssertTrue(FileManager.default.createFile(atPath: ext4Image.string, contents: Data(pseudoRandomBytes(count: 1 << 20, seed: 73))))
+        XCTAssertTrue(
+            FileManager.default.createFile(
+                atPath: ext4Image.string, contents: Data(pseudoRandomBytes(count: 1 << 20, seed: 73))))
         XCTAssertEqual(sysfsDirectIO(try directRegistry.acquire(imagePath: ext4Image)), "1")
         XCTAssertEqual(registryLog.entries.filter { $0.level >= .warning }.count, 0)
         XCTAssertEqual(sysfsDirectIO(try directRegistry.acquire(imagePath: image)), "0")
-        XCTAssertEqual(registryLog.entries.filter { $0.level == .warning && $0.message.contains("direct I/O refused") }.count, 1)
+        XCTAssertEqual(
+            registryLog.entries.filter { $0.level == .warning && $0.message.contains("direct I/O refused") }.count, 1)
         directRegistry.releaseAll()
         registry.release(imagePath: image)
-        assertLoopDevices([ext4.removingLastComponent().appending("ext4.img")], "only the ext4 filesystem's loop device is left")
+        assertLoopDevices(
+            [ext4.removingLastComponent().appending("ext4.img")], "only the ext4 filesystem's loop device is left")
         unmount(ext4)
         assertLoopDevices([])
     }
@@ -158,8 +168,9 @@ final class DataPlaneTests: PrivilegedTestCase {
             let snapshot = try SnapshotDevice.create(
                 name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize),
                 options: SnapshotOptions(chunkSizeSectors: chunkSectors))
-            XCTAssertEqual(try DeviceMapperControl.table(name: DeviceName(name)).first?.parameters.split(separator: " ").last,
-                           Substring("\(chunkSectors)"), "the table's chunk size")
+            XCTAssertEqual(
+                try DeviceMapperControl.table(name: DeviceName(name)).first?.parameters.split(separator: " ").last,
+                Substring("\(chunkSectors)"), "the table's chunk size")
             // Writes smaller than, straddling and at the end of chunks.
             let writes: [(Int, [UInt8])] = [
                 (4096, pseudoRandomBytes(count: 4096, seed: 82)),
@@ -174,8 +185,10 @@ final class DataPlaneTests: PrivilegedTestCase {
             try snapshot.remove()
             XCTAssertEqual(try CowFile(path: cow).header.chunkSizeSectors, chunkSectors, "the store's header")
 
-            let restored = try SnapshotDevice.restore(name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
-            XCTAssertEqual(try read(restored.devicePath, count: imageSize), expected, "restored disk, \(chunkBytes)-byte chunks")
+            let restored = try SnapshotDevice.restore(
+                name: name, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+            XCTAssertEqual(
+                try read(restored.devicePath, count: imageSize), expected, "restored disk, \(chunkBytes)-byte chunks")
             let late = pseudoRandomBytes(count: 2 * chunkBytes, seed: 86)
             try write(restored.devicePath, offset: Int64(imageSize / 2 + 512), late)
             expected.replaceSubrange(imageSize / 2 + 512..<imageSize / 2 + 512 + late.count, with: late)
@@ -189,8 +202,11 @@ final class DataPlaneTests: PrivilegedTestCase {
             let deviceBytes = try read(deviceOutput, count: imageSize + 1)
             let offlineBytes = try read(offlineOutput, count: imageSize + 1)
             XCTAssertEqual(deviceBytes.count, imageSize)
-            XCTAssertTrue(offlineBytes == deviceBytes, "offline flatten differs from the device flatten, \(chunkBytes)-byte chunks")
-            XCTAssertTrue(deviceBytes == expected, "device flatten differs from the expected disk, \(chunkBytes)-byte chunks")
+            XCTAssertTrue(
+                offlineBytes == deviceBytes,
+                "offline flatten differs from the device flatten, \(chunkBytes)-byte chunks")
+            XCTAssertTrue(
+                deviceBytes == expected, "device flatten differs from the expected disk, \(chunkBytes)-byte chunks")
             for file in [cow, deviceOutput, offlineOutput] { XCTAssertEqual(unlink(file.string), 0) }
         }
         registry.release(imagePath: image)
@@ -211,7 +227,8 @@ final class DataPlaneTests: PrivilegedTestCase {
                 originSizeBytes: Int64(imageSize), options: SnapshotOptions(chunkSizeSectors: chunkSectors))
             let data = pseudoRandomBytes(count: imageSize, seed: 90 + UInt64(chunkSectors))
             try write(snapshot.devicePath, offset: 0, data)
-            XCTAssertEqual(try snapshot.status().state, .active, "\(Int(chunkSectors) * 512)-byte chunks, \(imageSize) bytes")
+            XCTAssertEqual(
+                try snapshot.status().state, .active, "\(Int(chunkSectors) * 512)-byte chunks, \(imageSize) bytes")
             XCTAssertTrue(try read(snapshot.devicePath, count: imageSize) == data)
             try snapshot.remove()
             registry.release(imagePath: image)
@@ -224,9 +241,11 @@ final class DataPlaneTests: PrivilegedTestCase {
         let image = try makeImage("base.img", sizeBytes: 1 << 20, seed: 95)
         let origin = try registry.acquire(imagePath: image)
         for chunkSectors: UInt32 in [0, 4, 12, 256] {
-            XCTAssertThrowsError(try SnapshotDevice.create(
-                name: deviceName("bad"), origin: origin, cowPath: path("bad.cow"), originSizeBytes: 1 << 20,
-                options: SnapshotOptions(chunkSizeSectors: chunkSectors))) { error in
+            XCTAssertThrowsError(
+                try SnapshotDevice.create(
+                    name: deviceName("bad"), origin: origin, cowPath: path("bad.cow"), originSizeBytes: 1 << 20,
+                    options: SnapshotOptions(chunkSizeSectors: chunkSectors))
+            ) { error in
                 XCTAssertEqual((error as? DeviceMapperError)?.code, .invalidArgument, "\(error)")
                 XCTAssertTrue("\(error)".contains("chunk size"), "\(error)")
             }

@@ -90,9 +90,13 @@ final class DeviceMapperControlTests: PrivilegedTestCase {
 
     func testBusyRemoveGivesEBUSYAndDeferredRemoveWorks() throws {
         let name = try DeviceName(deviceName("busy"))
-        try DeviceMapperControl.create(name: name, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
+        try DeviceMapperControl.create(
+            name: name, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
         let holder = try FileDescriptor.open(FilePath(name.devicePath), .readOnly)
-        XCTAssertThrowsError(try DeviceMapperControl.remove(name: name, retry: BusyRetryPolicy(attempts: 3, intervalMicroseconds: 10_000))) { error in
+        XCTAssertThrowsError(
+            try DeviceMapperControl.remove(
+                name: name, retry: BusyRetryPolicy(attempts: 3, intervalMicroseconds: 10_000))
+        ) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.errno, .resourceBusy)
             XCTAssertEqual((error as? DeviceMapperError)?.code, .deviceBusy)
         }
@@ -101,6 +105,7 @@ final class DeviceMapperControlTests: PrivilegedTestCase {
         try DeviceMapperControl.remove(name: name, deferred: true)
         XCTAssertEqual(try DeviceMapperControl.info(name: name)?.hasDeferredRemove, true)
         try holder.close()
-        XCTAssertTrue(try eventually { try !DeviceMapperControl.exists(name: name) }, "deferred remove acts on last close")
+        XCTAssertTrue(
+            try eventually { try !DeviceMapperControl.exists(name: name) }, "deferred remove acts on last close")
     }
 }

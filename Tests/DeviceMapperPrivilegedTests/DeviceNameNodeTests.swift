@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// `DeviceName.devicePath` is where the node really is, for a name that uses every
@@ -24,7 +24,8 @@ final class DeviceNameNodeTests: PrivilegedTestCase {
 
     func testNodeOfA127ByteName() throws {
         let name = deviceName("")
-        try assertNodeIsAtDevicePath(name + String(repeating: "x", count: DeviceName.maximumLengthBytes - name.utf8.count))
+        try assertNodeIsAtDevicePath(
+            name + String(repeating: "x", count: DeviceName.maximumLengthBytes - name.utf8.count))
     }
 
     func testNodeOfDotsAndControlLookalikes() throws {
@@ -37,7 +38,8 @@ final class DeviceNameNodeTests: PrivilegedTestCase {
     /// Each name libdevmapper would escape, or that clashes with /dev/mapper's own entries,
     /// is refused before the kernel sees it: no device appears.
     func testEveryCharacterLibdevmapperEscapesIsRefusedBeforeTheKernel() throws {
-        let refused = ["a!b", "a b", "a\\b", "a$b", "a%b", "a*b", "a,b", "a~b", "a\tb", "a/b", "aéb", "a\"b", "a'b"]
+        let refused =
+            ["a!b", "a b", "a\\b", "a$b", "a%b", "a*b", "a,b", "a~b", "a\tb", "a/b", "aéb", "a\"b", "a'b"]
             .map { deviceName($0) } + [".", "..", "control", deviceName("") + String(repeating: "x", count: 128)]
         for name in refused {
             XCTAssertThrowsError(try DeviceName(name), name) { error in
@@ -52,7 +54,8 @@ final class DeviceNameNodeTests: PrivilegedTestCase {
 
     /// Creates a `zero` device named `rawName`, checks its node is a block device at
     /// `devicePath`, removes it, and checks the node is gone.
-    private func assertNodeIsAtDevicePath(_ rawName: String, file: StaticString = #filePath, line: UInt = #line) throws {
+    private func assertNodeIsAtDevicePath(_ rawName: String, file: StaticString = #filePath, line: UInt = #line) throws
+    {
         let name = try DeviceName(rawName)
         let node = FilePath(name.devicePath)
         let zero = DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")

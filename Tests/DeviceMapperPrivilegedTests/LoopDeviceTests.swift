@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 final class LoopDeviceTests: PrivilegedTestCase {
@@ -16,7 +16,8 @@ final class LoopDeviceTests: PrivilegedTestCase {
         let status = try loopDeviceStatus(loop.device.path)
         var imageStatus = stat()
         XCTAssertEqual(stat(image.string, &imageStatus), 0)
-        XCTAssertEqual(status.backingFile, FileIdentity(device: UInt64(imageStatus.st_dev), inode: UInt64(imageStatus.st_ino)))
+        XCTAssertEqual(
+            status.backingFile, FileIdentity(device: UInt64(imageStatus.st_dev), inode: UInt64(imageStatus.st_ino)))
         XCTAssertTrue(status.isAutoclear)
         XCTAssertFalse(status.isReadOnly)
         XCTAssertEqual(status.fileName, String(image.string.utf8.prefix(63))!)
@@ -45,7 +46,8 @@ final class LoopDeviceTests: PrivilegedTestCase {
             defer { try? writer.close() }
             let block = [UInt8](repeating: 0xAB, count: 4096)
             XCTAssertThrowsError(try block.withUnsafeBytes { try writer.write(toAbsoluteOffset: 0, $0) }) { error in
-                XCTAssertTrue([Errno.notPermitted, .readOnlyFileSystem, .ioError].contains(error as? Errno), "\(error)")
+                XCTAssertTrue(
+                    [Errno.notPermitted, .readOnlyFileSystem, .ioError].contains(error as? Errno), "\(error)")
             }
         }
         XCTAssertEqual(try read(image, count: 1 << 20), before)
@@ -67,7 +69,9 @@ final class LoopDeviceTests: PrivilegedTestCase {
         let images = try (0..<16).map { try makeImage("image-\($0)", sizeBytes: 64 << 10, seed: UInt64($0)) }
         let results = ResultSlots<HeldLoopDevice>(count: images.count)
         DispatchQueue.concurrentPerform(iterations: images.count) { index in
-            results.set(index, Result { HeldLoopDevice(try attachLoopDevice(backingFile: images[index], readOnly: index % 2 == 0)) })
+            results.set(
+                index,
+                Result { HeldLoopDevice(try attachLoopDevice(backingFile: images[index], readOnly: index % 2 == 0)) })
         }
         // Each closes when `loops` goes away.
         let loops = try results.values.map { try $0!.get() }

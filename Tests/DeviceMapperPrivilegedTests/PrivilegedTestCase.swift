@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Base class of the privileged suite: real root, real loop devices, real device-mapper.
@@ -52,7 +52,8 @@ class PrivilegedTestCase: XCTestCase {
         let report = cleanupStaleDevices(prefix: prefix, includingUnownedDevices: true)
         XCTAssertTrue(report.failures.isEmpty, "cleanup failed: \(report.failures.map { "\($0.name): \($0.error)" })")
         for device in report.inUse {
-            XCTAssertNoThrow(try DeviceMapperControl.remove(name: DeviceName(device.name)), "leftover \(device.name) in use")
+            XCTAssertNoThrow(
+                try DeviceMapperControl.remove(name: DeviceName(device.name)), "leftover \(device.name) in use")
         }
         // A udev worker may hold a just-released loop device open a moment longer.
         _ = eventually { loopDevices(backedBy: directory).isEmpty }
@@ -149,18 +150,23 @@ extension PrivilegedTestCase {
     /// `expected`. A loop device the library is done with detaches at its last close
     /// (autoclear); with udev running, a udev worker that is scanning it (udev's rules
     /// scan every loop device) may hold it open a moment longer, so this waits up to 5 s.
-    func assertLoopDevices(_ expected: [FilePath], _ message: String = "", file: StaticString = #filePath, line: UInt = #line) {
+    func assertLoopDevices(
+        _ expected: [FilePath], _ message: String = "", file: StaticString = #filePath, line: UInt = #line
+    ) {
         let wanted = expected.map(\.string).sorted()
         let current = { self.loopDevices(backedBy: self.directory).map(\.backingFile.string).sorted() }
-        XCTAssertTrue(eventually { current() == wanted }, "loop devices over \(current()), expected \(wanted). \(message)",
-                      file: file, line: line)
+        XCTAssertTrue(
+            eventually { current() == wanted }, "loop devices over \(current()), expected \(wanted). \(message)",
+            file: file, line: line)
     }
 
     /// Asserts that, within 5 s, `count` loop devices are backed by the test's files.
-    func assertLoopDeviceCount(_ count: Int, _ message: String = "", file: StaticString = #filePath, line: UInt = #line) {
+    func assertLoopDeviceCount(_ count: Int, _ message: String = "", file: StaticString = #filePath, line: UInt = #line)
+    {
         let current = { self.loopDevices(backedBy: self.directory).map(\.backingFile.string).sorted() }
-        XCTAssertTrue(eventually { current().count == count }, "loop devices over \(current()), expected \(count). \(message)",
-                      file: file, line: line)
+        XCTAssertTrue(
+            eventually { current().count == count }, "loop devices over \(current()), expected \(count). \(message)",
+            file: file, line: line)
     }
 }
 
@@ -176,7 +182,9 @@ func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {
     bytes.withUnsafeMutableBytes { buffer in
         var index = 0
         while index < count {
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
             withUnsafeBytes(of: state) { word in
                 for byte in word where index < count {
                     buffer[index] = byte

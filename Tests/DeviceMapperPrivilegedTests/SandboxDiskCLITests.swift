@@ -5,7 +5,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// `sandbox-disk`, the operator's tool, run as its own process (the built executable beside
@@ -29,10 +29,12 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         let table = try sandboxDisk(["list"])
         XCTAssertEqual(table.status, 0, table.stderr)
         let lines = table.stdout.split(separator: "\n").map(String.init)
-        XCTAssertEqual(lines.first?.split(separator: " ", omittingEmptySubsequences: true),
-                       ["NAME", "STATE", "COW", "USE", "OPEN", "STORE", "ORIGIN", "COW", "LOOP", "ORIGIN", "LOOP"])
+        XCTAssertEqual(
+            lines.first?.split(separator: " ", omittingEmptySubsequences: true),
+            ["NAME", "STATE", "COW", "USE", "OPEN", "STORE", "ORIGIN", "COW", "LOOP", "ORIGIN", "LOOP"])
         for device in [busy, idle] {
-            let row = try XCTUnwrap(lines.first { $0.hasPrefix(device.name + " ") }, "no row for \(device.name): \(table.stdout)")
+            let row = try XCTUnwrap(
+                lines.first { $0.hasPrefix(device.name + " ") }, "no row for \(device.name): \(table.stdout)")
             for text in [" active ", " \(device.cowPath) ", " \(image) ", " \(device.cowLoopDevice) ", " \(origin)"] {
                 XCTAssertTrue(row.contains(text), "\"\(text)\" missing from: \(row)")
             }
@@ -44,8 +46,11 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(json.status, 0, json.stderr)
         let document = try jsonObject(json.stdout)
         XCTAssertEqual(Set(document.keys), ["devices"])
-        let devices = try XCTUnwrap(document["devices"] as? [[String: Any]]).filter { ($0["name"] as? String)?.hasPrefix(prefix) == true }
-        XCTAssertEqual(devices.map { $0["name"] as? String }, [busy.name, idle.name], "sorted by name, only live devices")
+        let devices = try XCTUnwrap(document["devices"] as? [[String: Any]]).filter {
+            ($0["name"] as? String)?.hasPrefix(prefix) == true
+        }
+        XCTAssertEqual(
+            devices.map { $0["name"] as? String }, [busy.name, idle.name], "sorted by name, only live devices")
         for (object, openCount) in zip(devices, [1, 0]) {
             XCTAssertEqual(Set(object.keys), Self.deviceFields)
             let name = try XCTUnwrap(object["name"] as? String)
@@ -75,11 +80,13 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         let library = try SnapshotDevice.adopt(name: snapshot.name)
         let status = try XCTUnwrap(library.status)
         // Labels padded to the longest, "cow loop device", and two spaces.
-        for (label, value) in [("name", snapshot.name), ("device", snapshot.devicePath.string), ("uuid", library.uuid),
-                               ("state", "active"), ("open count", "0 (idle)"), ("store", snapshot.cowPath.string),
-                               ("cow loop device", snapshot.cowLoopDevice.string), ("origin", image.string),
-                               ("origin device", "\(library.originDevice) (\(origin))"),
-                               ("chunk size", "8 sectors (4096 bytes)")] {
+        for (label, value) in [
+            ("name", snapshot.name), ("device", snapshot.devicePath.string), ("uuid", library.uuid),
+            ("state", "active"), ("open count", "0 (idle)"), ("store", snapshot.cowPath.string),
+            ("cow loop device", snapshot.cowLoopDevice.string), ("origin", image.string),
+            ("origin device", "\(library.originDevice) (\(origin))"),
+            ("chunk size", "8 sectors (4096 bytes)"),
+        ] {
             let line = label.padding(toLength: 17, withPad: " ", startingAt: 0) + value + "\n"
             XCTAssertTrue(table.stdout.contains(line), "\"\(line)\" missing from:\n\(table.stdout)")
         }
@@ -96,7 +103,9 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         let missing = try sandboxDisk(["status", deviceName("missing")])
         XCTAssertEqual(missing.status, 1)
         XCTAssertEqual(missing.stdout, "")
-        XCTAssertTrue(missing.stderr.contains("SnapshotDevice.adopt failed for \(deviceName("missing")): device not found"), missing.stderr)
+        XCTAssertTrue(
+            missing.stderr.contains("SnapshotDevice.adopt failed for \(deviceName("missing")): device not found"),
+            missing.stderr)
 
         let foreign = try makeForeignSnapshot("foreign", origin: origin)
         let notOwned = try sandboxDisk(["status", foreign, "--json"])
@@ -124,8 +133,9 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(live["loop_device"] as? String, snapshot.cowLoopDevice.string)
         XCTAssertEqual(live["holders"] as? [String], [snapshot.name])
         let liveTable = try sandboxDisk(["inspect", snapshot.cowPath.string]).succeeded()
-        XCTAssertTrue(liveTable.stdout.contains("\nattached       yes: \(snapshot.cowLoopDevice), held by \(snapshot.name)\n"),
-                      liveTable.stdout)
+        XCTAssertTrue(
+            liveTable.stdout.contains("\nattached       yes: \(snapshot.cowLoopDevice), held by \(snapshot.name)\n"),
+            liveTable.stdout)
 
         try snapshot.remove()
         assertLoopDevices([image])
@@ -135,9 +145,13 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
 
         let result = try sandboxDisk(["inspect", snapshot.cowPath.string, "--json"]).succeeded()
         let object = try jsonObject(result.stdout)
-        XCTAssertEqual(Set(object.keys), ["path", "store_size_bytes", "allocated_bytes", "version", "chunk_size_sectors",
-                                          "chunk_size_bytes", "valid", "exception_count", "changed_bytes", "origin_record",
-                                          "origin_record_error", "attached", "loop_device", "holders"])
+        XCTAssertEqual(
+            Set(object.keys),
+            [
+                "path", "store_size_bytes", "allocated_bytes", "version", "chunk_size_sectors",
+                "chunk_size_bytes", "valid", "exception_count", "changed_bytes", "origin_record",
+                "origin_record_error", "attached", "loop_device", "holders",
+            ])
         XCTAssertEqual(object["path"] as? String, snapshot.cowPath.string)
         XCTAssertEqual(integer(object["store_size_bytes"]), Int(store.storeSizeBytes))
         XCTAssertEqual(integer(object["allocated_bytes"]), Int(try allocatedBytes(snapshot.cowPath)))
@@ -160,11 +174,16 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
 
         let table = try sandboxDisk(["inspect", snapshot.cowPath.string]).succeeded()
         // Labels padded to the longest, "origin record", and two spaces.
-        for (label, value) in [("chunk size", "4096 bytes (8 sectors)"), ("header", "valid (version 1)"),
-                               ("exceptions", "4"), ("changed", "16.0 KiB (16384 bytes)"),
-                               ("origin record", "image \(image) on \(origin), \(imageSize) bytes, sample SHA-256 "
-                                    + record.fingerprint.sampleSHA256),
-                               ("attached", "no: no loop device holds it")] {
+        for (label, value) in [
+            ("chunk size", "4096 bytes (8 sectors)"), ("header", "valid (version 1)"),
+            ("exceptions", "4"), ("changed", "16.0 KiB (16384 bytes)"),
+            (
+                "origin record",
+                "image \(image) on \(origin), \(imageSize) bytes, sample SHA-256 "
+                    + record.fingerprint.sampleSHA256
+            ),
+            ("attached", "no: no loop device holds it"),
+        ] {
             let line = "\n" + label.padding(toLength: 15, withPad: " ", startingAt: 0) + value + "\n"
             XCTAssertTrue(table.stdout.contains(line), "\"\(line)\" missing from:\n\(table.stdout)")
         }
@@ -188,31 +207,38 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         // Live: in use, whatever the image.
         let live = try sandboxDisk(["verify", cow, "--origin", image.string, "--json"])
         XCTAssertEqual(live.status, 1)
-        XCTAssertEqual(try checkResults(live.stdout), ["store": "pass", "valid": "pass", "origin": "pass", "in_use": "fail"])
+        XCTAssertEqual(
+            try checkResults(live.stdout), ["store": "pass", "valid": "pass", "origin": "pass", "in_use": "fail"])
         XCTAssertTrue(live.stderr.contains("cannot be resumed on \(image)"), live.stderr)
-        XCTAssertTrue(live.stderr.contains("in use: attached to \(snapshot.cowLoopDevice), held by \(snapshot.name): "
-            + "a live snapshot uses it"), live.stderr)
+        XCTAssertTrue(
+            live.stderr.contains(
+                "in use: attached to \(snapshot.cowLoopDevice), held by \(snapshot.name): "
+                    + "a live snapshot uses it"), live.stderr)
         try snapshot.remove()
 
         // The image it was made on: resumable.
         let good = try sandboxDisk(["verify", cow, "--origin", image.string])
         XCTAssertEqual(good.status, 0, good.stderr)
         XCTAssertTrue(good.stdout.hasSuffix("resumable: yes\n"), good.stdout)
-        XCTAssertTrue(good.stdout.contains("origin  pass    matches the record (\(imageSize) bytes, sample SHA-256 "), good.stdout)
+        XCTAssertTrue(
+            good.stdout.contains("origin  pass    matches the record (\(imageSize) bytes, sample SHA-256 "), good.stdout
+        )
         let goodJSON = try sandboxDisk(["verify", cow, "--origin", image.string, "--json"])
         XCTAssertEqual(goodJSON.status, 0, goodJSON.stderr)
         let goodObject = try jsonObject(goodJSON.stdout)
         XCTAssertEqual(Set(goodObject.keys), ["store", "origin", "resumable", "checks", "reasons"])
         XCTAssertEqual(goodObject["resumable"] as? Bool, true)
         XCTAssertEqual(goodObject["reasons"] as? [String], [])
-        XCTAssertEqual(try checkResults(goodJSON.stdout), ["store": "pass", "valid": "pass", "origin": "pass", "in_use": "pass"])
+        XCTAssertEqual(
+            try checkResults(goodJSON.stdout), ["store": "pass", "valid": "pass", "origin": "pass", "in_use": "pass"])
 
         // Another image: refused, with the library's reason.
         let bad = try sandboxDisk(["verify", cow, "--origin", other.string, "--json"])
         XCTAssertEqual(bad.status, 1)
         let badObject = try jsonObject(bad.stdout)
         XCTAssertEqual(badObject["resumable"] as? Bool, false)
-        XCTAssertEqual(try checkResults(bad.stdout), ["store": "pass", "valid": "pass", "origin": "fail", "in_use": "pass"])
+        XCTAssertEqual(
+            try checkResults(bad.stdout), ["store": "pass", "valid": "pass", "origin": "fail", "in_use": "pass"])
         let reasons = try XCTUnwrap(badObject["reasons"] as? [String])
         XCTAssertEqual(reasons.count, 1)
         XCTAssertTrue(reasons[0].contains("origin mismatch"), reasons[0])
@@ -221,8 +247,11 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertTrue(bad.stderr.contains(image.string), "names the image the store was made on: \(bad.stderr)")
         // The library agrees: restore refuses it.
         let otherOrigin = try registry.acquire(imagePath: other)
-        XCTAssertThrowsError(try SnapshotDevice.restore(name: deviceName("v2"), origin: otherOrigin, cowPath: snapshot.cowPath,
-                                                        originSizeBytes: Int64(imageSize))) { error in
+        XCTAssertThrowsError(
+            try SnapshotDevice.restore(
+                name: deviceName("v2"), origin: otherOrigin, cowPath: snapshot.cowPath,
+                originSizeBytes: Int64(imageSize))
+        ) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.code, .originMismatch)
         }
 
@@ -230,7 +259,8 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(removexattr(cow, OriginRecord.attributeName), 0)
         let unchecked = try sandboxDisk(["verify", cow, "--origin", other.string])
         XCTAssertEqual(unchecked.status, 0, unchecked.stderr)
-        XCTAssertTrue(unchecked.stdout.contains("origin  unchecked  no origin record: cannot check\n"), unchecked.stdout)
+        XCTAssertTrue(
+            unchecked.stdout.contains("origin  unchecked  no origin record: cannot check\n"), unchecked.stdout)
         XCTAssertTrue(unchecked.stdout.hasSuffix("resumable: yes\n"), unchecked.stdout)
 
         // Not a store at all.
@@ -269,8 +299,9 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(tableRow(dryTable.stdout, busy.name), [busy.name, "skipped", "in use: open count 1"])
         XCTAssertEqual(tableRow(dryTable.stdout, foreign)?.prefix(2), [foreign, "left alone"])
         XCTAssertTrue(dryTable.stdout.hasSuffix("dry run: nothing was removed\n"), dryTable.stdout)
-        let dryUnowned = try cleanupReport(try sandboxDisk(["cleanup", "--dry-run", "--include-unowned", "--prefix", prefix, "--json"])
-            .succeeded().stdout)
+        let dryUnowned = try cleanupReport(
+            try sandboxDisk(["cleanup", "--dry-run", "--include-unowned", "--prefix", prefix, "--json"])
+                .succeeded().stdout)
         XCTAssertEqual(dryUnowned.removed, [foreign, idle.name])
         XCTAssertEqual(dryUnowned.notOwned, [])
         XCTAssertEqual(try devices(withPrefix: prefix), all, "a dry run removes nothing")
@@ -295,8 +326,9 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(tableRow(rest.stdout, foreign), [foreign, "removed", "idle, made by this library"])
         XCTAssertFalse(rest.stdout.contains("dry run"), rest.stdout)
         XCTAssertEqual(try devices(withPrefix: prefix), [])
-        XCTAssertEqual(try sandboxDisk(["cleanup", "--prefix", prefix]).succeeded().stdout,
-                       "nothing to clean up: no snapshot device's name starts with \"\(prefix)\"\n")
+        XCTAssertEqual(
+            try sandboxDisk(["cleanup", "--prefix", prefix]).succeeded().stdout,
+            "nothing to clean up: no snapshot device's name starts with \"\(prefix)\"\n")
         XCTAssertTrue(fileExists(idle.cowPath) && fileExists(busy.cowPath), "cleanup keeps the stores")
         registry.releaseAll()
         assertLoopDevices([])
@@ -322,8 +354,12 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(liveRun.status, 0, liveRun.stderr)
         XCTAssertEqual(try read(live, count: imageSize + 1), expected, "the live flatten is what the device reads")
         let liveObject = try jsonObject(liveRun.stdout)
-        XCTAssertEqual(Set(liveObject.keys), ["source", "name", "store_path", "origin", "output", "size_bytes",
-                                              "allocated_bytes", "seconds"])
+        XCTAssertEqual(
+            Set(liveObject.keys),
+            [
+                "source", "name", "store_path", "origin", "output", "size_bytes",
+                "allocated_bytes", "seconds",
+            ])
         XCTAssertEqual(liveObject["source"] as? String, "device")
         XCTAssertEqual(liveObject["name"] as? String, snapshot.name)
         XCTAssertEqual(liveObject["store_path"] as? String, snapshot.cowPath.string)
@@ -356,8 +392,10 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(wrong.status, 1)
         XCTAssertTrue(wrong.stderr.contains("origin mismatch"), wrong.stderr)
         XCTAssertFalse(fileExists(offline))
-        let offlineRun = try sandboxDisk(["flatten", snapshot.cowPath.string, "--origin", image.string, offline.string,
-                                          "--no-progress"])
+        let offlineRun = try sandboxDisk([
+            "flatten", snapshot.cowPath.string, "--origin", image.string, offline.string,
+            "--no-progress",
+        ])
         XCTAssertEqual(offlineRun.status, 0, offlineRun.stderr)
         XCTAssertEqual(offlineRun.stderr, "", "--no-progress prints nothing on success")
         XCTAssertTrue(offlineRun.stdout.hasPrefix("wrote \(offline): 8.0 MiB (\(imageSize) bytes, "), offlineRun.stdout)
@@ -380,23 +418,27 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(truncate(image.string, off_t(size)), 0)
         try write(image, offset: 0, pseudoRandomBytes(count: 64 << 10, seed: 15))
         let origin = try registry.acquire(imagePath: image)
-        let snapshot = try SnapshotDevice.create(name: deviceName("c"), origin: origin, cowPath: path("c.cow"),
-                                                 originSizeBytes: Int64(size))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("c"), origin: origin, cowPath: path("c.cow"),
+            originSizeBytes: Int64(size))
         try write(snapshot.devicePath, offset: 1 << 20, pseudoRandomBytes(count: 3 * 4096, seed: 16))
         let output = path("template.img")
 
         for (signalNumber, status, signalName) in [(SIGINT, Int32(130), "SIGINT"), (SIGTERM, Int32(143), "SIGTERM")] {
-            let run = try InterruptibleRun(executable: Self.executable,
-                                           arguments: ["flatten", snapshot.name, output.string, "--progress-interval-ms", "0"])
+            let run = try InterruptibleRun(
+                executable: Self.executable,
+                arguments: ["flatten", snapshot.name, output.string, "--progress-interval-ms", "0"])
             defer { run.killIfRunning() }
             let firstLine = try run.waitForLine(startingWith: "sandbox-disk: progress ")
             XCTAssertFalse(firstLine.contains("100.0%"), firstLine)
             XCTAssertEqual(kill(run.process.processIdentifier, signalNumber), 0)
             let stderr = run.finish()
-            XCTAssertEqual(run.process.terminationReason, .exit, "the tool exits by itself, after the library cleaned up")
+            XCTAssertEqual(
+                run.process.terminationReason, .exit, "the tool exits by itself, after the library cleaned up")
             XCTAssertEqual(run.process.terminationStatus, status, stderr)
-            XCTAssertTrue(stderr.contains("sandbox-disk: interrupted by \(signalName): stopped; the partial output was removed"),
-                          stderr)
+            XCTAssertTrue(
+                stderr.contains("sandbox-disk: interrupted by \(signalName): stopped; the partial output was removed"),
+                stderr)
             XCTAssertFalse(stderr.contains("100.0%"), "stopped mid-way: \(stderr)")
             XCTAssertFalse(fileExists(output), "no output after \(signalName)")
             XCTAssertEqual(try partialFiles(), [], "no temporary file after \(signalName)")
@@ -420,8 +462,10 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
             XCTAssertTrue(subcommandHelp.stdout.contains("Example"), "\(subcommand) --help has an example")
             XCTAssertTrue(subcommandHelp.stdout.contains("sandbox-disk \(subcommand)"), subcommandHelp.stdout)
         }
-        for arguments in [["bogus"], ["flatten", "only-one"], ["verify", "x.cow"], ["status"], ["list", "--nope"],
-                          ["cleanup", "--prefix", ""]] {
+        for arguments in [
+            ["bogus"], ["flatten", "only-one"], ["verify", "x.cow"], ["status"], ["list", "--nope"],
+            ["cleanup", "--prefix", ""],
+        ] {
             let usage = try sandboxDisk(arguments)
             XCTAssertEqual(usage.status, 2, "\(arguments): \(usage.stderr)")
             XCTAssertTrue(usage.stderr.contains("Usage: sandbox-disk"), usage.stderr)
@@ -440,7 +484,8 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
 
     /// `sandbox-disk` beside the test bundle (`.build/debug/`).
     static var executable: URL {
-        let bundle = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let bundle =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         return URL(fileURLWithPath: bundle).deletingLastPathComponent().appendingPathComponent("sandbox-disk")
     }
 
@@ -453,7 +498,8 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         /// Self, or an error if the tool did not exit 0.
         func succeeded() throws -> ToolRun {
             guard status == 0 else {
-                throw HelperError(description: "sandbox-disk \(arguments.joined(separator: " ")) exited \(status): \(stderr)")
+                throw HelperError(
+                    description: "sandbox-disk \(arguments.joined(separator: " ")) exited \(status): \(stderr)")
             }
             return self
         }
@@ -481,13 +527,15 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         process.waitUntilExit()
         let stderr = errorText.wait()
         XCTAssertEqual(process.terminationReason, .exit, "sandbox-disk \(arguments) died of a signal: \(stderr)")
-        return ToolRun(arguments: arguments, status: process.terminationStatus,
-                       stdout: String(decoding: outputData, as: UTF8.self), stderr: stderr)
+        return ToolRun(
+            arguments: arguments, status: process.terminationStatus,
+            stdout: String(decoding: outputData, as: UTF8.self), stderr: stderr)
     }
 
     func create(_ suffix: String, origin: FilePath) throws -> SnapshotDevice {
-        try SnapshotDevice.create(name: deviceName(suffix), origin: origin, cowPath: path("\(suffix).cow"),
-                                  originSizeBytes: Int64(imageSize))
+        try SnapshotDevice.create(
+            name: deviceName(suffix), origin: origin, cowPath: path("\(suffix).cow"),
+            originSizeBytes: Int64(imageSize))
     }
 
     /// A snapshot device made as an older agent made it: no UUID. Returns its name.
@@ -499,9 +547,13 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         var status = stat()
         XCTAssertEqual(stat(origin.string, &status), 0)
         let name = deviceName(suffix)
-        try DeviceMapperControl.create(name: DeviceName(name), targets: [DMTarget(
-            startSector: 0, lengthSectors: UInt64(imageSize / 512), type: "snapshot",
-            parameters: "\(DeviceNumber(rawValue: UInt64(status.st_rdev))) \(cow.device.number) P 8")])
+        try DeviceMapperControl.create(
+            name: DeviceName(name),
+            targets: [
+                DMTarget(
+                    startSector: 0, lengthSectors: UInt64(imageSize / 512), type: "snapshot",
+                    parameters: "\(DeviceNumber(rawValue: UInt64(status.st_rdev))) \(cow.device.number) P 8")
+            ])
         return name
     }
 
@@ -518,8 +570,10 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
     /// The cells of the table row that starts with `first`, split at runs of two or more spaces.
     func tableRow(_ table: String, _ first: String) -> [String]? {
         guard let row = table.split(separator: "\n").first(where: { $0.hasPrefix(first + " ") }) else { return nil }
-        return row.split(separator: "  ", omittingEmptySubsequences: true).map { $0.trimmingCharacters(in: .whitespaces) }
-            .filter { !$0.isEmpty }
+        return row.split(separator: "  ", omittingEmptySubsequences: true).map {
+            $0.trimmingCharacters(in: .whitespaces)
+        }
+        .filter { !$0.isEmpty }
     }
 
     func fileSize(_ path: FilePath) throws -> Int64 {
@@ -529,8 +583,10 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
     }
 
     /// Checks a device's JSON against what the library says about it.
-    func assertDeviceJSON(_ object: [String: Any], matches library: OwnedSnapshot, image: FilePath, origin: FilePath,
-                          file: StaticString = #filePath, line: UInt = #line) throws {
+    func assertDeviceJSON(
+        _ object: [String: Any], matches library: OwnedSnapshot, image: FilePath, origin: FilePath,
+        file: StaticString = #filePath, line: UInt = #line
+    ) throws {
         let status = try XCTUnwrap(library.status, file: file, line: line)
         XCTAssertEqual(object["name"] as? String, library.device.name, file: file, line: line)
         XCTAssertEqual(object["device_path"] as? String, library.device.devicePath.string, file: file, line: line)
@@ -539,15 +595,18 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(object["state"] as? String, "active", file: file, line: line)
         XCTAssertEqual(integer(object["open_count"]), library.openCount, file: file, line: line)
         XCTAssertEqual(object["store_path"] as? String, library.device.cowPath.string, file: file, line: line)
-        XCTAssertEqual(object["cow_loop_device"] as? String, library.device.cowLoopDevice.string, file: file, line: line)
+        XCTAssertEqual(
+            object["cow_loop_device"] as? String, library.device.cowLoopDevice.string, file: file, line: line)
         XCTAssertEqual(integer(object["cow_allocated_sectors"]), Int(status.allocatedSectors), file: file, line: line)
         XCTAssertEqual(integer(object["cow_total_sectors"]), Int(status.totalSectors), file: file, line: line)
         XCTAssertEqual(integer(object["cow_metadata_sectors"]), Int(status.metadataSectors), file: file, line: line)
-        XCTAssertEqual(integer(object["cow_total_sectors"]).map { Int64($0) * 512 }, try fileSize(library.device.cowPath),
-                       "the store's size", file: file, line: line)
+        XCTAssertEqual(
+            integer(object["cow_total_sectors"]).map { Int64($0) * 512 }, try fileSize(library.device.cowPath),
+            "the store's size", file: file, line: line)
         let percent = try XCTUnwrap((object["cow_used_percent"] as? NSNumber)?.doubleValue, file: file, line: line)
-        XCTAssertEqual(percent, Double(status.allocatedSectors) * 100 / Double(status.totalSectors), accuracy: 0.006,
-                       file: file, line: line)
+        XCTAssertEqual(
+            percent, Double(status.allocatedSectors) * 100 / Double(status.totalSectors), accuracy: 0.006,
+            file: file, line: line)
         XCTAssertEqual(object["origin_device"] as? String, library.originDevice.description, file: file, line: line)
         XCTAssertEqual(object["origin_loop_device"] as? String, origin.string, file: file, line: line)
         XCTAssertEqual(object["origin_image"] as? String, image.string, file: file, line: line)
@@ -558,9 +617,10 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
     func checkResults(_ text: String) throws -> [String: String] {
         let checks = try XCTUnwrap(try jsonObject(text)["checks"] as? [[String: String]])
         XCTAssertEqual(checks.map { $0["name"] }, ["store", "valid", "origin", "in_use"])
-        return Dictionary(uniqueKeysWithValues: checks.compactMap { check in
-            check["name"].flatMap { name in check["result"].map { (name, $0) } }
-        })
+        return Dictionary(
+            uniqueKeysWithValues: checks.compactMap { check in
+                check["name"].flatMap { name in check["result"].map { (name, $0) } }
+            })
     }
 
     struct CleanupReport: Equatable {
@@ -572,20 +632,26 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
     /// The classification in `cleanup --json`; asserts there were no failures.
     func cleanupReport(_ text: String, file: StaticString = #filePath, line: UInt = #line) throws -> CleanupReport {
         let object = try jsonObject(text)
-        XCTAssertEqual(Set(object.keys), ["dry_run", "prefix", "include_unowned", "removed", "in_use", "not_owned", "failures",
-                                          "still_attached_loop_devices", "clean"], file: file, line: line)
+        XCTAssertEqual(
+            Set(object.keys),
+            [
+                "dry_run", "prefix", "include_unowned", "removed", "in_use", "not_owned", "failures",
+                "still_attached_loop_devices", "clean",
+            ], file: file, line: line)
         XCTAssertEqual(object["prefix"] as? String, prefix, file: file, line: line)
         XCTAssertEqual((object["failures"] as? [Any])?.count, 0, "\(text)", file: file, line: line)
         let inUse = try XCTUnwrap(object["in_use"] as? [[String: Any]], file: file, line: line)
         return CleanupReport(
             removed: Set(try XCTUnwrap(object["removed"] as? [String], file: file, line: line)),
-            inUse: Dictionary(uniqueKeysWithValues: inUse.map { ($0["name"] as? String ?? "?", integer($0["open_count"]) ?? -1) }),
+            inUse: Dictionary(
+                uniqueKeysWithValues: inUse.map { ($0["name"] as? String ?? "?", integer($0["open_count"]) ?? -1) }),
             notOwned: Set(try XCTUnwrap(object["not_owned"] as? [String], file: file, line: line)))
     }
 
     /// The flattens' temporary files in the test's directory (`.<output>.partial-*`).
     func partialFiles() throws -> [String] {
-        try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains(".partial-") }.sorted()
+        try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains(".partial-") }
+            .sorted()
     }
 }
 
@@ -631,12 +697,14 @@ private final class InterruptibleRun {
         while true {
             let text = String(decoding: printed, as: UTF8.self)
             if let line = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast()
-                .first(where: { $0.hasPrefix(prefix) }) {
+                .first(where: { $0.hasPrefix(prefix) })
+            {
                 return String(line)
             }
             let remaining = deadline.timeIntervalSinceNow
             guard remaining > 0 else {
-                throw HelperError(description: "no line starting with \"\(prefix)\" after \(timeoutSeconds) s; printed: \(text)")
+                throw HelperError(
+                    description: "no line starting with \"\(prefix)\" after \(timeoutSeconds) s; printed: \(text)")
             }
             var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             guard poll(&poller, 1, Int32(min(remaining, 1) * 1000)) > 0 else { continue }
@@ -646,8 +714,9 @@ private final class InterruptibleRun {
                 printed += buffer.prefix(count)
             } else if count == 0 {
                 process.waitUntilExit()
-                throw HelperError(description: "sandbox-disk exited (status \(process.terminationStatus)) before a line "
-                    + "starting with \"\(prefix)\"; printed: \(text)")
+                throw HelperError(
+                    description: "sandbox-disk exited (status \(process.terminationStatus)) before a line "
+                        + "starting with \"\(prefix)\"; printed: \(text)")
             }
         }
     }

@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 final class SnapshotLifecycleTests: PrivilegedTestCase {
@@ -20,7 +20,8 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let (image, origin) = try makeOrigin()
         let baseBefore = try read(image, count: imageSize)
         let cow = path("sandbox.cow")
-        let snapshot = try SnapshotDevice.create(name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(snapshot.devicePath, FilePath("/dev/mapper/" + deviceName("a")))
         XCTAssertEqual(try read(snapshot.devicePath, count: imageSize), baseBefore)
 
@@ -31,7 +32,8 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         XCTAssertTrue(fileExists(cow), "remove keeps the CoW file")
         assertLoopDevices([image], "only the origin stays attached")
 
-        let restored = try SnapshotDevice.restore(name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let restored = try SnapshotDevice.restore(
+            name: deviceName("a"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(restored.devicePath, offset: 12_345, count: written.count), written)
         var expected = baseBefore
         expected.replaceSubrange(12_345..<(12_345 + written.count), with: written)
@@ -42,7 +44,8 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
 
     func testWritingTheWholeDeviceKeepsTheSnapshotActive() throws {
         let (_, origin) = try makeOrigin()
-        let snapshot = try SnapshotDevice.create(name: deviceName("full"), origin: origin, cowPath: path("full.cow"), originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("full"), origin: origin, cowPath: path("full.cow"), originSizeBytes: Int64(imageSize))
         try write(snapshot.devicePath, pseudoRandomBytes(count: imageSize, seed: 5))
         let status = try snapshot.status()
         XCTAssertEqual(status.state, .active, "a store sized to the origin alone overflows here")
@@ -53,7 +56,8 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
 
     func testStatusOfFreshSnapshot() throws {
         let (_, origin) = try makeOrigin()
-        let snapshot = try SnapshotDevice.create(name: deviceName("s"), origin: origin, cowPath: path("s.cow"), originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("s"), origin: origin, cowPath: path("s.cow"), originSizeBytes: Int64(imageSize))
         let status = try snapshot.status()
         XCTAssertEqual(status.state, .active)
         XCTAssertGreaterThan(status.totalSectors, UInt64(imageSize / 512))
@@ -66,7 +70,10 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let cow = path("existing.cow")
         let content = pseudoRandomBytes(count: 8192, seed: 3)
         try write(cow, content)
-        XCTAssertThrowsError(try SnapshotDevice.create(name: deviceName("x"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))) { error in
+        XCTAssertThrowsError(
+            try SnapshotDevice.create(
+                name: deviceName("x"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        ) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.errno, .fileExists)
             XCTAssertEqual((error as? DeviceMapperError)?.code, .fileExists)
         }
@@ -76,9 +83,13 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
 
     func testFailedDeviceCreationLeavesNoLoopDeviceAndNoCowFile() throws {
         let (image, origin) = try makeOrigin()
-        let first = try SnapshotDevice.create(name: deviceName("taken"), origin: origin, cowPath: path("first.cow"), originSizeBytes: Int64(imageSize))
+        let first = try SnapshotDevice.create(
+            name: deviceName("taken"), origin: origin, cowPath: path("first.cow"), originSizeBytes: Int64(imageSize))
         let second = path("second.cow")
-        XCTAssertThrowsError(try SnapshotDevice.create(name: deviceName("taken"), origin: origin, cowPath: second, originSizeBytes: Int64(imageSize))) { error in
+        XCTAssertThrowsError(
+            try SnapshotDevice.create(
+                name: deviceName("taken"), origin: origin, cowPath: second, originSizeBytes: Int64(imageSize))
+        ) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.errno, .fileExists)
         }
         XCTAssertFalse(fileExists(second), "the failed create removes the CoW file it made")
@@ -88,7 +99,8 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
 
     func testBusyRemoveThrowsResourceBusyAndLeavesTheDeviceUsable() throws {
         let (_, origin) = try makeOrigin()
-        let snapshot = try SnapshotDevice.create(name: deviceName("busy"), origin: origin, cowPath: path("busy.cow"), originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("busy"), origin: origin, cowPath: path("busy.cow"), originSizeBytes: Int64(imageSize))
         let holder = try FileDescriptor.open(snapshot.devicePath, .readOnly)
         XCTAssertThrowsError(try snapshot.remove()) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.errno, .resourceBusy)
@@ -106,13 +118,15 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
 
     func testDeferredRemoveOfBusySnapshot() throws {
         let (_, origin) = try makeOrigin()
-        let snapshot = try SnapshotDevice.create(name: deviceName("defer"), origin: origin, cowPath: path("defer.cow"), originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("defer"), origin: origin, cowPath: path("defer.cow"), originSizeBytes: Int64(imageSize))
         let holder = try FileDescriptor.open(snapshot.devicePath, .readOnly)
         try snapshot.remove(deferred: true)
         XCTAssertEqual(try DeviceMapperControl.info(name: DeviceName(snapshot.name))?.hasDeferredRemove, true)
         try holder.close()
-        XCTAssertTrue(try eventually { try !DeviceMapperControl.exists(name: DeviceName(snapshot.name)) },
-                      "the kernel removes it after the last close")
+        XCTAssertTrue(
+            try eventually { try !DeviceMapperControl.exists(name: DeviceName(snapshot.name)) },
+            "the kernel removes it after the last close")
         assertLoopDeviceCount(1, "the CoW loop device went with it")
     }
 
@@ -120,10 +134,12 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let (_, origin) = try makeOrigin()
         let cow = path("r.cow")
         let data = pseudoRandomBytes(count: 4096, seed: 21)
-        let first = try SnapshotDevice.create(name: deviceName("r"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let first = try SnapshotDevice.create(
+            name: deviceName("r"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         try write(first.devicePath, offset: 0, data)
         // The agent "crashed": the device is still there when it restores.
-        let restored = try SnapshotDevice.restore(name: deviceName("r"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let restored = try SnapshotDevice.restore(
+            name: deviceName("r"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(restored.devicePath, count: 4096), data)
         try restored.remove()
         assertLoopDeviceCount(1)
@@ -135,18 +151,27 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let garbage = try makeImage("garbage.cow", sizeBytes: 64 << 10, seed: 4)
         // A real store, then invalidated on disk (valid = 0).
         let invalidated = path("invalidated.cow")
-        let snapshot = try SnapshotDevice.create(name: deviceName("inv"), origin: origin, cowPath: invalidated, originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("inv"), origin: origin, cowPath: invalidated, originSizeBytes: Int64(imageSize))
         try snapshot.remove()
         try write(invalidated, offset: 4, [0, 0, 0, 0])
         // A real store whose header's chunk size no kernel takes (3 sectors). Restore takes the
         // chunk size from the header (DataPlaneTests restores every supported size).
         let otherChunk = path("chunk3.cow")
-        let snapshot2 = try SnapshotDevice.create(name: deviceName("c3"), origin: origin, cowPath: otherChunk, originSizeBytes: Int64(imageSize))
+        let snapshot2 = try SnapshotDevice.create(
+            name: deviceName("c3"), origin: origin, cowPath: otherChunk, originSizeBytes: Int64(imageSize))
         try snapshot2.remove()
         try write(otherChunk, offset: 12, [3, 0, 0, 0])
 
-        for (cow, expected) in [(garbage, "magic"), (path("missing.cow"), "does not exist"), (invalidated, "invalid"), (otherChunk, "not a power of two")] {
-            XCTAssertThrowsError(try SnapshotDevice.restore(name: deviceName("bad"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize)), cow.string) { error in
+        for (cow, expected) in [
+            (garbage, "magic"), (path("missing.cow"), "does not exist"), (invalidated, "invalid"),
+            (otherChunk, "not a power of two"),
+        ] {
+            XCTAssertThrowsError(
+                try SnapshotDevice.restore(
+                    name: deviceName("bad"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize)),
+                cow.string
+            ) { error in
                 let error = error as! DeviceMapperError
                 XCTAssertEqual(error.code, .invalidCowStore, "\(error)")
                 XCTAssertTrue(error.description.contains(expected), "\(error) should say \(expected)")
@@ -196,13 +221,16 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let cows = (0..<32).map { path("c\($0).cow") }
         DispatchQueue.concurrentPerform(iterations: 8) { thread in
             for index in stride(from: thread, to: 32, by: 8) {
-                results.set(index, Result {
-                    let snapshot = try SnapshotDevice.create(name: names[index], origin: origin, cowPath: cows[index], originSizeBytes: size)
-                    let data = pseudoRandomBytes(count: 4096, seed: UInt64(index))
-                    let fd = try FileDescriptor.open(snapshot.devicePath, .readWrite)
-                    try fd.closeAfter { _ = try data.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: 0, $0) } }
-                    try snapshot.remove()
-                })
+                results.set(
+                    index,
+                    Result {
+                        let snapshot = try SnapshotDevice.create(
+                            name: names[index], origin: origin, cowPath: cows[index], originSizeBytes: size)
+                        let data = pseudoRandomBytes(count: 4096, seed: UInt64(index))
+                        let fd = try FileDescriptor.open(snapshot.devicePath, .readWrite)
+                        try fd.closeAfter { _ = try data.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: 0, $0) } }
+                        try snapshot.remove()
+                    })
             }
         }
         for (index, result) in results.values.enumerated() {
@@ -218,11 +246,15 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let (_, origin) = try makeOrigin()
         var snapshots: [SnapshotDevice] = []
         for index in 0..<5 {
-            snapshots.append(try SnapshotDevice.create(name: deviceName("stale\(index)"), origin: origin, cowPath: path("stale\(index).cow"), originSizeBytes: Int64(imageSize)))
+            snapshots.append(
+                try SnapshotDevice.create(
+                    name: deviceName("stale\(index)"), origin: origin, cowPath: path("stale\(index).cow"),
+                    originSizeBytes: Int64(imageSize)))
         }
         // A device with the prefix that is not a snapshot is left alone.
         let linear = try DeviceName(deviceName("zero"))
-        try DeviceMapperControl.create(name: linear, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
+        try DeviceMapperControl.create(
+            name: linear, targets: [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")])
 
         let report = cleanupStaleDevices(prefix: prefix)
         XCTAssertTrue(report.isClean, "\(report.failures.map(\.error)) \(report.stillAttachedLoopDevices)")
@@ -242,7 +274,8 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         base.replaceSubrange((imageSize - 4096)..<imageSize, with: pseudoRandomBytes(count: 4096, seed: 2))
         try write(image, base)
         let origin = try registry.acquire(imagePath: image)
-        let snapshot = try SnapshotDevice.create(name: deviceName("flat"), origin: origin, cowPath: path("flat.cow"), originSizeBytes: Int64(imageSize))
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("flat"), origin: origin, cowPath: path("flat.cow"), originSizeBytes: Int64(imageSize))
         try write(snapshot.devicePath, offset: 1 << 20, pseudoRandomBytes(count: 12_288, seed: 3))
 
         let output = path("template.img")
@@ -252,7 +285,8 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         XCTAssertThrowsError(try snapshot.flatten(to: output)) { error in
             XCTAssertEqual((error as? DeviceMapperError)?.code, .fileExists)
         }
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains("partial") }, [])
+        XCTAssertEqual(
+            try FileManager.default.contentsOfDirectory(atPath: directory.string).filter { $0.contains("partial") }, [])
         try snapshot.remove()
     }
 }

@@ -5,7 +5,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Stores and devices that cannot be mixed up: the in-use guard, the origin record, owned
@@ -17,13 +17,15 @@ final class StoreSafetyTests: PrivilegedTestCase {
 
     func create(_ suffix: String, image: FilePath, cow: FilePath) throws -> SnapshotDevice {
         let origin = try registry.acquire(imagePath: image)
-        return try SnapshotDevice.create(name: deviceName(suffix), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        return try SnapshotDevice.create(
+            name: deviceName(suffix), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
     }
 
     func restore(_ suffix: String, image: FilePath, cow: FilePath) throws -> SnapshotDevice {
         let origin = try registry.acquire(imagePath: image)
         defer { registry.release(imagePath: image) }
-        return try SnapshotDevice.restore(name: deviceName(suffix), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        return try SnapshotDevice.restore(
+            name: deviceName(suffix), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
     }
 
     /// Asserts `body` throws a `DeviceMapperError` with `code` whose text holds each of `saying`.
@@ -35,7 +37,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
             guard let error = error as? DeviceMapperError else { return XCTFail("\(error)", file: file, line: line) }
             XCTAssertEqual(error.code, code, "\(error)", file: file, line: line)
             for text in saying {
-                XCTAssertTrue(error.description.contains(text), "\"\(text)\" missing from: \(error)", file: file, line: line)
+                XCTAssertTrue(
+                    error.description.contains(text), "\"\(text)\" missing from: \(error)", file: file, line: line)
             }
         }
     }
@@ -52,7 +55,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
             try restore("b", image: image, cow: cow)
         }
         XCTAssertEqual(try devices(withPrefix: prefix), [live.name], "no second device")
-        XCTAssertEqual(loopDevices(backedBy: directory).filter { $0.backingFile == cow }.count, 1, "no second CoW loop device")
+        XCTAssertEqual(
+            loopDevices(backedBy: directory).filter { $0.backingFile == cow }.count, 1, "no second CoW loop device")
         XCTAssertEqual(try read(live.devicePath, offset: 8192, count: data.count), data)
         XCTAssertEqual(try live.status().state, .active)
 
@@ -69,7 +73,9 @@ final class StoreSafetyTests: PrivilegedTestCase {
     func testAStoreStaysGuardedAfterItsAgentIsKilled() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 2)
         let cow = path("k.cow")
-        let helper = try CrashHelper(["create", deviceName("k"), image.string, cow.string, "--stop-at", "afterSnapshotCreate"])
+        let helper = try CrashHelper([
+            "create", deviceName("k"), image.string, cow.string, "--stop-at", "afterSnapshotCreate",
+        ])
         defer { helper.killIfRunning() }
         try helper.waitUntilReady(at: "afterSnapshotCreate")
         try helper.kill()
@@ -124,7 +130,9 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let files = try listingOfDirectory()
 
         for wrong in [rebuilt, path("edited.img")] {
-            assertFails(.originMismatch, saying: [image.string, "content differs"]) { try restore("s", image: wrong, cow: cow) }
+            assertFails(.originMismatch, saying: [image.string, "content differs"]) {
+                try restore("s", image: wrong, cow: cow)
+            }
             assertFails(.originMismatch) { try CowFile(path: cow).flatten(origin: wrong, to: path("out.img")) }
         }
         XCTAssertEqual(try devices(withPrefix: prefix), [])
@@ -147,7 +155,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
         try create("s", image: image, cow: cow).remove()
         let origin = try registry.acquire(imagePath: bigger)
         assertFails(.originMismatch, saying: ["size differs", "\(imageSize) bytes", "\(2 * imageSize) bytes"]) {
-            try SnapshotDevice.restore(name: deviceName("s"), origin: origin, cowPath: cow, originSizeBytes: Int64(2 * imageSize))
+            try SnapshotDevice.restore(
+                name: deviceName("s"), origin: origin, cowPath: cow, originSizeBytes: Int64(2 * imageSize))
         }
         registry.releaseAll()
         assertLoopDevices([])
@@ -161,22 +170,28 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let origin = try registry.acquire(imagePath: image)
         XCTAssertTrue(FileManager.default.createFile(atPath: cow.string, contents: nil))
         XCTAssertEqual(truncate(cow.string, off_t(imageSize)), 0)
-        let loop = try runTool("/sbin/losetup", ["--find", "--show", cow.string]).trimmingCharacters(in: .whitespacesAndNewlines)
+        let loop = try runTool("/sbin/losetup", ["--find", "--show", cow.string]).trimmingCharacters(
+            in: .whitespacesAndNewlines)
         let oldName = deviceName("old")
         let numbers = try [origin.string, loop].map { path in
             var status = stat()
             guard stat(path, &status) == 0 else { throw Errno(rawValue: errno) }
             return DeviceNumber(rawValue: UInt64(status.st_rdev)).description
         }
-        _ = try runTool("/sbin/dmsetup", ["create", oldName, "--verifyudev", "--table",
-                                          "0 \(imageSize / 512) snapshot \(numbers[0]) \(numbers[1]) P 8"])
+        _ = try runTool(
+            "/sbin/dmsetup",
+            [
+                "create", oldName, "--verifyudev", "--table",
+                "0 \(imageSize / 512) snapshot \(numbers[0]) \(numbers[1]) P 8",
+            ])
         try write(FilePath("/dev/mapper/\(oldName)"), offset: 4096, data)
         _ = try runTool("/sbin/dmsetup", ["remove", "--verifyudev", oldName])
         _ = try runTool("/sbin/losetup", ["-d", loop])
         assertLoopDevices([image])
         XCTAssertNil(try CowFile(path: cow).originRecord())
 
-        let resumed = try SnapshotDevice.restore(name: oldName, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        let resumed = try SnapshotDevice.restore(
+            name: oldName, origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
         XCTAssertEqual(try read(resumed.devicePath, offset: 4096, count: data.count), data)
         XCTAssertEqual(try read(resumed.devicePath, count: 4096), try read(image, count: 4096))
         try resumed.remove()
@@ -269,7 +284,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let foreign = try makeForeignSnapshot("foreign", image: image)
         assertFails(.deviceNotOwned) { try SnapshotDevice.adopt(name: foreign) }
         assertFails(.deviceNotFound) { try SnapshotDevice.adopt(name: deviceName("missing")) }
-        XCTAssertEqual(try SnapshotDevice.listOwned().filter { $0.device.name.hasPrefix(prefix) }.map(\.device), [snapshot])
+        XCTAssertEqual(
+            try SnapshotDevice.listOwned().filter { $0.device.name.hasPrefix(prefix) }.map(\.device), [snapshot])
 
         try adopted.device.remove()
         try DeviceMapperControl.remove(name: DeviceName(foreign))
@@ -288,12 +304,16 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let foreign = try makeForeignSnapshot("foreign", image: image)
 
         let listing = try CrashHelper.run(["list-owned", prefix])
-        XCTAssertEqual(listing.split(separator: "\n").map(String.init), [first, second].map {
-            "\($0.name)\t\($0.cowPath)\t\($0.cowLoopDevice)\t0"
-        })
+        XCTAssertEqual(
+            listing.split(separator: "\n").map(String.init),
+            [first, second].map {
+                "\($0.name)\t\($0.cowPath)\t\($0.cowLoopDevice)\t0"
+            })
         _ = try CrashHelper.run(["remove", first.name])
         XCTAssertEqual(try devices(withPrefix: prefix), [foreign, second.name].sorted())
-        XCTAssertEqual(try CrashHelper.run(["list-owned", prefix]), "\(second.name)\t\(second.cowPath)\t\(second.cowLoopDevice)\t0\n")
+        XCTAssertEqual(
+            try CrashHelper.run(["list-owned", prefix]),
+            "\(second.name)\t\(second.cowPath)\t\(second.cowLoopDevice)\t0\n")
 
         try second.remove()
         try DeviceMapperControl.remove(name: DeviceName(foreign))
@@ -308,7 +328,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let origin = try registry.acquire(imagePath: image)
         for wrong in [Int64(imageSize) - 512, Int64(imageSize) * 2] {
             assertFails(.invalidArgument, saying: ["\(wrong)", "\(imageSize) bytes"]) {
-                try SnapshotDevice.create(name: deviceName("size"), origin: origin, cowPath: path("size.cow"), originSizeBytes: wrong)
+                try SnapshotDevice.create(
+                    name: deviceName("size"), origin: origin, cowPath: path("size.cow"), originSizeBytes: wrong)
             }
         }
         XCTAssertFalse(fileExists(path("size.cow")))
@@ -326,7 +347,10 @@ final class StoreSafetyTests: PrivilegedTestCase {
         FaultInjection.inject(.ioError, into: "dm_task_run(DM_DEVICE_RESUME)")
         FaultInjection.inject(.resourceBusy, into: "dm_task_run(DM_DEVICE_REMOVE)")
         defer { FaultInjection.clear() }
-        XCTAssertThrowsError(try SnapshotDevice.create(name: deviceName("half"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))) { error in
+        XCTAssertThrowsError(
+            try SnapshotDevice.create(
+                name: deviceName("half"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+        ) { error in
             let error = error as! DeviceMapperError
             XCTAssertEqual(error.operation, "dm_task_run(DM_DEVICE_RESUME)")
             XCTAssertEqual(error.errno, .ioError)
@@ -354,9 +378,13 @@ final class StoreSafetyTests: PrivilegedTestCase {
         var status = stat()
         XCTAssertEqual(stat(origin.string, &status), 0)
         let name = deviceName(suffix)
-        try DeviceMapperControl.create(name: DeviceName(name), targets: [DMTarget(
-            startSector: 0, lengthSectors: UInt64(imageSize / 512), type: "snapshot",
-            parameters: "\(DeviceNumber(rawValue: UInt64(status.st_rdev))) \(cow.device.number) P 8")])
+        try DeviceMapperControl.create(
+            name: DeviceName(name),
+            targets: [
+                DMTarget(
+                    startSector: 0, lengthSectors: UInt64(imageSize / 512), type: "snapshot",
+                    parameters: "\(DeviceNumber(rawValue: UInt64(status.st_rdev))) \(cow.device.number) P 8")
+            ])
         return name
     }
 
@@ -376,7 +404,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let bytes = output.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         guard process.terminationStatus == 0 else {
-            throw HelperError(description: "\(path) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
+            throw HelperError(
+                description: "\(path) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
         }
         return String(decoding: bytes, as: UTF8.self)
     }

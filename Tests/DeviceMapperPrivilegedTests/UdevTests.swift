@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// `/dev/mapper` nodes with and without udev. These run in both the plain and the
@@ -26,7 +26,9 @@ final class UdevTests: PrivilegedTestCase {
             XCTAssertTrue(udevControlSocketExists, "DM_TEST_UDEV=1 but /run/udev/control is missing")
             XCTAssertFalse(udevDaemons().isEmpty, "DM_TEST_UDEV=1 but no systemd-udevd process")
             // The device-mapper rules come from the dmsetup package.
-            let rules = try FileManager.default.contentsOfDirectory(atPath: "/lib/udev/rules.d").filter { $0.contains("dm") && $0.hasSuffix(".rules") }
+            let rules = try FileManager.default.contentsOfDirectory(atPath: "/lib/udev/rules.d").filter {
+                $0.contains("dm") && $0.hasSuffix(".rules")
+            }
             XCTAssertTrue(rules.contains("55-dm.rules"), "the rule that makes /dev/mapper/NAME: \(rules)")
             XCTAssertTrue(rules.contains("95-dm-notify.rules"), "the rule that completes the udev cookie: \(rules)")
         } else if ProcessInfo.processInfo.environment["DM_IN_VM"] == "1" {
@@ -45,10 +47,13 @@ final class UdevTests: PrivilegedTestCase {
         if udevRequested { XCTAssertTrue(udev) }
 
         for index in 0..<5 {
-            let snapshot = try SnapshotDevice.create(name: deviceName("n\(index)"), origin: origin, cowPath: path("n\(index).cow"), originSizeBytes: Int64(imageSize))
+            let snapshot = try SnapshotDevice.create(
+                name: deviceName("n\(index)"), origin: origin, cowPath: path("n\(index).cow"),
+                originSizeBytes: Int64(imageSize))
             // Checked at once: no waiting, no settling.
-            let node = try XCTUnwrap(fileStatus(snapshot.devicePath, followingSymlink: false),
-                                     "\(snapshot.devicePath) must exist when create returns")
+            let node = try XCTUnwrap(
+                fileStatus(snapshot.devicePath, followingSymlink: false),
+                "\(snapshot.devicePath) must exist when create returns")
             let number = try XCTUnwrap(DeviceMapperControl.info(name: DeviceName(snapshot.name))).number
             let udevRecord = "/run/udev/data/b\(number.major):\(number.minor)"
             // Sandbox devices keep udev's device-mapper rules off: the library makes the node,
@@ -65,7 +70,8 @@ final class UdevTests: PrivilegedTestCase {
             XCTAssertEqual(try read(snapshot.devicePath, count: 4096), try read(image, count: 4096))
 
             try snapshot.remove()
-            XCTAssertNil(fileStatus(snapshot.devicePath, followingSymlink: false), "the node is gone when remove returns")
+            XCTAssertNil(
+                fileStatus(snapshot.devicePath, followingSymlink: false), "the node is gone when remove returns")
             if udev { XCTAssertTrue(eventually { access(udevRecord, F_OK) != 0 }, "udev forgot the device") }
         }
         registry.releaseAll()
@@ -92,15 +98,20 @@ final class UdevTests: PrivilegedTestCase {
         for index in 0..<3 {
             let name = try DeviceName(deviceName("rules\(index)"))
             let info = try DeviceMapperControl.create(name: name, targets: [zero], udevFlags: flags)
-            let node = try XCTUnwrap(fileStatus(FilePath(name.devicePath), followingSymlink: false), "\(name.devicePath) when create returns")
+            let node = try XCTUnwrap(
+                fileStatus(FilePath(name.devicePath), followingSymlink: false), "\(name.devicePath) when create returns"
+            )
             if udevControlSocketExists {
                 XCTAssertEqual(node.st_mode & S_IFMT, S_IFLNK, "udev makes /dev/mapper/NAME a symlink")
-                XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: name.devicePath), "../dm-\(info.number.minor)")
+                XCTAssertEqual(
+                    try FileManager.default.destinationOfSymbolicLink(atPath: name.devicePath),
+                    "../dm-\(info.number.minor)")
             } else {
                 XCTAssertEqual(node.st_mode & S_IFMT, S_IFBLK, "without udev the library makes a block device node")
             }
             try DeviceMapperControl.remove(name: name, udevFlags: flags)
-            XCTAssertNil(fileStatus(FilePath(name.devicePath), followingSymlink: false), "the node is gone when remove returns")
+            XCTAssertNil(
+                fileStatus(FilePath(name.devicePath), followingSymlink: false), "the node is gone when remove returns")
         }
     }
 
@@ -114,7 +125,8 @@ final class UdevTests: PrivilegedTestCase {
         var busy: [String] = []
         for index in 0..<200 {
             let cow = path("cycle.cow")
-            let snapshot = try SnapshotDevice.create(name: deviceName("cycle"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+            let snapshot = try SnapshotDevice.create(
+                name: deviceName("cycle"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
             // Use it as a guest would: a write and a close, which udev's watch sees.
             try write(snapshot.devicePath, offset: Int64(index % 64) * 4096, block)
             // One attempt, no retry: any EBUSY at all is counted.
@@ -136,7 +148,7 @@ final class UdevTests: PrivilegedTestCase {
         do {
             try DeviceMapperControl.remove(name: DeviceName(snapshot.name), retry: .none)
             return nil
-        } catch where error.errno == .resourceBusy {
+        } catch  where error.errno == .resourceBusy {
             return error
         }
     }

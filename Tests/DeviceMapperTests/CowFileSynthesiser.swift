@@ -2,12 +2,13 @@
 // read them without root or a kernel. Independent of the library's parser on purpose:
 // the layout is written out here from dm-snap-persistent.c, not from CowFile.swift.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// A CoW store to write: a header, metadata areas holding `entries` in order, `E` per
 /// area, and the data chunks in `chunkData`.
@@ -16,7 +17,7 @@ import Foundation
 /// metadata areas); tests that want malformed stores append to `entries` directly and
 /// set the header fields or `sizeBytes` by hand.
 struct CowStoreSynthesiser {
-    static let snapMagic: UInt32 = 0x70416E53
+    static let snapMagic: UInt32 = 0x7041_6E53
 
     var magic: UInt32 = snapMagic
     var valid: UInt32 = 1

@@ -5,15 +5,17 @@
 // (4 GiB changed in 4 KiB chunks) opens and streams in well under a second in a release
 // build; see docs/on-disk-format.md.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
-@testable import DeviceMapper
 import Foundation
 import SystemPackage
 import XCTest
+
+@testable import DeviceMapper
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 final class CowFileTests: XCTestCase {
     private var directory: URL!
@@ -25,7 +27,7 @@ final class CowFileTests: XCTestCase {
 
     override func tearDownWithError() throws {
         #if DEBUG
-        FaultInjection.clear()
+            FaultInjection.clear()
         #endif
         if let directory { try? FileManager.default.removeItem(at: directory) }
     }
@@ -129,11 +131,13 @@ final class CowFileTests: XCTestCase {
         let file = try CowFile(path: write(store))
         XCTAssertEqual(file.exceptionCount, 3)
         XCTAssertEqual(file.changedBytes, 3 * 4096)
-        XCTAssertEqual(try exceptions(file), [
-            CowException(originChunk: 7, cowChunk: 2),
-            CowException(originChunk: 3, cowChunk: 3),
-            CowException(originChunk: 12, cowChunk: 4),
-        ])
+        XCTAssertEqual(
+            try exceptions(file),
+            [
+                CowException(originChunk: 7, cowChunk: 2),
+                CowException(originChunk: 3, cowChunk: 3),
+                CowException(originChunk: 12, cowChunk: 4),
+            ])
     }
 
     func testSeveralAreas() throws {
@@ -143,7 +147,9 @@ final class CowFileTests: XCTestCase {
         let file = try CowFile(path: write(store))
         XCTAssertEqual(file.exceptionCount, 80)
         XCTAssertEqual(file.changedBytes, 80 * 512)
-        XCTAssertEqual(try exceptions(file), store.entries.map { CowException(originChunk: $0.originChunk, cowChunk: $0.cowChunk) })
+        XCTAssertEqual(
+            try exceptions(file), store.entries.map { CowException(originChunk: $0.originChunk, cowChunk: $0.cowChunk) }
+        )
     }
 
     func testFullAreaFollowedByZeroedArea() throws {
@@ -211,10 +217,12 @@ final class CowFileTests: XCTestCase {
         for origin: UInt64 in [1, 2, 3] { store.addChange(originChunk: origin) }
         let file = try CowFile(path: write(store))
         var calls = 0
-        XCTAssertThrowsError(try file.forEachException { _ in
-            calls += 1
-            if calls == 2 { throw Stop() }
-        }) { XCTAssertTrue($0 is Stop, "\($0)") }
+        XCTAssertThrowsError(
+            try file.forEachException { _ in
+                calls += 1
+                if calls == 2 { throw Stop() }
+            }
+        ) { XCTAssertTrue($0 is Stop, "\($0)") }
         XCTAssertEqual(calls, 2)
     }
 
@@ -404,12 +412,15 @@ final class CowFileTests: XCTestCase {
 
     func testRequiredCowSizeAtAreaBoundary() {
         // 256 chunks fill area 0 exactly; the kernel then zeroes area 1.
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 256 * 4096, chunkSizeBytes: 4096), (1 + 256 + 1 + 1) * 4096)
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 257 * 4096, chunkSizeBytes: 4096), (1 + 257 + 2 + 1) * 4096)
+        XCTAssertEqual(
+            requiredCowSizeBytes(originSizeBytes: 256 * 4096, chunkSizeBytes: 4096), (1 + 256 + 1 + 1) * 4096)
+        XCTAssertEqual(
+            requiredCowSizeBytes(originSizeBytes: 257 * 4096, chunkSizeBytes: 4096), (1 + 257 + 2 + 1) * 4096)
         // 10 GiB in 4 KiB chunks.
         let chunks: Int64 = 10 << 18
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 10 << 30, chunkSizeBytes: 4096),
-                       (1 + chunks + chunks / 256 + 1) * 4096)
+        XCTAssertEqual(
+            requiredCowSizeBytes(originSizeBytes: 10 << 30, chunkSizeBytes: 4096),
+            (1 + chunks + chunks / 256 + 1) * 4096)
     }
 
     func testRequiredCowSizeSaturatesInsteadOfOverflowing() {
@@ -425,7 +436,9 @@ final class CowFileTests: XCTestCase {
         let chunkBytes: Int64 = 512
         let perArea: Int64 = chunkBytes / 16
         for originChunks in Int64(0)...Int64(5 * perArea + 3) {
-            let deviceChunks = requiredCowSizeBytes(originSizeBytes: originChunks * chunkBytes, chunkSizeBytes: chunkBytes) / chunkBytes
+            let deviceChunks =
+                requiredCowSizeBytes(originSizeBytes: originChunks * chunkBytes, chunkSizeBytes: chunkBytes)
+                / chunkBytes
             var nextFree: Int64 = 2  // Header and area 0.
             var committed: Int64 = 0
             var area: Int64 = 0
@@ -490,7 +503,8 @@ final class CowFileTests: XCTestCase {
         let size = 16 << 20
         let origin = path("origin.img")
         var expected = [UInt8](repeating: 0, count: size)
-        let head = randomBytes(4096), middle = randomBytes(8192)
+        let head = randomBytes(4096)
+        let middle = randomBytes(8192)
         expected.replaceSubrange(0..<4096, with: head)
         expected.replaceSubrange((12 << 20)..<((12 << 20) + 8192), with: middle)
         let fd = open(origin.string, O_WRONLY | O_CREAT | O_EXCL, 0o644)
@@ -556,68 +570,70 @@ final class CowFileTests: XCTestCase {
     }
 
     #if DEBUG
-    func testFlattenWithoutCopyFileRangeUsesReadAndWrite() throws {
-        let flatten = try makeFlattenCase(originSize: (3 << 20) + 512, changes: [0, 700, 701, 768])
-        let output = path("flat.img")
-        try FaultInjection.with(.improperLink, injectedInto: "copy_file_range") {
-            try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: output)
-        }
-        XCTAssertEqual(try readBytes(output), flatten.expected)
-    }
-
-    func testFlattenFailingMidwayLeavesNoFile() throws {
-        let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
-        let before = try directoryEntries()
-        for call in ["copy_file_range", "ftruncate", "fsync", "renameat2"] {
-            FaultInjection.with(.noSpace, injectedInto: call) {
-                assertThrows(.systemCallFailed) {
-                    try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img"))
-                }
+        func testFlattenWithoutCopyFileRangeUsesReadAndWrite() throws {
+            let flatten = try makeFlattenCase(originSize: (3 << 20) + 512, changes: [0, 700, 701, 768])
+            let output = path("flat.img")
+            try FaultInjection.with(.improperLink, injectedInto: "copy_file_range") {
+                try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: output)
             }
-            XCTAssertEqual(try directoryEntries(), before, "after a failed \(call)")
+            XCTAssertEqual(try readBytes(output), flatten.expected)
         }
-    }
 
-    func testFlattenReportsProgressToTheTotal() throws {
-        let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
-        let store = try CowFile(path: flatten.store)
-        var reports: [FlattenProgress] = []
-        try store.flatten(origin: flatten.origin, to: path("flat.img")) { progress in
-            reports.append(progress)
-            return true
-        }
-        XCTAssertEqual(reports.last, FlattenProgress(bytesDone: (1 << 20) + store.changedBytes, bytesTotal: (1 << 20) + store.changedBytes))
-        XCTAssertEqual(reports.map(\.bytesDone), reports.map(\.bytesDone).sorted(), "never goes back")
-    }
-
-    func testCancelledFlattenLeavesNoFile() throws {
-        let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
-        let before = try directoryEntries()
-        for copyFileRange in [true, false] {
-            if !copyFileRange { FaultInjection.inject(.improperLink, into: "copy_file_range") }
-            defer { FaultInjection.clear() }
-            var calls = 0
-            assertThrows(.cancelled) {
-                try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img")) { _ in
-                    calls += 1
-                    return false
+        func testFlattenFailingMidwayLeavesNoFile() throws {
+            let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
+            let before = try directoryEntries()
+            for call in ["copy_file_range", "ftruncate", "fsync", "renameat2"] {
+                FaultInjection.with(.noSpace, injectedInto: call) {
+                    assertThrows(.systemCallFailed) {
+                        try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img"))
+                    }
                 }
+                XCTAssertEqual(try directoryEntries(), before, "after a failed \(call)")
             }
-            XCTAssertEqual(calls, 1, "stops at the first report")
-            XCTAssertEqual(try directoryEntries(), before, "no output and no temporary file")
         }
-    }
 
-    func testFlattenFailingInBufferedCopyLeavesNoFile() throws {
-        let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
-        let before = try directoryEntries()
-        FaultInjection.inject(.improperLink, into: "copy_file_range")
-        FaultInjection.inject(.ioError, into: "pwrite")
-        assertThrows(.systemCallFailed) {
-            try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img"))
+        func testFlattenReportsProgressToTheTotal() throws {
+            let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
+            let store = try CowFile(path: flatten.store)
+            var reports: [FlattenProgress] = []
+            try store.flatten(origin: flatten.origin, to: path("flat.img")) { progress in
+                reports.append(progress)
+                return true
+            }
+            XCTAssertEqual(
+                reports.last,
+                FlattenProgress(bytesDone: (1 << 20) + store.changedBytes, bytesTotal: (1 << 20) + store.changedBytes))
+            XCTAssertEqual(reports.map(\.bytesDone), reports.map(\.bytesDone).sorted(), "never goes back")
         }
-        FaultInjection.clear()
-        XCTAssertEqual(try directoryEntries(), before)
-    }
+
+        func testCancelledFlattenLeavesNoFile() throws {
+            let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
+            let before = try directoryEntries()
+            for copyFileRange in [true, false] {
+                if !copyFileRange { FaultInjection.inject(.improperLink, into: "copy_file_range") }
+                defer { FaultInjection.clear() }
+                var calls = 0
+                assertThrows(.cancelled) {
+                    try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img")) { _ in
+                        calls += 1
+                        return false
+                    }
+                }
+                XCTAssertEqual(calls, 1, "stops at the first report")
+                XCTAssertEqual(try directoryEntries(), before, "no output and no temporary file")
+            }
+        }
+
+        func testFlattenFailingInBufferedCopyLeavesNoFile() throws {
+            let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
+            let before = try directoryEntries()
+            FaultInjection.inject(.improperLink, into: "copy_file_range")
+            FaultInjection.inject(.ioError, into: "pwrite")
+            assertThrows(.systemCallFailed) {
+                try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img"))
+            }
+            FaultInjection.clear()
+            XCTAssertEqual(try directoryEntries(), before)
+        }
     #endif
 }

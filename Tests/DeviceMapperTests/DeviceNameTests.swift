@@ -108,18 +108,22 @@ final class DeviceNameTests: XCTestCase {
 
     /// Asserts that `name` is refused with `.invalidName`, EINVAL, a description that
     /// contains `expected`, and (for a bad character) the allowed set.
-    private func assertRefused(_ name: String, mentioning expected: String, file: StaticString = #filePath, line: UInt = #line) {
+    private func assertRefused(
+        _ name: String, mentioning expected: String, file: StaticString = #filePath, line: UInt = #line
+    ) {
         XCTAssertThrowsError(try DeviceName(name), "name \(name.debugDescription)", file: file, line: line) { error in
             guard let error = error as? DeviceMapperError else {
                 return XCTFail("wrong error type \(error)", file: file, line: line)
             }
             XCTAssertEqual(error.code, .invalidName, file: file, line: line)
             XCTAssertEqual(error.errno, .invalidArgument, file: file, line: line)
-            XCTAssertTrue(error.description.contains(expected), "\(error.description) should mention \(expected)",
-                          file: file, line: line)
+            XCTAssertTrue(
+                error.description.contains(expected), "\(error.description) should mention \(expected)",
+                file: file, line: line)
             if expected.contains("cannot contain") {
-                XCTAssertTrue(error.description.contains("only A-Z a-z 0-9 and # + - . : = @ _ are allowed"),
-                              "\(error.description) should list the allowed characters", file: file, line: line)
+                XCTAssertTrue(
+                    error.description.contains("only A-Z a-z 0-9 and # + - . : = @ _ are allowed"),
+                    "\(error.description) should list the allowed characters", file: file, line: line)
             }
         }
     }

@@ -4,7 +4,7 @@ import SystemPackage
 import XCTest
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The registry's bookkeeping from many threads at once, without root: acquires that
@@ -37,7 +37,8 @@ final class LoopRegistryConcurrencyTests: XCTestCase {
             (FilePath(directory + "/directory.img"), .invalidArgument),
             (FilePath(directory + "/odd.img"), .invalidArgument),
         ]
-        let threads = 8, iterations = 50
+        let threads = 8
+        let iterations = 50
         let missing = FilePath(directory + "/missing.img")
         let wrong = ResultCollector()
         DispatchQueue.concurrentPerform(iterations: threads) { thread in

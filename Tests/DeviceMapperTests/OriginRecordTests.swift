@@ -1,21 +1,25 @@
-@testable import DeviceMapper
 import Foundation
 import SystemPackage
 import XCTest
 
+@testable import DeviceMapper
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 final class OriginRecordTests: XCTestCase {
     func testSHA256KnownAnswers() {
         // FIPS 180-4 examples, and inputs that end at and around a block boundary.
         XCTAssertEqual(SHA256.hexDigest([]), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        XCTAssertEqual(SHA256.hexDigest(Array("abc".utf8)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-        XCTAssertEqual(SHA256.hexDigest(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)),
-                       "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
-        XCTAssertEqual(SHA256.hexDigest([UInt8](repeating: 0x61, count: 1_000_000)),
-                       "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+        XCTAssertEqual(
+            SHA256.hexDigest(Array("abc".utf8)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        XCTAssertEqual(
+            SHA256.hexDigest(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        XCTAssertEqual(
+            SHA256.hexDigest([UInt8](repeating: 0x61, count: 1_000_000)),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
     }
 
     func testSHA256IsTheSameInAnyPieces() {
@@ -33,8 +37,10 @@ final class OriginRecordTests: XCTestCase {
         let record = OriginRecord(
             fingerprint: OriginFingerprint(sizeBytes: 8 << 20, sampleSHA256: String(repeating: "ab", count: 32)),
             originPath: "/dev/loop3", imagePath: "/var/lib/images/base image.img")
-        XCTAssertEqual(record.text, "v=1 size=8388608 sample-sha256=\(String(repeating: "ab", count: 32)) origin=/dev/loop3 "
-            + "image=/var/lib/images/base image.img")
+        XCTAssertEqual(
+            record.text,
+            "v=1 size=8388608 sample-sha256=\(String(repeating: "ab", count: 32)) origin=/dev/loop3 "
+                + "image=/var/lib/images/base image.img")
         XCTAssertEqual(OriginRecord(text: record.text), record)
         let withoutImage = OriginRecord(fingerprint: record.fingerprint, originPath: "/dev/sdb", imagePath: nil)
         XCTAssertEqual(OriginRecord(text: withoutImage.text), withoutImage)
@@ -58,7 +64,8 @@ final class OriginRecordTests: XCTestCase {
         let bytes = (0..<(300 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
         let path = try temporaryFile(bytes)
         let fingerprint = try fingerprintOf(path, size: Int64(bytes.count))
-        XCTAssertEqual(fingerprint, OriginFingerprint(sizeBytes: Int64(bytes.count), sampleSHA256: SHA256.hexDigest(bytes)))
+        XCTAssertEqual(
+            fingerprint, OriginFingerprint(sizeBytes: Int64(bytes.count), sampleSHA256: SHA256.hexDigest(bytes)))
     }
 
     func testFingerprintOfALargeFileSeesItsEdgesAndSamples() throws {
@@ -79,11 +86,14 @@ final class OriginRecordTests: XCTestCase {
     }
 
     func testMismatchNamesBothOrigins() {
-        let record = OriginRecord(fingerprint: OriginFingerprint(sizeBytes: 4096, sampleSHA256: String(repeating: "1", count: 64)),
-                                  originPath: "/dev/loop1", imagePath: "/images/a.img")
+        let record = OriginRecord(
+            fingerprint: OriginFingerprint(sizeBytes: 4096, sampleSHA256: String(repeating: "1", count: 64)),
+            originPath: "/dev/loop1", imagePath: "/images/a.img")
         let other = OriginFingerprint(sizeBytes: 4096, sampleSHA256: String(repeating: "2", count: 64))
-        XCTAssertNoThrow(try record.check(against: record.fingerprint, origin: "/dev/loop1", cowPath: "/s.cow", operation: "t"))
-        XCTAssertThrowsError(try record.check(against: other, origin: "/dev/loop9", cowPath: "/s.cow", operation: "t")) { error in
+        XCTAssertNoThrow(
+            try record.check(against: record.fingerprint, origin: "/dev/loop1", cowPath: "/s.cow", operation: "t"))
+        XCTAssertThrowsError(try record.check(against: other, origin: "/dev/loop9", cowPath: "/s.cow", operation: "t"))
+        { error in
             let error = error as! DeviceMapperError
             XCTAssertEqual(error.code, .originMismatch)
             XCTAssertEqual(error.subject, "/s.cow")
@@ -96,7 +106,9 @@ final class OriginRecordTests: XCTestCase {
     func testUUIDsAreValidatedAndOwnedOnesRecognised() throws {
         XCTAssertEqual(try DeviceUUID("LVM-abc_1.2:3").rawValue, "LVM-abc_1.2:3")
         for bad in ["", String(repeating: "a", count: 129), "a b", "a/b", "é"] {
-            XCTAssertThrowsError(try DeviceUUID(bad)) { XCTAssertEqual(($0 as? DeviceMapperError)?.code, .invalidArgument) }
+            XCTAssertThrowsError(try DeviceUUID(bad)) {
+                XCTAssertEqual(($0 as? DeviceMapperError)?.code, .invalidArgument)
+            }
         }
         XCTAssertNoThrow(try DeviceUUID(String(repeating: "a", count: 128)))
         let owned = DeviceUUID.ownedSnapshot(store: FileIdentity(device: 0x803, inode: 0x1234))

@@ -25,8 +25,16 @@ final class UnavailableDeviceMapperTests: XCTestCase {
     func testEveryTaskFailsCleanlyInsteadOfCrashing() throws {
         let name = try DeviceName("unavailable-test")
         let calls: [(String, () throws -> Void)] = [
-            ("create", { try DeviceMapperControl.create(name: name, targets: [
-                DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")]) }),
+            (
+                "create",
+                {
+                    try DeviceMapperControl.create(
+                        name: name,
+                        targets: [
+                            DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")
+                        ])
+                }
+            ),
             ("remove", { try DeviceMapperControl.remove(name: name, retry: .none) }),
             ("info", { _ = try DeviceMapperControl.info(name: name) }),
             ("list", { _ = try DeviceMapperControl.list() }),

@@ -2,19 +2,20 @@
 // offline: its header, its chain of metadata areas and the exceptions in them.
 // docs/on-disk-format.md describes the layout and what this parser refuses.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Logging
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// The first 16 bytes of a persistent copy-on-write store (the kernel's `struct disk_header`),
 /// all little-endian: magic, valid, version, chunk size in 512-byte sectors.
 public struct CowHeader: Sendable, Hashable {
     /// `SNAP_MAGIC`: "SnAp" read as a little-endian `u32`.
-    public static let magic: UInt32 = 0x70416E53
+    public static let magic: UInt32 = 0x7041_6E53
     /// `SNAPSHOT_DISK_VERSION`, the only version the kernel (and this library) reads.
     public static let supportedVersion: UInt32 = 1
     /// The largest chunk the kernel accepts: it refuses chunk sizes above `INT_MAX >> 9`
@@ -50,14 +51,18 @@ public struct CowHeader: Sendable, Hashable {
         try read(from: fd, path: path, storeSizeBytes: cowStoreSizeBytes(fd, path: path))
     }
 
-    static func read(from fd: FileDescriptor, path: FilePath, storeSizeBytes: Int64) throws(DeviceMapperError) -> CowHeader {
+    static func read(from fd: FileDescriptor, path: FilePath, storeSizeBytes: Int64) throws(DeviceMapperError)
+        -> CowHeader
+    {
         let operation = "CowHeader.read"
         var bytes = (UInt64(0), UInt64(0))
         let count = try withUnsafeMutableBytes(of: &bytes) { buffer throws(DeviceMapperError) in
             try readFully(fd, into: buffer, at: 0, subject: path.string)
         }
         guard count == sizeBytes, storeSizeBytes >= Int64(sizeBytes) else {
-            throw invalidCowStore(operation, path, "the file is \(storeSizeBytes) bytes long, shorter than a \(sizeBytes)-byte snapshot header")
+            throw invalidCowStore(
+                operation, path,
+                "the file is \(storeSizeBytes) bytes long, shorter than a \(sizeBytes)-byte snapshot header")
         }
         return try withUnsafeBytes(of: &bytes) { buffer throws(DeviceMapperError) in
             try decode(buffer, storeSizeBytes: storeSizeBytes, path: path)
@@ -65,7 +70,9 @@ public struct CowHeader: Sendable, Hashable {
     }
 
     /// Checks and decodes the 16 header bytes of a store `storeSizeBytes` long.
-    static func decode(_ bytes: UnsafeRawBufferPointer, storeSizeBytes: Int64, path: FilePath) throws(DeviceMapperError) -> CowHeader {
+    static func decode(_ bytes: UnsafeRawBufferPointer, storeSizeBytes: Int64, path: FilePath) throws(DeviceMapperError)
+        -> CowHeader
+    {
         let operation = "CowHeader.read"
         guard bytes.count >= sizeBytes else {
             throw invalidCowStore(operation, path, "the header is \(bytes.count) bytes, not \(sizeBytes)")
@@ -73,29 +80,41 @@ public struct CowHeader: Sendable, Hashable {
         func field(_ index: Int) -> UInt32 {
             UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 4 * index, as: UInt32.self))
         }
-        let magic = field(0), valid = field(1), version = field(2), chunkSizeSectors = field(3)
+        let magic = field(0)
+        let valid = field(1)
+        let version = field(2)
+        let chunkSizeSectors = field(3)
         guard magic == Self.magic else {
             if magic == 0 {
-                throw invalidCowStore(operation, path, "the header is zero: not a snapshot copy-on-write store, "
-                    + "or one the kernel never initialised")
+                throw invalidCowStore(
+                    operation, path,
+                    "the header is zero: not a snapshot copy-on-write store, "
+                        + "or one the kernel never initialised")
             }
-            throw invalidCowStore(operation, path, "the magic number is \(hex(magic)), not \(hex(Self.magic)) (\"SnAp\"): "
-                + "not a persistent snapshot copy-on-write store")
+            throw invalidCowStore(
+                operation, path,
+                "the magic number is \(hex(magic)), not \(hex(Self.magic)) (\"SnAp\"): "
+                    + "not a persistent snapshot copy-on-write store")
         }
         guard version == supportedVersion else {
-            throw invalidCowStore(operation, path, "the store's format version is \(version); only version \(supportedVersion) exists")
+            throw invalidCowStore(
+                operation, path, "the store's format version is \(version); only version \(supportedVersion) exists")
         }
         guard chunkSizeSectors != 0, chunkSizeSectors & (chunkSizeSectors - 1) == 0 else {
             throw invalidCowStore(operation, path, "the chunk size, \(chunkSizeSectors) sectors, is not a power of two")
         }
         guard chunkSizeSectors <= maximumChunkSizeSectors else {
-            throw invalidCowStore(operation, path, "the chunk size, \(chunkSizeSectors) sectors, is larger than "
-                + "the kernel's limit of \(maximumChunkSizeSectors)")
+            throw invalidCowStore(
+                operation, path,
+                "the chunk size, \(chunkSizeSectors) sectors, is larger than "
+                    + "the kernel's limit of \(maximumChunkSizeSectors)")
         }
         let header = CowHeader(chunkSizeSectors: chunkSizeSectors, isValid: valid != 0, version: version)
         guard storeSizeBytes >= Int64(header.chunkSizeBytes) else {
-            throw invalidCowStore(operation, path, "the file is \(storeSizeBytes) bytes long, shorter than its "
-                + "\(header.chunkSizeBytes)-byte header chunk")
+            throw invalidCowStore(
+                operation, path,
+                "the file is \(storeSizeBytes) bytes long, shorter than its "
+                    + "\(header.chunkSizeBytes)-byte header chunk")
         }
         return header
     }
@@ -160,8 +179,9 @@ public struct CowFile: Sendable {
         let status = try system_fstat(fd).get("fstat", subject: path.string)
         let kind = status.st_mode & S_IFMT
         guard kind == S_IFREG || kind == S_IFBLK else {
-            throw DeviceMapperError.invalidArgument(operation, subject: path.string,
-                                                    "a copy-on-write store is a regular file or a block device")
+            throw DeviceMapperError.invalidArgument(
+                operation, subject: path.string,
+                "a copy-on-write store is a regular file or a block device")
         }
         let storeSize = try cowStoreSizeBytes(fd, path: path, status: status)
         let header = try CowHeader.read(from: fd, path: path, storeSizeBytes: storeSize)
@@ -285,22 +305,28 @@ struct CowLayout {
         while true {
             guard let areaStart = areaOffset(area), areaStart < storeSizeBytes else { return }
             guard storeSizeBytes - areaStart >= chunkSizeBytes else {
-                throw invalidCowStore(operation, path, "metadata area \(area) starts at byte \(areaStart) but the file "
-                    + "ends at byte \(storeSizeBytes), inside it: the store is truncated")
+                throw invalidCowStore(
+                    operation, path,
+                    "metadata area \(area) starts at byte \(areaStart) but the file "
+                        + "ends at byte \(storeSizeBytes), inside it: the store is truncated")
             }
             var entry: UInt64 = 0
             while entry < exceptionsPerArea {
                 let sliceStart = areaStart + Int64(entry) * Int64(CowException.sizeBytes)
                 let read = try readFully(fd, into: buffer, at: sliceStart, subject: path.string)
                 guard read == sliceBytes else {
-                    throw invalidCowStore(operation, path, "the file ended at byte \(sliceStart + Int64(read)), "
-                        + "inside metadata area \(area): it was truncated after it was opened")
+                    throw invalidCowStore(
+                        operation, path,
+                        "the file ended at byte \(sliceStart + Int64(read)), "
+                            + "inside metadata area \(area): it was truncated after it was opened")
                 }
                 for index in 0..<Int(entriesPerSlice) {
                     let offset = index * CowException.sizeBytes
-                    let cowChunk = UInt64(littleEndian: buffer.loadUnaligned(fromByteOffset: offset + 8, as: UInt64.self))
+                    let cowChunk = UInt64(
+                        littleEndian: buffer.loadUnaligned(fromByteOffset: offset + 8, as: UInt64.self))
                     if cowChunk == 0 { return }
-                    let originChunk = UInt64(littleEndian: buffer.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+                    let originChunk = UInt64(
+                        littleEndian: buffer.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
                     let exception = CowException(originChunk: originChunk, cowChunk: cowChunk)
                     try check(exception, area: area, entry: entry + UInt64(index), path: path, operation: operation)
                     guard try body(exception) else { return }
@@ -312,10 +338,14 @@ struct CowLayout {
     }
 
     /// Checks one exception's chunk numbers against the layout.
-    private func check(_ exception: CowException, area: UInt64, entry: UInt64, path: FilePath, operation: String) throws(DeviceMapperError) {
+    private func check(_ exception: CowException, area: UInt64, entry: UInt64, path: FilePath, operation: String)
+        throws(DeviceMapperError)
+    {
         func invalid(_ problem: String) -> DeviceMapperError {
-            invalidCowStore(operation, path, "exception \(entry) of metadata area \(area) (origin chunk "
-                + "\(exception.originChunk), CoW chunk \(exception.cowChunk)) \(problem)")
+            invalidCowStore(
+                operation, path,
+                "exception \(entry) of metadata area \(area) (origin chunk "
+                    + "\(exception.originChunk), CoW chunk \(exception.cowChunk)) \(problem)")
         }
         guard exception.cowChunk < storeChunks else {
             throw invalid("points past the end of the \(storeChunks)-chunk file")
@@ -340,8 +370,10 @@ struct CowLayout {
         _ fd: FileDescriptor, path: FilePath, operation: String, count: Int, highestOriginChunk: UInt64
     ) throws(DeviceMapperError) {
         func duplicate(_ chunk: UInt64) -> DeviceMapperError {
-            invalidCowStore(operation, path, "origin chunk \(chunk) has two exceptions; the kernel never writes that, "
-                + "and which one a kernel uses depends on its version")
+            invalidCowStore(
+                operation, path,
+                "origin chunk \(chunk) has two exceptions; the kernel never writes that, "
+                    + "and which one a kernel uses depends on its version")
         }
         let bitmapWords = highestOriginChunk / 64 + 1
         if bitmapWords <= UInt64(count) {
@@ -394,8 +426,9 @@ struct CowLayout {
 /// Saturates at `Int64.max` (which `ftruncate` then refuses) instead of overflowing.
 /// `chunkSizeBytes` must be a power of two of at least 512.
 func requiredCowSizeBytes(originSizeBytes: Int64, chunkSizeBytes: Int64) -> Int64 {
-    precondition(chunkSizeBytes >= 512 && chunkSizeBytes & (chunkSizeBytes - 1) == 0,
-                 "chunk size must be a power of two of at least 512 bytes")
+    precondition(
+        chunkSizeBytes >= 512 && chunkSizeBytes & (chunkSizeBytes - 1) == 0,
+        "chunk size must be a power of two of at least 512 bytes")
     let origin = max(originSizeBytes, 0)
     let dataChunks = origin / chunkSizeBytes + (origin % chunkSizeBytes == 0 ? 0 : 1)
     let exceptionsPerArea = chunkSizeBytes / Int64(CowException.sizeBytes)
@@ -426,7 +459,8 @@ func readFully(
     guard let base = buffer.baseAddress else { return 0 }
     var done = 0
     while done < buffer.count {
-        let count = try system_pread(fd, base + done, buffer.count - done, offset + Int64(done)).get("pread", subject: subject)
+        let count = try system_pread(fd, base + done, buffer.count - done, offset + Int64(done)).get(
+            "pread", subject: subject)
         if count == 0 { break }
         done += count
     }
@@ -441,10 +475,12 @@ func writeFully(
     guard let base = buffer.baseAddress else { return }
     var done = 0
     while done < buffer.count {
-        let count = try system_pwrite(fd, base + done, buffer.count - done, offset + Int64(done)).get("pwrite", subject: subject)
+        let count = try system_pwrite(fd, base + done, buffer.count - done, offset + Int64(done)).get(
+            "pwrite", subject: subject)
         guard count > 0 else {
-            throw DeviceMapperError(code: .systemCallFailed, operation: "pwrite", subject: subject, errno: .ioError,
-                                    detail: "pwrite wrote nothing at byte \(offset + Int64(done))")
+            throw DeviceMapperError(
+                code: .systemCallFailed, operation: "pwrite", subject: subject, errno: .ioError,
+                detail: "pwrite wrote nothing at byte \(offset + Int64(done))")
         }
         done += count
     }

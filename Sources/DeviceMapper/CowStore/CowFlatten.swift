@@ -1,13 +1,14 @@
 // Offline flatten: origin plus a detached CoW store, written out as one new image file.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CDeviceMapper
 import Logging
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 extension CowFile {
     /// Writes the disk the snapshot device would show, the origin with every changed chunk
@@ -34,14 +35,18 @@ extension CowFile {
     /// place; on any failure the temporary file is removed and nothing appears at `output`.
     /// `progress`, if given, is called every few MiB; returning false cancels the flatten
     /// (`.cancelled`) in the same way.
-    public func flatten(origin: FilePath, to output: FilePath, progress: FlattenProgressHandler? = nil) throws(DeviceMapperError) {
+    public func flatten(origin: FilePath, to output: FilePath, progress: FlattenProgressHandler? = nil)
+        throws(DeviceMapperError)
+    {
         let operation = "CowFile.flatten"
         let guardFile = try openLockDescription()
         defer { system_close(guardFile) }
         try lockStore(guardFile, path: path, operation: operation, checkUnlockedAttachments: true, shared: true)
         guard isValid else {
-            throw invalidCowStore(operation, path, "the kernel invalidated this store (it overflowed or hit an I/O error); "
-                + "its data cannot be used")
+            throw invalidCowStore(
+                operation, path,
+                "the kernel invalidated this store (it overflowed or hit an I/O error); "
+                    + "its data cannot be used")
         }
 
         let originFile = try system_open(origin, O_RDONLY).get("open", subject: origin.string)
@@ -57,8 +62,9 @@ extension CowFile {
             originSize = try blockDeviceSizeBytes(descriptor: originFile, subject: origin.string)
             originIsRegularFile = false
         default:
-            throw DeviceMapperError.invalidArgument(operation, subject: origin.string,
-                                                    "the origin is neither a regular file nor a block device")
+            throw DeviceMapperError.invalidArgument(
+                operation, subject: origin.string,
+                "the origin is neither a regular file nor a block device")
         }
         try checkOrigin(originFile, sizeBytes: originSize, origin: origin, operation: operation)
         let changes = ChangedChunks(store: self, originSizeBytes: originSize, origin: origin, operation: operation)
@@ -70,9 +76,12 @@ extension CowFile {
         let file = try TemporaryOutputFile(destination: output, operation: operation)
         do throws(DeviceMapperError) {
             let meter = FlattenMeter(totalBytes: originSize + changedBytes, handler: progress, operation: operation)
-            try copyOrigin(originFile, origin: origin, sizeBytes: originSize, isRegularFile: originIsRegularFile, to: file, meter: meter)
-            let copier = RangeCopier(source: self.file.descriptor, sourcePath: path, truncationCode: .invalidCowStore,
-                                     output: file, meter: meter)
+            try copyOrigin(
+                originFile, origin: origin, sizeBytes: originSize, isRegularFile: originIsRegularFile, to: file,
+                meter: meter)
+            let copier = RangeCopier(
+                source: self.file.descriptor, sourcePath: path, truncationCode: .invalidCowStore,
+                output: file, meter: meter)
             try changes.forEachRun { run throws(DeviceMapperError) in
                 try copier.copy(from: run.cowOffset, to: run.originOffset, count: run.byteCount, skippingZeros: false)
             }
@@ -103,10 +112,13 @@ extension CowFile {
         try checkOrigin(originFile, sizeBytes: sizeBytes, origin: origin, operation: operation)
     }
 
-    private func checkOrigin(_ originFile: FileDescriptor, sizeBytes: Int64, origin: FilePath, operation: String) throws(DeviceMapperError) {
+    private func checkOrigin(_ originFile: FileDescriptor, sizeBytes: Int64, origin: FilePath, operation: String)
+        throws(DeviceMapperError)
+    {
         guard let record = try originRecord() else {
-            Self.logger.warning("the store has no origin record (an older agent made it); reading it without the origin check",
-                                metadata: ["cow": "\(path)", "origin": "\(origin)"])
+            Self.logger.warning(
+                "the store has no origin record (an older agent made it); reading it without the origin check",
+                metadata: ["cow": "\(path)", "origin": "\(origin)"])
             return
         }
         let fingerprint = try OriginFingerprint.compute(originFile, sizeBytes: sizeBytes, subject: origin.string)
@@ -124,7 +136,8 @@ extension CowFile {
         }
         guard same else {
             system_close(fd)
-            throw invalidCowStore("CowFile.flatten", path, "the file at this path was replaced since the store was opened")
+            throw invalidCowStore(
+                "CowFile.flatten", path, "the file at this path was replaced since the store was opened")
         }
         return fd
     }
@@ -159,16 +172,22 @@ private struct ChangedChunks {
             // The walk checked that (chunk + 1) * chunkBytes fits in an Int64 for both chunks.
             let originOffset = Int64(run.origin) * chunkBytes
             let byteCount = min(Int64(run.count) * chunkBytes, originSizeBytes - originOffset)
-            try body(ChangedRun(originOffset: originOffset, cowOffset: Int64(run.cow) * chunkBytes, byteCount: byteCount))
+            try body(
+                ChangedRun(originOffset: originOffset, cowOffset: Int64(run.cow) * chunkBytes, byteCount: byteCount))
         }
 
-        try store.layout.walkExceptions(store.file.descriptor, path: store.path, operation: operation) { exception throws(DeviceMapperError) in
+        try store.layout.walkExceptions(store.file.descriptor, path: store.path, operation: operation) {
+            exception throws(DeviceMapperError) in
             guard exception.originChunk < originChunks else {
-                throw invalidCowStore(operation, store.path, "an exception names origin chunk \(exception.originChunk), "
-                    + "but \(origin) is \(originSizeBytes) bytes, \(originChunks) chunks: the store belongs to another origin")
+                throw invalidCowStore(
+                    operation, store.path,
+                    "an exception names origin chunk \(exception.originChunk), "
+                        + "but \(origin) is \(originSizeBytes) bytes, \(originChunks) chunks: the store belongs to another origin"
+                )
             }
             if let run = pending, run.count < maximumRunChunks,
-               exception.originChunk == run.origin + run.count, exception.cowChunk == run.cow + run.count {
+                exception.originChunk == run.origin + run.count, exception.cowChunk == run.cow + run.count
+            {
                 pending = (run.origin, run.cow, run.count + 1)
             } else {
                 if let run = pending { try emit(run) }
@@ -196,12 +215,14 @@ private func copyOrigin(
         case .failure(let errno) where isCloneUnsupported(errno):
             break  // Another filesystem, or one without shared extents (ext4, tmpfs): copy.
         case .failure(let errno):
-            throw DeviceMapperError.syscall("ioctl(FICLONE)", errno, subject: outputSubject,
-                                            detail: "could not clone \(origin)")
+            throw DeviceMapperError.syscall(
+                "ioctl(FICLONE)", errno, subject: outputSubject,
+                detail: "could not clone \(origin)")
         }
     }
 
-    let copier = RangeCopier(source: originFile, sourcePath: origin, truncationCode: .invalidArgument, output: file, meter: meter)
+    let copier = RangeCopier(
+        source: originFile, sourcePath: origin, truncationCode: .invalidArgument, output: file, meter: meter)
     if !isRegularFile {
         // Block devices know no holes (SEEK_DATA finds data everywhere) and refuse
         // copy_file_range: read it all, and leave zero blocks unwritten.
@@ -235,10 +256,10 @@ private func copyOrigin(
 private func isCloneUnsupported(_ errno: Errno) -> Bool {
     switch errno {
     case .notSupported,  // EOPNOTSUPP: the filesystem has no reflinks.
-         .improperLink,  // EXDEV: different filesystems.
-         .invalidArgument,  // Unaligned, or a filesystem that refuses this pair.
-         .inappropriateIOCTLForDevice,  // ENOTTY: no such ioctl here.
-         .noFunction:
+        .improperLink,  // EXDEV: different filesystems.
+        .invalidArgument,  // Unaligned, or a filesystem that refuses this pair.
+        .inappropriateIOCTLForDevice,  // ENOTTY: no such ioctl here.
+        .noFunction:
         return true
     default:
         return false
@@ -263,8 +284,11 @@ private final class RangeCopier {
     static let stepBytes: Int64 = 64 << 20
     static let bufferBytes = 1 << 20
 
-    init(source: FileDescriptor, sourcePath: FilePath, truncationCode: DeviceMapperError.Code, output: TemporaryOutputFile,
-         meter: FlattenMeter) {
+    init(
+        source: FileDescriptor, sourcePath: FilePath, truncationCode: DeviceMapperError.Code,
+        output: TemporaryOutputFile,
+        meter: FlattenMeter
+    ) {
         self.source = source
         self.sourcePath = sourcePath
         self.truncationCode = truncationCode
@@ -277,7 +301,9 @@ private final class RangeCopier {
     /// Copies `count` bytes at `sourceOffset` to `outputOffset`. With `skippingZeros`, the
     /// buffered path leaves all-zero blocks unwritten, which is right only where the
     /// output is still a hole.
-    func copy(from sourceOffset: Int64, to outputOffset: Int64, count: Int64, skippingZeros: Bool) throws(DeviceMapperError) {
+    func copy(from sourceOffset: Int64, to outputOffset: Int64, count: Int64, skippingZeros: Bool)
+        throws(DeviceMapperError)
+    {
         var done: Int64 = 0
         while done < count, useCopyFileRange {
             let step = Int(min(count - done, Self.stepBytes))
@@ -290,15 +316,19 @@ private final class RangeCopier {
             case .failure(let errno) where isCopyFileRangeUnsupported(errno):
                 useCopyFileRange = false
             case .failure(let errno):
-                throw DeviceMapperError.syscall("copy_file_range", errno, subject: sourcePath.string,
-                                                detail: "copying into \(output.temporaryPath)")
+                throw DeviceMapperError.syscall(
+                    "copy_file_range", errno, subject: sourcePath.string,
+                    detail: "copying into \(output.temporaryPath)")
             }
         }
         guard done < count else { return }
-        try copyBuffered(from: sourceOffset + done, to: outputOffset + done, count: count - done, skippingZeros: skippingZeros)
+        try copyBuffered(
+            from: sourceOffset + done, to: outputOffset + done, count: count - done, skippingZeros: skippingZeros)
     }
 
-    private func copyBuffered(from sourceOffset: Int64, to outputOffset: Int64, count: Int64, skippingZeros: Bool) throws(DeviceMapperError) {
+    private func copyBuffered(from sourceOffset: Int64, to outputOffset: Int64, count: Int64, skippingZeros: Bool)
+        throws(DeviceMapperError)
+    {
         let buffer = self.buffer ?? UnsafeMutableRawBufferPointer.allocate(byteCount: Self.bufferBytes, alignment: 4096)
         self.buffer = buffer
         var done: Int64 = 0
@@ -308,8 +338,9 @@ private final class RangeCopier {
             let read = try readFully(source, into: slice, at: sourceOffset + done, subject: sourcePath.string)
             guard read == step else { throw sourceEnded(at: sourceOffset + done + Int64(read)) }
             if !(skippingZeros && isAllZero(UnsafeRawBufferPointer(slice))) {
-                try writeFully(output.descriptor, from: UnsafeRawBufferPointer(slice), at: outputOffset + done,
-                                subject: output.temporaryPath.string)
+                try writeFully(
+                    output.descriptor, from: UnsafeRawBufferPointer(slice), at: outputOffset + done,
+                    subject: output.temporaryPath.string)
             }
             done += Int64(step)
             try meter.advance(by: Int64(step))
@@ -327,9 +358,9 @@ private final class RangeCopier {
 private func isCopyFileRangeUnsupported(_ errno: Errno) -> Bool {
     switch errno {
     case .improperLink,  // EXDEV: across filesystems, before Linux 5.3 or between types.
-         .notSupported,  // EOPNOTSUPP
-         .noFunction,  // ENOSYS: before Linux 4.5.
-         .invalidArgument:  // Not regular files, or a filesystem that refuses this pair.
+        .notSupported,  // EOPNOTSUPP
+        .noFunction,  // ENOSYS: before Linux 4.5.
+        .invalidArgument:  // Not regular files, or a filesystem that refuses this pair.
         return true
     default:
         return false

@@ -1,13 +1,14 @@
 // Flatten a live snapshot device into a new, sparse image file.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CDeviceMapperShims
 import Logging
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 extension SnapshotDevice {
     /// Reads in-process, in large aligned blocks, at `O_DIRECT`.
@@ -38,9 +39,11 @@ extension SnapshotDevice {
             file.discard()
             throw error
         }
-        Self.logger.info("snapshot flattened", metadata: [
-            "name": "\(name)", "device": "\(devicePath)", "output": "\(output)", "bytes": "\(sizeBytes)",
-        ])
+        Self.logger.info(
+            "snapshot flattened",
+            metadata: [
+                "name": "\(name)", "device": "\(devicePath)", "output": "\(output)", "bytes": "\(sizeBytes)",
+            ])
     }
 }
 
@@ -67,21 +70,25 @@ private func copySparsely(
     var offset: Int64 = 0
     while offset < sizeBytes {
         let wanted = Int(min(Int64(blockSize), sizeBytes - offset))
-        let read = try readFully(source, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<wanted]), at: offset, subject: subject)
+        let read = try readFully(
+            source, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<wanted]), at: offset, subject: subject)
         guard read == wanted else {
-            throw DeviceMapperError(code: .systemCallFailed, operation: "pread", subject: subject, errno: .ioError,
-                                    detail: "the device ended at byte \(offset + Int64(read)) of \(sizeBytes)")
+            throw DeviceMapperError(
+                code: .systemCallFailed, operation: "pread", subject: subject, errno: .ioError,
+                detail: "the device ended at byte \(offset + Int64(read)) of \(sizeBytes)")
         }
         // Write each run of blocks that hold data; leave the zero blocks as holes.
         var runStart: Int? = nil
         var position = 0
         while position <= wanted {
-            let isData = position < wanted
+            let isData =
+                position < wanted
                 && !isAllZero(UnsafeRawBufferPointer(rebasing: buffer[position..<min(position + granule, wanted)]))
             if isData, runStart == nil { runStart = position }
             if !isData, let start = runStart {
-                try writeFully(file.descriptor, from: UnsafeRawBufferPointer(rebasing: buffer[start..<position]),
-                               at: offset + Int64(start), subject: file.temporaryPath.string)
+                try writeFully(
+                    file.descriptor, from: UnsafeRawBufferPointer(rebasing: buffer[start..<position]),
+                    at: offset + Int64(start), subject: file.temporaryPath.string)
                 runStart = nil
             }
             position += granule

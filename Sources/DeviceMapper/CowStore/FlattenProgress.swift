@@ -34,9 +34,10 @@ final class FlattenMeter {
         progress.bytesDone = min(progress.bytesDone + bytes, progress.bytesTotal)
         guard let handler else { return }
         if !handler(progress) {
-            throw DeviceMapperError(code: .cancelled, operation: operation,
-                                    detail: "cancelled after \(progress.bytesDone) of \(progress.bytesTotal) bytes; "
-                                        + "the partial output was removed")
+            throw DeviceMapperError(
+                code: .cancelled, operation: operation,
+                detail: "cancelled after \(progress.bytesDone) of \(progress.bytesTotal) bytes; "
+                    + "the partial output was removed")
         }
     }
 }

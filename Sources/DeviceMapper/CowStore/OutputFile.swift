@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// A new file written under a temporary name beside its destination, and renamed
 /// into place only once it is complete and on disk. Until `commit()` succeeds,
@@ -75,7 +76,9 @@ final class TemporaryOutputFile {
 private func partialPrefix(_ outputName: String) -> String { ".\(outputName).partial-" }
 
 /// Creates `.<name>.partial-<pid>-<random>` in `directory` and locks it.
-private func createLockedFile(in directory: FilePath, outputName: String) throws(DeviceMapperError) -> (FilePath, FileDescriptor) {
+private func createLockedFile(in directory: FilePath, outputName: String) throws(DeviceMapperError) -> (
+    FilePath, FileDescriptor
+) {
     for _ in 0..<8 {
         let path = directory.appending(partialPrefix(outputName) + "\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
         let fd = try system_open(path, O_RDWR | O_CREAT | O_EXCL, permissions: 0o600).get("open", subject: path.string)
@@ -86,7 +89,8 @@ private func createLockedFile(in directory: FilePath, outputName: String) throws
         }
         // A sweep may have locked and removed the file between our open and our lock.
         if case .success(let onDisk) = system_stat(path), case .success(let opened) = system_fstat(fd),
-           FileIdentity(onDisk) == FileIdentity(opened) {
+            FileIdentity(onDisk) == FileIdentity(opened)
+        {
             return (path, fd)
         }
         system_close(fd)
@@ -107,10 +111,10 @@ func removeUnlockedPartialFiles(in directory: FilePath, outputName: String? = ni
         guard case .success(let fd) = system_open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK) else { continue }
         defer { system_close(fd) }
         guard case .success(let opened) = system_fstat(fd), (opened.st_mode & S_IFMT) == S_IFREG,
-              case .success = system_flock(fd, LOCK_EX | LOCK_NB),
-              // Still the file we locked, not one created at that name meanwhile.
-              case .success(let onDisk) = system_stat(path), FileIdentity(onDisk) == FileIdentity(opened),
-              case .success = system_unlink(path)
+            case .success = system_flock(fd, LOCK_EX | LOCK_NB),
+            // Still the file we locked, not one created at that name meanwhile.
+            case .success(let onDisk) = system_stat(path), FileIdentity(onDisk) == FileIdentity(opened),
+            case .success = system_unlink(path)
         else { continue }
         removed.append(path)
     }
@@ -126,7 +130,7 @@ private func isPartialFileName(_ name: String, outputName: String?) -> Bool {
     } else {
         // `.` + at least one character of the output's name + `.partial-`.
         guard name.hasPrefix("."), let marker = name.ranges(of: ".partial-").last,
-              name.distance(from: name.startIndex, to: marker.lowerBound) >= 2
+            name.distance(from: name.startIndex, to: marker.lowerBound) >= 2
         else { return false }
         suffix = name[marker.upperBound...]
     }

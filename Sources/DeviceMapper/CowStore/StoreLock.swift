@@ -1,12 +1,13 @@
 // The copy-on-write store's in-use guard: an exclusive flock on the open file description
 // the CoW loop device is configured with. docs/lifecycle.md has the reasoning.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// How long `lockStore` waits for a store whose loop device is being released.
 ///
@@ -61,8 +62,9 @@ func lockStore(
                 throw storeInUse(operation, path, holder: holder, locked: true)
             }
         case .failure(let errno):
-            throw DeviceMapperError.syscall("flock", errno, subject: path.string,
-                                            detail: "could not take the store's in-use lock")
+            throw DeviceMapperError.syscall(
+                "flock", errno, subject: path.string,
+                detail: "could not take the store's in-use lock")
         }
         usleep(storeLockPollMicroseconds)
         waited += storeLockPollMicroseconds
@@ -94,7 +96,8 @@ public func storeHolder(_ identity: FileIdentity) -> StoreHolder? {
             backing = nil  // Detached meanwhile, or its file was deleted.
         }
         guard backing == identity else { continue }
-        let holders = directoryEntries(FilePath("/sys/block/loop\(attachment.device.index)/holders")).map { kernelName in
+        let holders = directoryEntries(FilePath("/sys/block/loop\(attachment.device.index)/holders")).map {
+            kernelName in
             readSmallFile(FilePath("/sys/block/\(kernelName)/dm/name")) ?? kernelName
         }
         return StoreHolder(loop: attachment.device, deviceMapperHolders: holders.sorted())
@@ -102,14 +105,16 @@ public func storeHolder(_ identity: FileIdentity) -> StoreHolder? {
     return nil
 }
 
-private func storeInUse(_ operation: String, _ path: FilePath, holder: StoreHolder?, locked: Bool) -> DeviceMapperError {
+private func storeInUse(_ operation: String, _ path: FilePath, holder: StoreHolder?, locked: Bool) -> DeviceMapperError
+{
     var detail: String
     if let holder {
         detail = "the store is attached to \(holder.loop.path)"
         if holder.deviceMapperHolders.isEmpty {
             detail += ", which is not released yet"
         } else {
-            detail += ", which device-mapper device \(holder.deviceMapperHolders.joined(separator: ", ")) holds: "
+            detail +=
+                ", which device-mapper device \(holder.deviceMapperHolders.joined(separator: ", ")) holds: "
                 + "a live snapshot uses it"
         }
         if !locked { detail += " (attached by other code, without this library's lock)" }
@@ -117,6 +122,7 @@ private func storeInUse(_ operation: String, _ path: FilePath, holder: StoreHold
         detail = "another open file holds the store's in-use lock (an attach or a flatten in progress)"
     }
     detail += "; a store may be attached once only: remove the snapshot that uses it first"
-    return DeviceMapperError(code: .cowStoreInUse, operation: operation, subject: path.string,
-                             errno: .resourceBusy, detail: detail)
+    return DeviceMapperError(
+        code: .cowStoreInUse, operation: operation, subject: path.string,
+        errno: .resourceBusy, detail: detail)
 }

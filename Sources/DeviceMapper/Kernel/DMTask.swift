@@ -185,16 +185,18 @@ struct DMTask: ~Copyable {
         var result: [DMTarget] = []
         var next: UnsafeMutableRawPointer? = nil
         repeat {
-            var start: UInt64 = 0, length: UInt64 = 0
-            var type: UnsafeMutablePointer<CChar>? = nil, parameters: UnsafeMutablePointer<CChar>? = nil
+            var start: UInt64 = 0
+            var length: UInt64 = 0
+            var type: UnsafeMutablePointer<CChar>? = nil
+            var parameters: UnsafeMutablePointer<CChar>? = nil
             next = dm_get_next_target(handle, next, &start, &length, &type, &parameters)
             if let type {
-                result.append(DMTarget(
-                    startSector: start, lengthSectors: length, type: String(cString: type),
-                    parameters: parameters.map { String(cString: $0) } ?? ""))
+                result.append(
+                    DMTarget(
+                        startSector: start, lengthSectors: length, type: String(cString: type),
+                        parameters: parameters.map { String(cString: $0) } ?? ""))
             }
         } while next != nil
         return result
     }
 }
-

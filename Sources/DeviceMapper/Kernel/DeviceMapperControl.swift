@@ -5,13 +5,14 @@
 // turned into a DeviceMapperError. udev is waited for with a deadline.
 
 import CDeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Logging
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Flags that tell udev's device-mapper rules what to skip for a device
 /// (`DM_UDEV_*_FLAG`, passed with the udev cookie).
@@ -102,10 +103,13 @@ public enum DeviceMapperControl {
     /// The kernel's device-mapper driver version, e.g. `4.47.0`.
     /// The corresponding ioctl is `DM_VERSION`.
     public static func driverVersion() throws(DeviceMapperError) -> String {
-        try run(.version, subject: nil) { _ in true } result: { task in
+        try run(.version, subject: nil) { _ in
+            true
+        } result: { task in
             var buffer = [UInt8](repeating: 0, count: 64)
             _ = buffer.withUnsafeMutableBytes { bytes in
-                dm_task_get_driver_version(task.handle, bytes.baseAddress!.assumingMemoryBound(to: CChar.self), bytes.count)
+                dm_task_get_driver_version(
+                    task.handle, bytes.baseAddress!.assumingMemoryBound(to: CChar.self), bytes.count)
             }
             return String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self)
         }
@@ -135,8 +139,10 @@ public enum DeviceMapperControl {
             try run(.create, subject: name.rawValue) { task in
                 guard task.setName(name), task.skipOpenCount() else { return false }
                 return uuid.map { task.setUUID($0) } ?? true
-            } result: { _ in () }
-        } catch where error.errno == .resourceBusy {
+            } result: { _ in
+                ()
+            }
+        } catch  where error.errno == .resourceBusy {
             // dm-ioctl's dm_hash_insert answers EBUSY only for a name or uuid in use.
             throw DeviceMapperError(
                 code: .fileExists, operation: error.operation, subject: name.rawValue, errno: .fileExists,
@@ -150,7 +156,9 @@ public enum DeviceMapperControl {
                 if readOnly && !task.setReadOnly() { return false }
                 for target in targets where !task.addTarget(target) { return false }
                 return true
-            } result: { _ in () }
+            } result: { _ in
+                ()
+            }
             // "Add the node on create" on a resume: it queues no node operation either.
             let (resumed, cookie) = try runWithCookie(.resume, subject: name.rawValue, udevFlags: udevFlags) { task in
                 task.setName(name) && task.skipOpenCount() && task.addNodeOnCreate()
@@ -160,8 +168,9 @@ public enum DeviceMapperControl {
             let deadline = MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds)
             UdevCookieReaper.shared.hand(cookie, deadline: deadline)
             guard let info = resumed else {
-                throw DeviceMapperError(code: .unexpectedKernelOutput, operation: "dm_task_get_info(DM_DEVICE_RESUME)",
-                                        subject: name.rawValue, detail: "the device was created but reports no info")
+                throw DeviceMapperError(
+                    code: .unexpectedKernelOutput, operation: "dm_task_get_info(DM_DEVICE_RESUME)",
+                    subject: name.rawValue, detail: "the device was created but reports no info")
             }
             if udevFlags.udevMakesNode {
                 guard poll(until: deadline, { DeviceNodes.isPresent(name, number: info.number) }) else {
@@ -179,9 +188,11 @@ public enum DeviceMapperControl {
                 // The device is gone, and so is its node; only udev is still silent.
                 logger.warning("removed the half-made device; udev did not answer", metadata: ["name": "\(name)"])
             } catch let revertError {
-                logger.error("could not remove the half-made device", metadata: [
-                    "name": "\(name)", "error": "\(revertError)",
-                ])
+                logger.error(
+                    "could not remove the half-made device",
+                    metadata: [
+                        "name": "\(name)", "error": "\(revertError)",
+                    ])
                 failure.rollbackErrors.append(revertError)
             }
             throw failure
@@ -212,7 +223,9 @@ public enum DeviceMapperControl {
                 let (_, cookie) = try runWithCookie(.remove, subject: name.rawValue, udevFlags: udevFlags) { task in
                     guard task.setName(name), task.skipOpenCount() else { return false }
                     return !deferred || task.setDeferredRemove()
-                } result: { _ in () }
+                } result: { _ in
+                    ()
+                }
                 let deadline = MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds)
                 UdevCookieReaper.shared.hand(cookie, deadline: deadline)
                 guard let number else { return }  // No node to wait for or remove.
@@ -238,7 +251,8 @@ public enum DeviceMapperControl {
     /// The error for a node udev did not make or remove in time, with how to recover.
     private static func udevDidNotAnswer(_ name: DeviceName, making: Bool) -> DeviceMapperError {
         let timeout = udevTimeoutMilliseconds
-        let what = making
+        let what =
+            making
             ? "udev did not make \(name.devicePath) within \(timeout) ms; the device was removed again"
             : "the device was removed, but udev did not remove \(name.devicePath) within \(timeout) ms; "
                 + "the library removed the node"
@@ -254,7 +268,11 @@ public enum DeviceMapperControl {
     /// The device's state, or nil if no device has that name.
     /// The corresponding ioctl is `DM_DEV_STATUS`.
     public static func info(name: DeviceName) throws(DeviceMapperError) -> DMDeviceInfo? {
-        try run(.info, subject: name.rawValue) { task in task.setName(name) } result: { task in task.info() }
+        try run(.info, subject: name.rawValue) { task in
+            task.setName(name)
+        } result: { task in
+            task.info()
+        }
     }
 
     /// Whether a device named `name` exists.
@@ -265,14 +283,18 @@ public enum DeviceMapperControl {
     /// Every device-mapper device, with its first target's type when `withTargetTypes`.
     /// The corresponding ioctls are `DM_LIST_DEVICES`, then `DM_TABLE_STATUS` per device.
     public static func list(withTargetTypes: Bool = true) throws(DeviceMapperError) -> [DMListedDevice] {
-        let names = try run(.list, subject: nil) { _ in true } result: { task in task.names() }
+        let names = try run(.list, subject: nil) { _ in
+            true
+        } result: { task in
+            task.names()
+        }
         var devices: [DMListedDevice] = []
         for (name, number) in names {
             var targetType: String? = nil
             if withTargetTypes, let validName = try? DeviceName(name) {
                 do {
                     targetType = try table(name: validName).first?.type
-                } catch where error.code == .deviceNotFound {
+                } catch  where error.code == .deviceNotFound {
                     continue  // Removed since the list was taken.
                 }
             }
@@ -286,7 +308,9 @@ public enum DeviceMapperControl {
     public static func table(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
         try run(.table, subject: name.rawValue) { task in
             task.setName(name) && task.skipOpenCount()
-        } result: { task in task.targets() }
+        } result: { task in
+            task.targets()
+        }
     }
 
     /// The device's status lines, one per target.
@@ -294,7 +318,9 @@ public enum DeviceMapperControl {
     public static func status(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
         try run(.status, subject: name.rawValue) { task in
             task.setName(name) && task.skipOpenCount()
-        } result: { task in task.targets() }
+        } result: { task in
+            task.targets()
+        }
     }
 
     /// Runs one task: create it, let `configure` set it up, run it, and read `result` from
@@ -323,9 +349,11 @@ public enum DeviceMapperControl {
     ) throws(DeviceMapperError) -> (value: T, cookie: UInt32) {
         let operation = "dm_task_run(\(type.name))"
         guard Libdevmapper.initialize() else {
-            var error = unavailabilityError(operation: operation)
-                ?? DeviceMapperError(code: .deviceMapperCallFailed, operation: operation, subject: subject,
-                                     detail: "libdevmapper cannot reach the kernel's device-mapper driver")
+            var error =
+                unavailabilityError(operation: operation)
+                ?? DeviceMapperError(
+                    code: .deviceMapperCallFailed, operation: operation, subject: subject,
+                    detail: "libdevmapper cannot reach the kernel's device-mapper driver")
             error.subject = subject
             throw error
         }
@@ -334,36 +362,44 @@ public enum DeviceMapperControl {
             defer { LibdevmapperLog.endCapture() }
             guard let task = DMTask(type) else {
                 let messages = LibdevmapperLog.drainCaptured()
-                var error = unavailabilityError(operation: "dm_task_create(\(type.name))")
-                    ?? DeviceMapperError(code: .deviceMapperCallFailed, operation: "dm_task_create(\(type.name))",
-                                         subject: subject, detail: "libdevmapper could not create a task")
+                var error =
+                    unavailabilityError(operation: "dm_task_create(\(type.name))")
+                    ?? DeviceMapperError(
+                        code: .deviceMapperCallFailed, operation: "dm_task_create(\(type.name))",
+                        subject: subject, detail: "libdevmapper could not create a task")
                 error.subject = subject
                 error.libdevmapperMessages = messages
                 return .failure(error)
             }
             if let fault = injectedFault("dm_task_run(\(type.name))") {
                 // A forced failure, before any udev cookie exists.
-                return .failure(DeviceMapperError(
-                    code: DeviceMapperError.code(for: fault), operation: operation, subject: subject, errno: fault))
+                return .failure(
+                    DeviceMapperError(
+                        code: DeviceMapperError.code(for: fault), operation: operation, subject: subject, errno: fault))
             }
             guard configure(task) else {
-                return .failure(DeviceMapperError(
-                    code: .deviceMapperCallFailed, operation: "set up \(type.name) task", subject: subject,
-                    errno: .noMemory, libdevmapperMessages: LibdevmapperLog.drainCaptured()))
+                return .failure(
+                    DeviceMapperError(
+                        code: .deviceMapperCallFailed, operation: "set up \(type.name) task", subject: subject,
+                        errno: .noMemory, libdevmapperMessages: LibdevmapperLog.drainCaptured()))
             }
             var cookie: UInt32 = 0
             if let udevFlags {
                 let flags = udevFlags.rawValue | UInt16(DM_UDEV_DISABLE_LIBRARY_FALLBACK)
                 guard task.setCookie(&cookie, flags: flags) else {
-                    return .failure(DeviceMapperError(
-                        code: .deviceMapperCallFailed, operation: "dm_task_set_cookie(\(type.name))", subject: subject,
-                        detail: "libdevmapper could not make a udev cookie (a System V semaphore: see /proc/sys/kernel/sem)",
-                        libdevmapperMessages: LibdevmapperLog.drainCaptured()))
+                    return .failure(
+                        DeviceMapperError(
+                            code: .deviceMapperCallFailed, operation: "dm_task_set_cookie(\(type.name))",
+                            subject: subject,
+                            detail:
+                                "libdevmapper could not make a udev cookie (a System V semaphore: see /proc/sys/kernel/sem)",
+                            libdevmapperMessages: LibdevmapperLog.drainCaptured()))
                 }
             }
             if task.run() { return .success((result(task), cookie)) }
             // dm_task_run completed the cookie on failure; it is still to be destroyed.
-            UdevCookieReaper.shared.hand(cookie, deadline: MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds))
+            UdevCookieReaper.shared.hand(
+                cookie, deadline: MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds))
             let errno = task.errno
             var error = DeviceMapperError(
                 code: errno.map(DeviceMapperError.code(for:)) ?? .deviceMapperCallFailed,
@@ -371,7 +407,8 @@ public enum DeviceMapperControl {
                 libdevmapperMessages: LibdevmapperLog.drainCaptured())
             if error.code == .systemCallFailed { error.code = .deviceMapperCallFailed }
             if errno == .operationNotSupportedByDevice || errno == .noSuchFileOrDirectory,
-               let unavailable = unavailabilityError(operation: operation) {
+                let unavailable = unavailabilityError(operation: operation)
+            {
                 error.code = unavailable.code
                 error.detail = unavailable.detail
             }
@@ -383,7 +420,8 @@ public enum DeviceMapperControl {
 
     /// An error saying device-mapper is missing from the kernel, or nil if it is there.
     static func unavailabilityError(operation: String) -> DeviceMapperError? {
-        let listed = readSmallFile("/proc/misc")?.split(separator: "\n").contains { $0.hasSuffix(" device-mapper") } ?? false
+        let listed =
+            readSmallFile("/proc/misc")?.split(separator: "\n").contains { $0.hasSuffix(" device-mapper") } ?? false
         let openResult = system_open("/dev/mapper/control", O_RDWR)
         if case .success(let fd) = openResult { system_close(fd) }
         if listed, case .success = openResult { return nil }

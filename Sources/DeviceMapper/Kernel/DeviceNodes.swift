@@ -1,13 +1,14 @@
 // `/dev/mapper/NAME`: made and removed by the library where udev does not sync with
 // libdevmapper, and waited for (with a deadline) where it does.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Logging
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// The device nodes in `/dev/mapper`.
 ///
@@ -38,7 +39,8 @@ enum DeviceNodes {
             case .success, .failure(.fileExists): break
             case .failure(let errno): throw DeviceMapperError.syscall("mkdir", errno, subject: directory.string)
             }
-            let temporary = directory.appending(".\(name.rawValue.prefix(100)).node-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+            let temporary = directory.appending(
+                ".\(name.rawValue.prefix(100)).node-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
             try system_mknod(temporary, S_IFBLK | 0o600, number).get("mknod", subject: temporary.string)
             if case .failure(let errno) = system_rename(temporary, path) {
                 _ = system_unlink(temporary)

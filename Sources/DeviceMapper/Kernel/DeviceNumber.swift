@@ -1,7 +1,7 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A block device's major:minor pair, as the kernel encodes it in `dev_t`.
@@ -25,7 +25,8 @@ public struct DeviceNumber: Hashable, Sendable, CustomStringConvertible {
 
     /// The `dev_t` encoding, as glibc's `makedev()` builds it.
     public var rawValue: UInt64 {
-        let major = UInt64(self.major), minor = UInt64(self.minor)
+        let major = UInt64(self.major)
+        let minor = UInt64(self.minor)
         return ((major & 0xfff) << 8) | ((major & ~0xfff) << 32) | (minor & 0xff) | ((minor & ~0xff) << 12)
     }
 

@@ -2,13 +2,14 @@
 // reaches stderr: every line goes to a Logger, and the error and warning lines
 // of a call in progress are kept to be attached to the error it throws.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CDeviceMapperShims
 import Logging
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 enum LibdevmapperLog {
     /// The logger libdevmapper's lines go to.

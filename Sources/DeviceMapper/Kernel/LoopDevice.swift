@@ -3,12 +3,13 @@
 // LOOP_GET_STATUS64, and BLKGETSIZE64 for any block device.
 
 import CDeviceMapper
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// A loop device node, e.g. `/dev/loop3`, with its device number.
 public struct LoopDevice: Hashable, Sendable, CustomStringConvertible {
@@ -35,11 +36,6 @@ public struct OpenLoopDevice: ~Copyable, Sendable {
     public let device: LoopDevice
     /// The descriptor this value owns; valid while it lives.
     package let descriptor: FileDescriptor
-
-    init(device: LoopDevice, descriptor: FileDescriptor) {
-        self.device = device
-        self.descriptor = descriptor
-    }
 
     deinit { system_close(descriptor) }
 
@@ -97,7 +93,9 @@ private func loopControlDescriptor() throws(DeviceMapperError) -> FileDescriptor
 /// says which it got.
 ///
 /// The returned descriptor keeps the device attached until it is closed; see `OpenLoopDevice`.
-public func attachLoopDevice(backingFile: FilePath, readOnly: Bool, directIO: Bool = false) throws(DeviceMapperError) -> OpenLoopDevice {
+public func attachLoopDevice(backingFile: FilePath, readOnly: Bool, directIO: Bool = false) throws(DeviceMapperError)
+    -> OpenLoopDevice
+{
     try attachLoopDevice(backingFile: backingFile, readOnly: readOnly, method: .automatic, directIO: directIO)
 }
 
@@ -110,7 +108,8 @@ package func attachLoopDevice(
     if (backingStatus.st_mode & S_IFMT) == S_IFDIR {
         throw .invalidArgument("attach loop device", subject: backingFile.string, "the backing file is a directory")
     }
-    return try attachLoopDevice(backing: backing, backingFile: backingFile, readOnly: readOnly, method: method, directIO: directIO)
+    return try attachLoopDevice(
+        backing: backing, backingFile: backingFile, readOnly: readOnly, method: method, directIO: directIO)
 }
 
 /// Attaches an already open backing file; `backingFile` names it in `lo_file_name` and errors.
@@ -138,7 +137,8 @@ func attachLoopDevice(
         }
         testHook(.beforeLoopConfigure)
         let configured = configure(
-            loop: loop, backing: backing, backingFile: backingFile, readOnly: readOnly, method: method, directIO: directIO)
+            loop: loop, backing: backing, backingFile: backingFile, readOnly: readOnly, method: method,
+            directIO: directIO)
         switch configured {
         case .success:
             let loopStatus: stat
@@ -229,7 +229,8 @@ func backoffAfterBusy(attempt: Int) {
 public func detachLoopDevice(_ device: FilePath) throws(DeviceMapperError) {
     let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
     defer { system_close(fd) }
-    _ = try system_ioctl(fd, UInt(LOOP_CLR_FD), 0, name: "LOOP_CLR_FD").get("ioctl(LOOP_CLR_FD)", subject: device.string)
+    _ = try system_ioctl(fd, UInt(LOOP_CLR_FD), 0, name: "LOOP_CLR_FD").get(
+        "ioctl(LOOP_CLR_FD)", subject: device.string)
 }
 
 /// Reads a loop device's backing-file identity and flags.
@@ -275,19 +276,21 @@ public func attachedLoopDevices() -> [LoopDeviceAttachment] {
     for name in directoryEntries("/sys/block") {
         guard name.hasPrefix("loop"), let index = Int(name.dropFirst(4)) else { continue }
         guard let backing = readSmallFile(FilePath("/sys/block/\(name)/loop/backing_file")),
-              let dev = readSmallFile(FilePath("/sys/block/\(name)/dev")),
-              let number = parseDeviceNumber(dev)
+            let dev = readSmallFile(FilePath("/sys/block/\(name)/dev")),
+            let number = parseDeviceNumber(dev)
         else { continue }  // Not attached: sysfs has no loop/ directory for it.
-        result.append(LoopDeviceAttachment(
-            device: LoopDevice(index: index, number: number), backingFile: FilePath(backing)))
+        result.append(
+            LoopDeviceAttachment(
+                device: LoopDevice(index: index, number: number), backingFile: FilePath(backing)))
     }
     return result.sorted { $0.device.index < $1.device.index }
 }
 
 /// The loop device index of a device number, from sysfs (`/sys/dev/block/M:m`).
 func loopIndex(of number: DeviceNumber) -> Int? {
-    guard let name = readSmallFile(FilePath("/sys/dev/block/\(number)/uevent"))?
-        .split(separator: "\n").first(where: { $0.hasPrefix("DEVNAME=loop") })
+    guard
+        let name = readSmallFile(FilePath("/sys/dev/block/\(number)/uevent"))?
+            .split(separator: "\n").first(where: { $0.hasPrefix("DEVNAME=loop") })
     else { return nil }
     return Int(name.dropFirst("DEVNAME=loop".count))
 }

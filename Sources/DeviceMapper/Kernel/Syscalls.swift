@@ -2,16 +2,17 @@
 // `Result<_, Errno>`. Everything above builds on these. In debug builds a
 // test can force any of them to fail with a chosen errno (FaultInjection.swift).
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#else
-#error("DeviceMapper supports Linux only")
-#endif
 import CDeviceMapper
 import CDeviceMapperShims
 import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#else
+    #error("DeviceMapper supports Linux only")
+#endif
 
 /// Runs `body` until it stops failing with `EINTR`, turning `-1` plus `errno` into `.failure`.
 @inline(__always)
@@ -33,9 +34,9 @@ func valueOrErrno<T: FixedWidthInteger>(
 @inline(__always)
 func injectedFault(_ call: @autoclosure () -> String) -> Errno? {
     #if DEBUG
-    return FaultInjection.fault(for: call())
+        return FaultInjection.fault(for: call())
     #else
-    return nil
+        return nil
     #endif
 }
 
@@ -48,7 +49,9 @@ func system_ioctl(_ fd: FileDescriptor, _ request: UInt, _ argument: CInt, name:
 
 /// `ioctl(fd, request, &value)` with a pointer argument.
 /// The corresponding C function is `ioctl`.
-func system_ioctl(_ fd: FileDescriptor, _ request: UInt, _ pointer: UnsafeMutableRawPointer, name: StaticString) -> Result<CInt, Errno> {
+func system_ioctl(_ fd: FileDescriptor, _ request: UInt, _ pointer: UnsafeMutableRawPointer, name: StaticString)
+    -> Result<CInt, Errno>
+{
     if let fault = injectedFault("ioctl(\(name))") { return .failure(fault) }
     return valueOrErrno { ioctl(fd.rawValue, request, pointer) }
 }
@@ -110,14 +113,18 @@ func system_unlink(_ path: FilePath) -> Result<Void, Errno> {
 
 /// Reads up to `count` bytes at `offset` without moving the file offset.
 /// The corresponding C function is `pread`.
-func system_pread(_ fd: FileDescriptor, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64) -> Result<Int, Errno> {
+func system_pread(_ fd: FileDescriptor, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64) -> Result<
+    Int, Errno
+> {
     if let fault = injectedFault("pread") { return .failure(fault) }
     return valueOrErrno { pread(fd.rawValue, buffer, count, off_t(offset)) }
 }
 
 /// Writes up to `count` bytes at `offset` without moving the file offset.
 /// The corresponding C function is `pwrite`.
-func system_pwrite(_ fd: FileDescriptor, _ buffer: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Result<Int, Errno> {
+func system_pwrite(_ fd: FileDescriptor, _ buffer: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Result<
+    Int, Errno
+> {
     if let fault = injectedFault("pwrite") { return .failure(fault) }
     return valueOrErrno { pwrite(fd.rawValue, buffer, count, off_t(offset)) }
 }
@@ -130,11 +137,15 @@ func system_lseek(_ fd: FileDescriptor, _ offset: Int64, _ whence: CInt) -> Resu
 
 /// Copies `count` bytes between two files inside the kernel.
 /// The corresponding C function is `copy_file_range`.
-func system_copy_file_range(_ input: FileDescriptor, _ inputOffset: Int64, _ output: FileDescriptor, _ outputOffset: Int64, _ count: Int) -> Result<Int, Errno> {
+func system_copy_file_range(
+    _ input: FileDescriptor, _ inputOffset: Int64, _ output: FileDescriptor, _ outputOffset: Int64, _ count: Int
+) -> Result<Int, Errno> {
     if let fault = injectedFault("copy_file_range") { return .failure(fault) }
     var inOffset = inputOffset
     var outOffset = outputOffset
-    return valueOrErrno { CDeviceMapperShims_copyFileRange(input.rawValue, &inOffset, output.rawValue, &outOffset, count) }
+    return valueOrErrno {
+        CDeviceMapperShims_copyFileRange(input.rawValue, &inOffset, output.rawValue, &outOffset, count)
+    }
 }
 
 /// Takes (`LOCK_EX`), tests (`LOCK_EX | LOCK_NB`) or drops an advisory whole-file lock.
@@ -174,7 +185,9 @@ func system_renameNoReplace(_ from: FilePath, _ to: FilePath) -> Result<Void, Er
 /// Reads extended attribute `name` of an open file into `buffer`; returns its length.
 /// `ENODATA` means the file has no such attribute.
 /// The corresponding C function is `fgetxattr`.
-func system_fgetxattr(_ fd: FileDescriptor, _ name: String, _ buffer: UnsafeMutableRawBufferPointer) -> Result<Int, Errno> {
+func system_fgetxattr(_ fd: FileDescriptor, _ name: String, _ buffer: UnsafeMutableRawBufferPointer) -> Result<
+    Int, Errno
+> {
     if let fault = injectedFault("fgetxattr") { return .failure(fault) }
     return valueOrErrno { fgetxattr(fd.rawValue, name, buffer.baseAddress, buffer.count) }
 }

@@ -1,13 +1,14 @@
 // udev cookies off the caller's path: a background thread waits for each one, with a
 // deadline, so that no call waits on udev's rules and a dead udev leaks no semaphore.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CDeviceMapper
 import Logging
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Completes the udev cookies of finished device-mapper calls in the background.
 ///
@@ -56,10 +57,12 @@ final class UdevCookieReaper: Sendable {
 
     private func startThread() {
         var thread = pthread_t()
-        let result = pthread_create(&thread, nil, { _ in
-            UdevCookieReaper.shared.run()
-            return nil
-        }, nil)
+        let result = pthread_create(
+            &thread, nil,
+            { _ in
+                UdevCookieReaper.shared.run()
+                return nil
+            }, nil)
         precondition(result == 0, "pthread_create failed with \(result)")
         pthread_detach(thread)
     }
@@ -76,7 +79,8 @@ final class UdevCookieReaper: Sendable {
                 if reap(entry) { finished.insert(entry.cookie) }
             }
             pending.withLock { state in state.cookies.removeAll { finished.contains($0.cookie) } }
-            pauseMicroseconds = finished.isEmpty
+            pauseMicroseconds =
+                finished.isEmpty
                 ? min(pauseMicroseconds * 2, Self.longestPauseMicroseconds) : Self.shortestPauseMicroseconds
             usleep(pauseMicroseconds)
         }
@@ -91,10 +95,13 @@ final class UdevCookieReaper: Sendable {
         if answered == 0 { return true }  // libdevmapper destroyed it on the error path.
         if ready != 0 { return true }
         guard MonotonicInstant.now() >= entry.deadline else { return false }
-        Self.logger.error("udev did not complete a device-mapper event in time; completing its cookie here", metadata: [
-            "cookie": "\(entry.cookie)",
-            "recovery": "check that systemd-udevd runs (udevadm control --ping); `dmsetup udevcookies` lists stuck cookies",
-        ])
+        Self.logger.error(
+            "udev did not complete a device-mapper event in time; completing its cookie here",
+            metadata: [
+                "cookie": "\(entry.cookie)",
+                "recovery":
+                    "check that systemd-udevd runs (udevadm control --ping); `dmsetup udevcookies` lists stuck cookies",
+            ])
         Libdevmapper.withSharedLock {
             _ = dm_udev_complete(entry.cookie)
             _ = dm_udev_wait_immediate(entry.cookie, &ready)

@@ -1,13 +1,14 @@
 // The async API: the blocking calls, run on a small pool of dedicated threads so that
 // they never sleep on Swift concurrency's cooperative pool.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CDeviceMapperShims
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// A fixed set of threads for the library's blocking calls (busy retries sleep for up to a
 /// second, udev waits up to its timeout, a flatten for minutes). Jobs run in the order they
@@ -25,7 +26,9 @@ final class BlockingCallPool: Sendable {
 
     /// Runs `body` on one of the pool's threads and returns its result; the calling task
     /// is suspended, not blocked, meanwhile.
-    func run<T: Sendable>(_ body: @escaping @Sendable () throws(DeviceMapperError) -> T) async throws(DeviceMapperError) -> T {
+    func run<T: Sendable>(_ body: @escaping @Sendable () throws(DeviceMapperError) -> T) async throws(DeviceMapperError)
+        -> T
+    {
         let result: Result<T, DeviceMapperError> = await withCheckedContinuation { continuation in
             submit {
                 do throws(DeviceMapperError) {
@@ -62,12 +65,14 @@ final class BlockingCallPool: Sendable {
     private func startThread(_ index: Int) {
         let context = Unmanaged.passRetained(ThreadContext(pool: self, index: index)).toOpaque()
         var thread = pthread_t()
-        let result = pthread_create(&thread, nil, { argument in
-            let context = Unmanaged<ThreadContext>.fromOpaque(argument!).takeRetainedValue()
-            CDeviceMapperShims_setThreadName("dm-blocking-\(context.index)")
-            context.pool.work()
-            return nil
-        }, context)
+        let result = pthread_create(
+            &thread, nil,
+            { argument in
+                let context = Unmanaged<ThreadContext>.fromOpaque(argument!).takeRetainedValue()
+                CDeviceMapperShims_setThreadName("dm-blocking-\(context.index)")
+                context.pool.work()
+                return nil
+            }, context)
         precondition(result == 0, "pthread_create failed with \(result)")
         pthread_detach(thread)
     }
@@ -141,7 +146,9 @@ extension SnapshotDevice {
     /// `flatten`, run on the library's own threads. Cancelling the task stops the copy
     /// between blocks and removes the partial output (`.cancelled`). `progress` is called
     /// on the flattening thread after each block.
-    public func flatten(to output: FilePath, progress: (@Sendable (FlattenProgress) -> Void)? = nil) async throws(DeviceMapperError) {
+    public func flatten(to output: FilePath, progress: (@Sendable (FlattenProgress) -> Void)? = nil)
+        async throws(DeviceMapperError)
+    {
         try await runCancellableFlatten(progress: progress) { handler throws(DeviceMapperError) in
             try self.flatten(to: output, progress: handler)
         }
@@ -181,6 +188,7 @@ public func cleanupStaleDevices(
             cleanupStaleDevices(prefix: prefix, includingUnownedDevices: includingUnownedDevices, dryRun: dryRun)
         }
     } catch {
-        return StaleCleanupReport(failures: [.init(name: "*", error: error)])  // Not reached: cleanup reports, never throws.
+        // Not reached: cleanup reports, never throws.
+        return StaleCleanupReport(failures: [.init(name: "*", error: error)])
     }
 }

@@ -38,7 +38,8 @@ public struct DeviceName: Hashable, Sendable, CustomStringConvertible {
             return "a device name is at most \(maximumLengthBytes) bytes; this one has \(byteCount)"
         }
         if let bad = name.unicodeScalars.first(where: { !isAllowed($0) }) {
-            let allowed = "only A-Z a-z 0-9 and \(unmangledPunctuation.map(String.init).joined(separator: " ")) are allowed"
+            let allowed =
+                "only A-Z a-z 0-9 and \(unmangledPunctuation.map(String.init).joined(separator: " ")) are allowed"
                 + " (libdevmapper would escape any other character in the /dev/mapper node's name)"
             if !bad.isASCII {
                 return "a device name must be ASCII; it cannot contain \(display(bad)): \(allowed)"

@@ -28,7 +28,8 @@ public struct DeviceUUID: Hashable, Sendable, CustomStringConvertible {
         } else if bytes.count > Self.maximumLengthBytes {
             problem = "a device UUID is at most \(Self.maximumLengthBytes) bytes; this one has \(bytes.count)"
         } else if let bad = bytes.first(where: { !isUnmangledCharacter($0) }) {
-            problem = "a device UUID may hold only A-Z a-z 0-9 and # + - . : = @ _ (libdevmapper escapes the rest); "
+            problem =
+                "a device UUID may hold only A-Z a-z 0-9 and # + - . : = @ _ (libdevmapper escapes the rest); "
                 + "it holds byte 0x\(String(bad, radix: 16))"
         }
         if let problem {
@@ -62,7 +63,8 @@ let unmangledPunctuation = "#+-.:=@_"
 /// Whether libdevmapper leaves byte `byte` of a name or UUID as it is (`_is_whitelisted_char`).
 func isUnmangledCharacter(_ byte: UInt8) -> Bool {
     switch byte {
-    case UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"):
+    case UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+        UInt8(ascii: "a")...UInt8(ascii: "z"):
         return true
     default:
         return unmangledPunctuation.utf8.contains(byte)

@@ -1,12 +1,13 @@
 // One shared read-only loop device per base image file, reference counted.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 public import Logging
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Shares one read-only, autoclear loop device per base image among all the
 /// snapshots of that image, and detaches it when the last user releases it.
@@ -73,9 +74,12 @@ public final class LoopRegistry: Sendable {
             if let entry = state.entries[identity] {
                 entry.referenceCount += 1
                 entry.paths.insert(imagePath)
-                logger.debug("reusing origin loop device", metadata: [
-                    "image": "\(imagePath)", "device": "\(entry.loop.device)", "references": "\(entry.referenceCount)",
-                ])
+                logger.debug(
+                    "reusing origin loop device",
+                    metadata: [
+                        "image": "\(imagePath)", "device": "\(entry.loop.device)",
+                        "references": "\(entry.referenceCount)",
+                    ])
                 return .some(entry.loop.device)
             }
             if state.attaching.contains(identity) { return nil }  // Wait: its attach is bounded.
@@ -86,8 +90,9 @@ public final class LoopRegistry: Sendable {
 
         let attached: Result<OpenLoopDevice, DeviceMapperError>
         do throws(DeviceMapperError) {
-            attached = .success(try attachLoopDevice(
-                backing: image, backingFile: imagePath, readOnly: true, directIO: originDirectIO))
+            attached = .success(
+                try attachLoopDevice(
+                    backing: image, backingFile: imagePath, readOnly: true, directIO: originDirectIO))
         } catch {
             attached = .failure(error)
         }
@@ -95,15 +100,17 @@ public final class LoopRegistry: Sendable {
         switch consume attached {
         case .success(let loop):
             if originDirectIO && !loopDeviceUsesDirectIO(loop.device) {
-                logger.warning("direct I/O refused by the image's filesystem; the origin loop device is buffered",
-                               metadata: ["image": "\(imagePath)", "device": "\(loop.device)"])
+                logger.warning(
+                    "direct I/O refused by the image's filesystem; the origin loop device is buffered",
+                    metadata: ["image": "\(imagePath)", "device": "\(loop.device)"])
             }
             let entry = Entry(loop: loop, path: imagePath)
             state.withLock { state in
                 state.attaching.remove(identity)
                 state.entries[identity] = entry
             }
-            logger.info("origin loop device attached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
+            logger.info(
+                "origin loop device attached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
             return entry.loop.device.path
         case .failure(let error):
             state.withLock { _ = $0.attaching.remove(identity) }
@@ -120,19 +127,25 @@ public final class LoopRegistry: Sendable {
     public func release(imagePath: FilePath) {
         let identity = currentIdentity(imagePath)
         state.withLock { state in
-            guard let key = Self.key(for: imagePath, identity: identity, in: state.entries), let entry = state.entries[key] else {
+            guard let key = Self.key(for: imagePath, identity: identity, in: state.entries),
+                let entry = state.entries[key]
+            else {
                 logger.warning("release of an image that holds no reference", metadata: ["image": "\(imagePath)"])
                 return
             }
             entry.referenceCount -= 1
             if entry.referenceCount > 0 {
-                logger.debug("origin loop device released", metadata: [
-                    "image": "\(imagePath)", "device": "\(entry.loop.device)", "references": "\(entry.referenceCount)",
-                ])
+                logger.debug(
+                    "origin loop device released",
+                    metadata: [
+                        "image": "\(imagePath)", "device": "\(entry.loop.device)",
+                        "references": "\(entry.referenceCount)",
+                    ])
                 return
             }
             state.entries[key] = nil  // The last reference to the entry: its descriptor closes here.
-            logger.info("origin loop device detached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
+            logger.info(
+                "origin loop device detached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
         }
     }
 
@@ -143,9 +156,12 @@ public final class LoopRegistry: Sendable {
             return Array(state.entries.values)
         }
         for entry in released {
-            logger.info("origin loop device detached", metadata: [
-                "image": "\(entry.paths.sorted { $0.string < $1.string }.first?.string ?? "?")", "device": "\(entry.loop.device)",
-            ])
+            logger.info(
+                "origin loop device detached",
+                metadata: [
+                    "image": "\(entry.paths.sorted { $0.string < $1.string }.first?.string ?? "?")",
+                    "device": "\(entry.loop.device)",
+                ])
         }
         // `released` holds the last references: the descriptors close as it goes away.
     }
@@ -156,7 +172,9 @@ public final class LoopRegistry: Sendable {
     public func referenceCount(imagePath: FilePath) -> Int {
         let identity = currentIdentity(imagePath)
         return state.withLock { state in
-            Self.key(for: imagePath, identity: identity, in: state.entries).flatMap { state.entries[$0]?.referenceCount } ?? 0
+            Self.key(for: imagePath, identity: identity, in: state.entries).flatMap {
+                state.entries[$0]?.referenceCount
+            } ?? 0
         }
     }
 
@@ -168,7 +186,9 @@ public final class LoopRegistry: Sendable {
 
     /// The entry for the file now at `path`, else the one last acquired by that path
     /// (its file has since been replaced or removed).
-    private static func key(for path: FilePath, identity: FileIdentity?, in entries: [FileIdentity: Entry]) -> FileIdentity? {
+    private static func key(for path: FilePath, identity: FileIdentity?, in entries: [FileIdentity: Entry])
+        -> FileIdentity?
+    {
         if let identity, entries[identity] != nil { return identity }
         return entries.first { $0.value.paths.contains(path) }?.key
     }
@@ -186,8 +206,9 @@ public final class LoopRegistry: Sendable {
                 throw .invalidArgument("LoopRegistry.acquire", subject: path.string, "the image is empty")
             }
             if status.st_size % 512 != 0 {
-                throw .invalidArgument("LoopRegistry.acquire", subject: path.string,
-                                       "the image is \(status.st_size) bytes, not a whole number of 512-byte sectors")
+                throw .invalidArgument(
+                    "LoopRegistry.acquire", subject: path.string,
+                    "the image is \(status.st_size) bytes, not a whole number of 512-byte sectors")
             }
         }
     }

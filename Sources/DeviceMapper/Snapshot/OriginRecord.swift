@@ -1,13 +1,14 @@
 // Which base image a store was made against: a fingerprint of the origin, kept with the
 // store in an extended attribute. docs/on-disk-format.md says why an attribute.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Logging
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// What identifies a base image's content cheaply: its size and the SHA-256 of a fixed
 /// sample of its bytes.
@@ -34,7 +35,9 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
 
     /// Fingerprints the file or block device open at `fd`, `sizeBytes` long.
     /// The corresponding C function is `pread`.
-    static func compute(_ fd: FileDescriptor, sizeBytes: Int64, subject: String) throws(DeviceMapperError) -> OriginFingerprint {
+    static func compute(_ fd: FileDescriptor, sizeBytes: Int64, subject: String) throws(DeviceMapperError)
+        -> OriginFingerprint
+    {
         var hash = SHA256()
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: edgeBytes, alignment: 4096)
         defer { buffer.deallocate() }
@@ -45,8 +48,9 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
                 let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<step])
                 let read = try readFully(fd, into: slice, at: offset + Int64(done), subject: subject)
                 guard read == step else {
-                    throw DeviceMapperError(code: .systemCallFailed, operation: "pread", subject: subject, errno: .ioError,
-                                            detail: "the origin ended at byte \(offset + Int64(done + read)), not \(sizeBytes)")
+                    throw DeviceMapperError(
+                        code: .systemCallFailed, operation: "pread", subject: subject, errno: .ioError,
+                        detail: "the origin ended at byte \(offset + Int64(done + read)), not \(sizeBytes)")
                 }
                 hash.update(UnsafeRawBufferPointer(slice))
                 done += step
@@ -58,7 +62,8 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
         } else {
             try add(0, edgeBytes)
             for index in 0..<Int64(sampleBlocks) {
-                let offset = (sizeBytes / Int64(sampleBlocks) * index) / Int64(sampleBlockBytes) * Int64(sampleBlockBytes)
+                let offset =
+                    (sizeBytes / Int64(sampleBlocks) * index) / Int64(sampleBlockBytes) * Int64(sampleBlockBytes)
                 try add(offset, Int(min(Int64(sampleBlockBytes), sizeBytes - offset)))
             }
             try add(sizeBytes - Int64(edgeBytes), edgeBytes)
@@ -94,7 +99,8 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
     /// The attribute's text: `v=1 size=<bytes> sample-sha256=<hex> origin=<path> [image=<path>]`,
     /// one line of `key=value` fields. Paths are last and may hold spaces only in `image`.
     var text: String {
-        var text = "v=\(Self.version) size=\(fingerprint.sizeBytes) sample-sha256=\(fingerprint.sampleSHA256) origin=\(originPath)"
+        var text =
+            "v=\(Self.version) size=\(fingerprint.sizeBytes) sample-sha256=\(fingerprint.sampleSHA256) origin=\(originPath)"
         if let imagePath { text += " image=\(imagePath)" }
         return text
     }
@@ -113,12 +119,13 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
             fields[String(field[..<equals])] = String(field[field.index(after: equals)...])
         }
         guard fields["v"] == Self.version, let sizeText = fields["size"], let size = Int64(sizeText), size > 0,
-              let digest = fields["sample-sha256"], digest.utf8.count == 64,
-              digest.utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }),
-              let origin = fields["origin"]
+            let digest = fields["sample-sha256"], digest.utf8.count == 64,
+            digest.utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }),
+            let origin = fields["origin"]
         else { return nil }
-        self.init(fingerprint: OriginFingerprint(sizeBytes: size, sampleSHA256: digest), originPath: origin,
-                  imagePath: fields["image"])
+        self.init(
+            fingerprint: OriginFingerprint(sizeBytes: size, sampleSHA256: digest), originPath: origin,
+            imagePath: fields["image"])
     }
 
     public var description: String {
@@ -134,9 +141,11 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
         case .success:
             return true
         case .failure(let errno):
-            logger.warning("cannot record the store's origin; it will resume without the origin check", metadata: [
-                "cow": "\(path)", "attribute": "\(Self.attributeName)", "errno": "\(errno)",
-            ])
+            logger.warning(
+                "cannot record the store's origin; it will resume without the origin check",
+                metadata: [
+                    "cow": "\(path)", "attribute": "\(Self.attributeName)", "errno": "\(errno)",
+                ])
             return false
         }
     }
@@ -152,23 +161,31 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
         case .success(let count):
             let text = String(decoding: bytes.prefix(count), as: UTF8.self)
             guard let record = OriginRecord(text: text) else {
-                throw invalidCowStore("OriginRecord.read", path, "the store's \(attributeName) attribute is not an "
-                    + "origin record this library reads (\"\(text.prefix(200))\"); remove the attribute to resume it unchecked")
+                throw invalidCowStore(
+                    "OriginRecord.read", path,
+                    "the store's \(attributeName) attribute is not an "
+                        + "origin record this library reads (\"\(text.prefix(200))\"); remove the attribute to resume it unchecked"
+                )
             }
             return record
         case .failure(.noData), .failure(.notSupported):
             return nil
         case .failure(.outOfRange):
-            throw invalidCowStore("OriginRecord.read", path, "the store's \(attributeName) attribute is longer than "
-                + "\(maximumBytes) bytes: not an origin record")
+            throw invalidCowStore(
+                "OriginRecord.read", path,
+                "the store's \(attributeName) attribute is longer than "
+                    + "\(maximumBytes) bytes: not an origin record")
         case .failure(let errno):
-            throw DeviceMapperError.syscall("fgetxattr", errno, subject: path.string,
-                                            detail: "could not read the store's origin record")
+            throw DeviceMapperError.syscall(
+                "fgetxattr", errno, subject: path.string,
+                detail: "could not read the store's origin record")
         }
     }
 
     /// Throws `.originMismatch`, naming both, unless `current` is the recorded origin.
-    func check(against current: OriginFingerprint, origin: FilePath, cowPath: FilePath, operation: String) throws(DeviceMapperError) {
+    func check(against current: OriginFingerprint, origin: FilePath, cowPath: FilePath, operation: String)
+        throws(DeviceMapperError)
+    {
         guard current != fingerprint else { return }
         let what = current.sizeBytes != fingerprint.sizeBytes ? "size" : "content"
         throw DeviceMapperError(

@@ -37,25 +37,29 @@ extension SnapshotDevice {
         let operation = "SnapshotDevice.adopt"
         let deviceName = try DeviceName(name)
         guard let info = try DeviceMapperControl.info(name: deviceName) else {
-            throw DeviceMapperError(code: .deviceNotFound, operation: operation, subject: name, errno: .noSuchAddressOrDevice,
-                                    detail: "no device-mapper device has this name")
+            throw DeviceMapperError(
+                code: .deviceNotFound, operation: operation, subject: name, errno: .noSuchAddressOrDevice,
+                detail: "no device-mapper device has this name")
         }
         guard let uuid = info.uuid, DeviceUUID.isOwned(uuid) else {
-            throw DeviceMapperError(code: .deviceNotOwned, operation: operation, subject: name,
-                                    detail: "the device's UUID (\(info.uuid ?? "none")) does not start with \(uuidPrefix)")
+            throw DeviceMapperError(
+                code: .deviceNotOwned, operation: operation, subject: name,
+                detail: "the device's UUID (\(info.uuid ?? "none")) does not start with \(uuidPrefix)")
         }
         let table = try DeviceMapperControl.table(name: deviceName)
         guard table.count == 1, let target = table.first, target.type == "snapshot",
-              let parameters = SnapshotTableParameters(target.parameters)
+            let parameters = SnapshotTableParameters(target.parameters)
         else {
-            throw DeviceMapperError(code: .unexpectedKernelOutput, operation: operation, subject: name,
-                                    detail: "the device's table is not one snapshot target: \(table.map(\.description))")
+            throw DeviceMapperError(
+                code: .unexpectedKernelOutput, operation: operation, subject: name,
+                detail: "the device's table is not one snapshot target: \(table.map(\.description))")
         }
         guard let cowIndex = loopIndex(of: parameters.cow),
-              let cowPath = readSmallFile(FilePath("/sys/block/loop\(cowIndex)/loop/backing_file"))
+            let cowPath = readSmallFile(FilePath("/sys/block/loop\(cowIndex)/loop/backing_file"))
         else {
-            throw DeviceMapperError(code: .unexpectedKernelOutput, operation: operation, subject: name,
-                                    detail: "the snapshot's CoW device \(parameters.cow) is not an attached loop device")
+            throw DeviceMapperError(
+                code: .unexpectedKernelOutput, operation: operation, subject: name,
+                detail: "the snapshot's CoW device \(parameters.cow) is not an attached loop device")
         }
         let originLoop = loopIndex(of: parameters.origin).map { LoopDevice(index: $0, number: parameters.origin) }
         let originImage = originLoop.flatMap { readSmallFile(FilePath("/sys/block/loop\($0.index)/loop/backing_file")) }
@@ -64,7 +68,8 @@ extension SnapshotDevice {
             cowLoopDevice: LoopDevice(index: cowIndex, number: parameters.cow).path)
         return OwnedSnapshot(
             device: device, uuid: uuid, openCount: Int(info.openCount), status: try? device.status(),
-            originDevice: parameters.origin, originLoopDevice: originLoop, originImage: originImage.map { FilePath($0) },
+            originDevice: parameters.origin, originLoopDevice: originLoop,
+            originImage: originImage.map { FilePath($0) },
             chunkSizeSectors: parameters.chunkSizeSectors)
     }
 
@@ -76,7 +81,8 @@ extension SnapshotDevice {
         for listed in try DeviceMapperControl.list(withTargetTypes: false) {
             do {
                 owned.append(try adopt(name: listed.name))
-            } catch where error.code == .deviceNotOwned || error.code == .deviceNotFound || error.code == .invalidName {
+            } catch  where error.code == .deviceNotOwned || error.code == .deviceNotFound || error.code == .invalidName
+            {
                 continue
             }
         }
@@ -94,7 +100,7 @@ struct SnapshotTableParameters {
     init?(_ text: String) {
         let fields = text.split(separator: " ")
         guard fields.count >= 4, let origin = parseDeviceNumber(String(fields[0])),
-              let cow = parseDeviceNumber(String(fields[1])), let chunk = UInt32(fields[3])
+            let cow = parseDeviceNumber(String(fields[1])), let chunk = UInt32(fields[3])
         else { return nil }
         self.origin = origin
         self.cow = cow

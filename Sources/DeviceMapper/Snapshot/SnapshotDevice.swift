@@ -1,13 +1,14 @@
 // The snapshot lifecycle: create (new CoW file), restore (existing CoW file),
 // remove (keep the CoW file), status. Each step undoes its own work when it fails.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Logging
 public import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// A device-mapper `snapshot` device: a writable view of a read-only origin, whose
 /// changes go to a persistent copy-on-write store in a sparse file on its own loop device.
@@ -66,8 +67,9 @@ public struct SnapshotDevice: Sendable, Hashable {
         let operation = "SnapshotDevice.create"
         let deviceName = try DeviceName(name)
         guard SnapshotOptions.supportedChunkSizesSectors.contains(options.chunkSizeSectors) else {
-            throw .invalidArgument(operation, subject: cowPath.string,
-                                   "the chunk size must be 8, 16, 32, 64 or 128 sectors (4 to 64 KiB); it is \(options.chunkSizeSectors)")
+            throw .invalidArgument(
+                operation, subject: cowPath.string,
+                "the chunk size must be 8, 16, 32, 64 or 128 sectors (4 to 64 KiB); it is \(options.chunkSizeSectors)")
         }
         let logger = options.logger
         let originDevice = try OriginDevice.open(origin, sizeBytes: originSizeBytes, operation: operation)
@@ -80,8 +82,9 @@ public struct SnapshotDevice: Sendable, Hashable {
                 detail: "the CoW file already exists and may hold a paused sandbox's disk; "
                     + "use SnapshotDevice.restore to resume it, or delete it first")
         case .failure(let errno):
-            throw DeviceMapperError.syscall("open", errno, subject: cowPath.string,
-                                            detail: "could not create the CoW file")
+            throw DeviceMapperError.syscall(
+                "open", errno, subject: cowPath.string,
+                detail: "could not create the CoW file")
         }
         defer { system_close(cowFile) }
         do throws(DeviceMapperError) {
@@ -91,7 +94,8 @@ public struct SnapshotDevice: Sendable, Hashable {
             try system_ftruncate(cowFile, cowSize).get("ftruncate", subject: cowPath.string)
             _ = originDevice.record.write(to: cowFile, path: cowPath, logger: logger)
             let snapshot = try activate(
-                name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath,
+                name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile,
+                cowPath: cowPath,
                 chunkSizeSectors: options.chunkSizeSectors, options: options)
             testHook(.afterSnapshotCreate)
             logger.info("snapshot device created", metadata: snapshot.metadata(origin: origin))
@@ -99,11 +103,14 @@ public struct SnapshotDevice: Sendable, Hashable {
         } catch {
             guard error.rollbackErrors.isEmpty else {
                 var kept = error
-                kept.detail = (error.detail.map { $0 + ". " } ?? "")
+                kept.detail =
+                    (error.detail.map { $0 + ". " } ?? "")
                     + "The CoW file \(cowPath) was kept: the half-made device \(deviceName) may still use it"
-                logger.error("create failed and its device could not be removed; CoW file kept", metadata: [
-                    "name": "\(name)", "cow": "\(cowPath)", "error": "\(error)",
-                ])
+                logger.error(
+                    "create failed and its device could not be removed; CoW file kept",
+                    metadata: [
+                        "name": "\(name)", "cow": "\(cowPath)", "error": "\(error)",
+                    ])
                 throw kept
             }
             _ = system_unlink(cowPath)
@@ -159,21 +166,25 @@ public struct SnapshotDevice: Sendable, Hashable {
         // The kernel checks the chunk size against the devices' block sizes at table load
         // (dm-snap.c, dm_exception_store_set_chunk_size); CowHeader.read refused what no kernel takes.
         if let record = try OriginRecord.read(from: cowFile, path: cowPath) {
-            try record.check(against: originDevice.record.fingerprint, origin: origin, cowPath: cowPath, operation: operation)
+            try record.check(
+                against: originDevice.record.fingerprint, origin: origin, cowPath: cowPath, operation: operation)
         } else {
-            logger.warning("the store has no origin record (an older agent made it); resuming without the origin check",
-                           metadata: ["cow": "\(cowPath)", "origin": "\(origin)"])
+            logger.warning(
+                "the store has no origin record (an older agent made it); resuming without the origin check",
+                metadata: ["cow": "\(cowPath)", "origin": "\(origin)"])
         }
 
         try removeStaleDevice(deviceName, operation: operation)
         try lockStore(cowFile, path: cowPath, operation: operation, checkUnlockedAttachments: true)
         // A store sized by older code may be too small to hold every chunk: grow it (sparse).
-        let cowSize = requiredCowSizeBytes(originSizeBytes: originSizeBytes, chunkSizeBytes: Int64(header.chunkSizeBytes))
+        let cowSize = requiredCowSizeBytes(
+            originSizeBytes: originSizeBytes, chunkSizeBytes: Int64(header.chunkSizeBytes))
         if currentSize < cowSize {
             try system_ftruncate(cowFile, cowSize).get("ftruncate", subject: cowPath.string)
         }
         let snapshot = try activate(
-            name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile, cowPath: cowPath,
+            name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile,
+            cowPath: cowPath,
             chunkSizeSectors: header.chunkSizeSectors, options: options)
         logger.info("snapshot device restored", metadata: snapshot.metadata(origin: origin))
         return snapshot
@@ -186,7 +197,8 @@ public struct SnapshotDevice: Sendable, Hashable {
         guard DeviceUUID.isOwned(info.uuid) else {
             throw DeviceMapperError(
                 code: .deviceNotOwned, operation: operation, subject: name.rawValue,
-                detail: "a device-mapper device with this name exists (UUID \(info.uuid.map { "\"\($0)\"" } ?? "none")) "
+                detail:
+                    "a device-mapper device with this name exists (UUID \(info.uuid.map { "\"\($0)\"" } ?? "none")) "
                     + "and this library did not make it, so it was left alone; remove it yourself, or use "
                     + "cleanupStaleDevices(prefix:includingUnownedDevices: true) to migrate an older agent's devices")
         }
@@ -196,7 +208,8 @@ public struct SnapshotDevice: Sendable, Hashable {
                 detail: "a live device with this name is open \(info.openCount) time(s): a sandbox still uses it. "
                     + "Adopt it (SnapshotDevice.adopt) or remove it first")
         }
-        logger.info("removing stale device before restore", metadata: ["name": "\(name)", "uuid": "\(info.uuid ?? "")"])
+        logger.info(
+            "removing stale device before restore", metadata: ["name": "\(name)", "uuid": "\(info.uuid ?? "")"])
         try DeviceMapperControl.remove(name: name)
     }
 
@@ -208,9 +221,11 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// `deferred`, a busy device is removed by the kernel when its last user closes it.
     public func remove(deferred: Bool = false) throws(DeviceMapperError) {
         try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
-        Self.logger.info("snapshot device removed", metadata: [
-            "name": "\(name)", "device": "\(devicePath)", "cow": "\(cowPath)", "deferred": "\(deferred)",
-        ])
+        Self.logger.info(
+            "snapshot device removed",
+            metadata: [
+                "name": "\(name)", "device": "\(devicePath)", "cow": "\(cowPath)", "deferred": "\(deferred)",
+            ])
     }
 
     /// The snapshot's state and CoW usage, from the target's status line.
@@ -240,7 +255,8 @@ public struct SnapshotDevice: Sendable, Hashable {
         chunkSizeSectors: UInt32, options: SnapshotOptions
     ) throws(DeviceMapperError) -> SnapshotDevice {
         let identity = FileIdentity(try system_fstat(cowFile).get("fstat", subject: cowPath.string))
-        let cowLoop = try attachLoopDevice(backing: cowFile, backingFile: cowPath, readOnly: false, directIO: options.cowDirectIO)
+        let cowLoop = try attachLoopDevice(
+            backing: cowFile, backingFile: cowPath, readOnly: false, directIO: options.cowDirectIO)
         if options.cowDirectIO && !loopDeviceUsesDirectIO(cowLoop.device) {
             // A warning the first time per filesystem in this process, then debug: on tmpfs every create falls back.
             let first = directIOFallbackFilesystems.withLock { $0.insert(identity.device).inserted }
@@ -262,8 +278,10 @@ public struct SnapshotDevice: Sendable, Hashable {
     }
 
     func metadata(origin: FilePath) -> Logger.Metadata {
-        ["name": "\(name)", "device": "\(devicePath)", "origin": "\(origin)", "cow": "\(cowPath)",
-         "cowLoopDevice": "\(cowLoopDevice)"]
+        [
+            "name": "\(name)", "device": "\(devicePath)", "origin": "\(origin)", "cow": "\(cowPath)",
+            "cowLoopDevice": "\(cowLoopDevice)",
+        ]
     }
 }
 
@@ -278,25 +296,30 @@ private struct OriginDevice {
     /// The corresponding C calls are `open`, `fstat` and `ioctl(BLKGETSIZE64)`.
     static func open(_ path: FilePath, sizeBytes: Int64, operation: String) throws(DeviceMapperError) -> OriginDevice {
         guard sizeBytes > 0, sizeBytes % 512 == 0 else {
-            throw .invalidArgument(operation, subject: path.string,
-                                   "originSizeBytes must be a positive multiple of 512; it is \(sizeBytes)")
+            throw .invalidArgument(
+                operation, subject: path.string,
+                "originSizeBytes must be a positive multiple of 512; it is \(sizeBytes)")
         }
         let fd = try system_open(path, O_RDONLY).get("open", subject: path.string)
         defer { system_close(fd) }
         let status = try system_fstat(fd).get("fstat", subject: path.string)
         guard (status.st_mode & S_IFMT) == S_IFBLK else {
-            throw .invalidArgument(operation, subject: path.string,
-                                   "the origin must be a block device, such as the loop device LoopRegistry.acquire returns")
+            throw .invalidArgument(
+                operation, subject: path.string,
+                "the origin must be a block device, such as the loop device LoopRegistry.acquire returns")
         }
         let actualSize = try blockDeviceSizeBytes(descriptor: fd, subject: path.string)
         guard actualSize == sizeBytes else {
-            throw .invalidArgument(operation, subject: path.string,
-                                   "originSizeBytes is \(sizeBytes) but the origin device holds \(actualSize) bytes; "
-                                   + "pass originSizeBytes(of: origin)")
+            throw .invalidArgument(
+                operation, subject: path.string,
+                "originSizeBytes is \(sizeBytes) but the origin device holds \(actualSize) bytes; "
+                    + "pass originSizeBytes(of: origin)")
         }
         let number = DeviceNumber(rawValue: UInt64(status.st_rdev))
-        let fingerprint = try OriginFingerprints.fingerprint(of: fd, number: number, sizeBytes: sizeBytes, subject: path.string)
+        let fingerprint = try OriginFingerprints.fingerprint(
+            of: fd, number: number, sizeBytes: sizeBytes, subject: path.string)
         let image = loopIndex(of: number).flatMap { readSmallFile(FilePath("/sys/block/loop\($0)/loop/backing_file")) }
-        return OriginDevice(number: number, record: OriginRecord(fingerprint: fingerprint, originPath: path.string, imagePath: image))
+        return OriginDevice(
+            number: number, record: OriginRecord(fingerprint: fingerprint, originPath: path.string, imagePath: image))
     }
 }

@@ -40,8 +40,8 @@ public struct SnapshotStatus: Sendable, Hashable {
             guard fields.count == 2 else { return nil }
             let fraction = fields[0].split(separator: "/")
             guard fraction.count == 2,
-                  let allocated = UInt64(fraction[0]), let total = UInt64(fraction[1]),
-                  let metadata = UInt64(fields[1])
+                let allocated = UInt64(fraction[0]), let total = UInt64(fraction[1]),
+                let metadata = UInt64(fields[1])
             else { return nil }
             self.init(allocatedSectors: allocated, totalSectors: total, metadataSectors: metadata, state: .active)
         }

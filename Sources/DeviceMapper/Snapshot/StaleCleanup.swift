@@ -85,22 +85,25 @@ public func cleanupStaleDevices(
             guard isSnapshot(table) else { continue }
             guard info.openCount == 0 else {
                 report.inUse.append(.init(name: device.name, openCount: Int(info.openCount)))
-                cleanupLogger.info("device in use left alone", metadata: ["name": "\(name)", "openCount": "\(info.openCount)"])
+                cleanupLogger.info(
+                    "device in use left alone", metadata: ["name": "\(name)", "openCount": "\(info.openCount)"])
                 continue
             }
             if dryRun {
                 report.removed.append(device.name)
                 continue
             }
-            let cowLoop = table.first.flatMap { SnapshotTableParameters($0.parameters) }.flatMap { cowLoopDevice($0.cow) }
+            let cowLoop = table.first.flatMap { SnapshotTableParameters($0.parameters) }.flatMap {
+                cowLoopDevice($0.cow)
+            }
             try DeviceMapperControl.remove(name: name, retry: .none)
             report.removed.append(device.name)
             cleanupLogger.info("stale device removed", metadata: ["name": "\(name)", "owned": "\(owned)"])
             if let cowLoop { removedLoops.append(cowLoop) }
-        } catch where error.code == .deviceNotFound {
+        } catch  where error.code == .deviceNotFound {
             report.removed.append(device.name)
             cleanupLogger.debug("stale device already gone", metadata: ["name": "\(name)"])
-        } catch where error.errno == .resourceBusy {
+        } catch  where error.errno == .resourceBusy {
             report.inUse.append(.init(name: device.name, openCount: 0))
             cleanupLogger.info("device opened meanwhile left alone", metadata: ["name": "\(name)"])
         } catch {
@@ -111,8 +114,9 @@ public func cleanupStaleDevices(
     for (loop, before) in removedLoops {
         if let now = try? loopDeviceStatus(loop.path), now.backingFile == before.backingFile {
             report.stillAttachedLoopDevices.append(loop)
-            cleanupLogger.warning("CoW loop device still attached after its snapshot was removed",
-                                  metadata: ["device": "\(loop)", "file": "\(now.fileName)"])
+            cleanupLogger.warning(
+                "CoW loop device still attached after its snapshot was removed",
+                metadata: ["device": "\(loop)", "file": "\(now.fileName)"])
         }
     }
     return report

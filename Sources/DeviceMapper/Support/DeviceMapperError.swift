@@ -140,7 +140,9 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
 
 extension DeviceMapperError {
     /// A failed system call, classified by its errno.
-    static func syscall(_ call: String, _ errno: Errno, subject: String? = nil, detail: String? = nil) -> DeviceMapperError {
+    static func syscall(_ call: String, _ errno: Errno, subject: String? = nil, detail: String? = nil)
+        -> DeviceMapperError
+    {
         DeviceMapperError(code: code(for: errno), operation: call, subject: subject, errno: errno, detail: detail)
     }
 
@@ -154,6 +156,7 @@ extension DeviceMapperError {
     }
 
     static func invalidArgument(_ operation: String, subject: String?, _ detail: String) -> DeviceMapperError {
-        DeviceMapperError(code: .invalidArgument, operation: operation, subject: subject, errno: .invalidArgument, detail: detail)
+        DeviceMapperError(
+            code: .invalidArgument, operation: operation, subject: subject, errno: .invalidArgument, detail: detail)
     }
 }

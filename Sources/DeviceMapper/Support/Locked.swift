@@ -1,9 +1,9 @@
 // The library's one lock type: a value guarded by a pthread mutex.
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A value guarded by a `pthread_mutex_t`, used as `Synchronization.Mutex` is: `withLock`.

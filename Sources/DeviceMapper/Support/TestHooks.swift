@@ -16,26 +16,26 @@ package enum TestHookPoint: String, Sendable, CaseIterable {
 }
 
 #if DEBUG
-/// Debug-build hooks; release builds compile every `hit` away.
-package enum TestHooks {
-    private static let handler = Locked<(@Sendable (TestHookPoint) -> Void)?>(nil)
+    /// Debug-build hooks; release builds compile every `hit` away.
+    package enum TestHooks {
+        private static let handler = Locked<(@Sendable (TestHookPoint) -> Void)?>(nil)
 
-    /// Calls `body` at every hook point from now on (nil removes it).
-    package static func install(_ body: (@Sendable (TestHookPoint) -> Void)?) {
-        handler.withLock { $0 = body }
-    }
+        /// Calls `body` at every hook point from now on (nil removes it).
+        package static func install(_ body: (@Sendable (TestHookPoint) -> Void)?) {
+            handler.withLock { $0 = body }
+        }
 
-    static func hit(_ point: TestHookPoint) {
-        let body = handler.withLock { $0 }
-        body?(point)
+        static func hit(_ point: TestHookPoint) {
+            let body = handler.withLock { $0 }
+            body?(point)
+        }
     }
-}
 #endif
 
 /// Marks a lifecycle point for the crash tests; nothing in release builds.
 @inline(__always)
 func testHook(_ point: @autoclosure () -> TestHookPoint) {
     #if DEBUG
-    TestHooks.hit(point())
+        TestHooks.hit(point())
     #endif
 }
