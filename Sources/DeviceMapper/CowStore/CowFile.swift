@@ -122,13 +122,13 @@ public struct CowHeader: Sendable, Hashable {
 
 /// One changed chunk: the origin's chunk `originChunk` now reads from the store's chunk `cowChunk`.
 /// Both count chunks of the store's chunk size, from the start of each device.
-public struct CowException: Sendable, Hashable {
+package struct CowException: Sendable, Hashable {
     /// `old_chunk`: the chunk's index in the origin.
-    public let originChunk: UInt64
+    package let originChunk: UInt64
     /// `new_chunk`: where its data sits in the store, in chunks from the header.
-    public let cowChunk: UInt64
+    package let cowChunk: UInt64
 
-    public init(originChunk: UInt64, cowChunk: UInt64) {
+    package init(originChunk: UInt64, cowChunk: UInt64) {
         self.originChunk = originChunk
         self.cowChunk = cowChunk
     }
@@ -216,7 +216,7 @@ public struct CowFile: Sendable {
     /// (bounds, metadata positions), so a store that changed on disk since it was opened
     /// throws `.invalidCowStore` rather than yield nonsense. An error thrown by `body`
     /// stops the walk and is rethrown as it is.
-    public func forEachException(_ body: (CowException) throws -> Void) throws {
+    package func forEachException(_ body: (CowException) throws -> Void) throws {
         var failure: (any Error)?
         try layout.walkExceptions(file.descriptor, path: path, operation: "CowFile.forEachException") { exception in
             do {

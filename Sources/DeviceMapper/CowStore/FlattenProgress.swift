@@ -6,7 +6,7 @@ public struct FlattenProgress: Sendable, Hashable {
     /// changed bytes for an offline one. `bytesDone` reaches it when the copy is complete.
     public var bytesTotal: Int64
 
-    public init(bytesDone: Int64, bytesTotal: Int64) {
+    package init(bytesDone: Int64, bytesTotal: Int64) {
         self.bytesDone = bytesDone
         self.bytesTotal = bytesTotal
     }

@@ -72,20 +72,20 @@ func lockStore(
 }
 
 /// A loop device over a store, and the device-mapper devices that hold it open.
-public struct StoreHolder: Sendable, Hashable {
+package struct StoreHolder: Sendable, Hashable {
     /// The loop device the store's file is attached to.
-    public var loop: LoopDevice
+    package var loop: LoopDevice
     /// Names of the device-mapper devices in `/sys/block/loopN/holders`, e.g. a snapshot.
     /// Empty while the loop device is being released, or for a loop device attached by
     /// other code that nothing uses.
-    public var deviceMapperHolders: [String]
+    package var deviceMapperHolders: [String]
 }
 
 /// The loop device attached to the file `identity` (a store's device and inode), if any,
 /// and what holds it. Matched by device and inode (`LOOP_GET_STATUS64`), or by the path
 /// sysfs lists where the loop device cannot be opened. A snapshot of the loop devices at
 /// the time of the call: the in-use guard itself is the store's lock (see `restore`).
-public func storeHolder(_ identity: FileIdentity) -> StoreHolder? {
+package func storeHolder(_ identity: FileIdentity) -> StoreHolder? {
     for attachment in attachedLoopDevices() {
         let backing: FileIdentity?
         if let status = try? loopDeviceStatus(attachment.device.path) {

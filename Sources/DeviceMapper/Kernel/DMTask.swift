@@ -49,15 +49,15 @@ enum DMTaskType: Sendable {
 }
 
 /// One line of a device-mapper table or status: a target over a range of sectors.
-public struct DMTarget: Hashable, Sendable, CustomStringConvertible {
-    public var startSector: UInt64
-    public var lengthSectors: UInt64
+package struct DMTarget: Hashable, Sendable, CustomStringConvertible {
+    package var startSector: UInt64
+    package var lengthSectors: UInt64
     /// The target type, e.g. `snapshot` or `linear`.
-    public var type: String
+    package var type: String
     /// The table's parameters for `DM_DEVICE_TABLE`, the status text for `DM_DEVICE_STATUS`.
-    public var parameters: String
+    package var parameters: String
 
-    public init(startSector: UInt64, lengthSectors: UInt64, type: String, parameters: String) {
+    package init(startSector: UInt64, lengthSectors: UInt64, type: String, parameters: String) {
         self.startSector = startSector
         self.lengthSectors = lengthSectors
         self.type = type
@@ -65,22 +65,22 @@ public struct DMTarget: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// The line as `dmsetup table` prints it: `start length type parameters`.
-    public var description: String { "\(startSector) \(lengthSectors) \(type) \(parameters)" }
+    package var description: String { "\(startSector) \(lengthSectors) \(type) \(parameters)" }
 }
 
 /// What `DM_DEVICE_INFO` (or any task's `dm_task_get_info`) says about a device.
-public struct DMDeviceInfo: Hashable, Sendable {
-    public var number: DeviceNumber
-    public var openCount: Int32
-    public var targetCount: Int32
-    public var isSuspended: Bool
-    public var isReadOnly: Bool
-    public var hasLiveTable: Bool
+package struct DMDeviceInfo: Hashable, Sendable {
+    package var number: DeviceNumber
+    package var openCount: Int32
+    package var targetCount: Int32
+    package var isSuspended: Bool
+    package var isReadOnly: Bool
+    package var hasLiveTable: Bool
     /// A deferred remove is pending: the device goes when its last opener closes it.
-    public var hasDeferredRemove: Bool
+    package var hasDeferredRemove: Bool
     /// The device's UUID, or nil if it has none. Devices this library makes carry one
     /// that starts with `SnapshotDevice.uuidPrefix`.
-    public var uuid: String?
+    package var uuid: String?
 }
 
 /// One `struct dm_task`, destroyed when the value goes away.

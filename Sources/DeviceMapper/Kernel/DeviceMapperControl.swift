@@ -16,26 +16,26 @@ import SystemPackage
 
 /// Flags that tell udev's device-mapper rules what to skip for a device
 /// (`DM_UDEV_*_FLAG`, passed with the udev cookie).
-public struct DMUdevFlags: OptionSet, Hashable, Sendable {
-    public let rawValue: UInt16
-    public init(rawValue: UInt16) { self.rawValue = rawValue }
+package struct DMUdevFlags: OptionSet, Hashable, Sendable {
+    package let rawValue: UInt16
+    package init(rawValue: UInt16) { self.rawValue = rawValue }
 
     /// In: no blkid scan or `/dev/disk/by-*` links (`DM_UDEV_DISABLE_DISK_RULES_FLAG`).
     /// A scan that holds the device open is the usual cause of `EBUSY` on remove.
-    public static let disableDiskRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_DISK_RULES_FLAG))
+    package static let disableDiskRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_DISK_RULES_FLAG))
     /// In: no rules of other packages, such as LVM or multipath (`DM_UDEV_DISABLE_OTHER_RULES_FLAG`).
-    public static let disableOtherRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_OTHER_RULES_FLAG))
+    package static let disableOtherRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_OTHER_RULES_FLAG))
     /// In: no subsystem rules (`DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG`).
-    public static let disableSubsystemRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG))
+    package static let disableSubsystemRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG))
 
     /// In: udev's device-mapper rules make no `/dev/mapper/<name>` symlink
     /// (`DM_UDEV_DISABLE_DM_RULES_FLAG`); the library makes and removes the node itself,
     /// so no call waits for udev's event processing.
-    public static let disableDeviceMapperRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_DM_RULES_FLAG))
+    package static let disableDeviceMapperRules = DMUdevFlags(rawValue: UInt16(DM_UDEV_DISABLE_DM_RULES_FLAG))
 
     /// What sandbox devices use: udev runs none of its rules for them and makes no node;
     /// the library makes the node. udev still completes each event's cookie, in the background.
-    public static let sandboxDevice: DMUdevFlags = [
+    package static let sandboxDevice: DMUdevFlags = [
         .disableDeviceMapperRules, .disableDiskRules, .disableOtherRules, .disableSubsystemRules,
     ]
 
@@ -47,31 +47,31 @@ public struct DMUdevFlags: OptionSet, Hashable, Sendable {
 }
 
 /// How `DeviceMapperControl.remove` retries a device that is busy.
-public struct BusyRetryPolicy: Sendable, Hashable {
+package struct BusyRetryPolicy: Sendable, Hashable {
     /// Attempts in all, the first included.
-    public var attempts: Int
+    package var attempts: Int
     /// The pause between attempts, in microseconds.
-    public var intervalMicroseconds: UInt32
+    package var intervalMicroseconds: UInt32
 
-    public init(attempts: Int, intervalMicroseconds: UInt32) {
+    package init(attempts: Int, intervalMicroseconds: UInt32) {
         self.attempts = max(1, attempts)
         self.intervalMicroseconds = intervalMicroseconds
     }
 
     /// 20 attempts 50 ms apart: about one second, then `EBUSY` is the answer.
-    public static let `default` = BusyRetryPolicy(attempts: 20, intervalMicroseconds: 50_000)
+    package static let `default` = BusyRetryPolicy(attempts: 20, intervalMicroseconds: 50_000)
     /// One attempt.
-    public static let none = BusyRetryPolicy(attempts: 1, intervalMicroseconds: 0)
+    package static let none = BusyRetryPolicy(attempts: 1, intervalMicroseconds: 0)
 }
 
 /// A device-mapper device as `DM_DEVICE_LIST` reports it.
-public struct DMListedDevice: Hashable, Sendable {
-    public var name: String
-    public var number: DeviceNumber
+package struct DMListedDevice: Hashable, Sendable {
+    package var name: String
+    package var number: DeviceNumber
     /// The type of the live table's first target, e.g. `snapshot`; nil if it has no live table.
-    public var targetType: String?
+    package var targetType: String?
 
-    public init(name: String, number: DeviceNumber, targetType: String?) {
+    package init(name: String, number: DeviceNumber, targetType: String?) {
         self.name = name
         self.number = number
         self.targetType = targetType
@@ -130,7 +130,7 @@ public enum DeviceMapperControl {
     /// `rollbackErrors` says so: the device may still exist and hold its table's devices.
     /// The corresponding ioctls are `DM_DEV_CREATE`, `DM_TABLE_LOAD` and `DM_DEV_SUSPEND`.
     @discardableResult
-    public static func create(
+    package static func create(
         name: DeviceName, uuid: DeviceUUID? = nil, targets: [DMTarget], readOnly: Bool = false,
         udevFlags: DMUdevFlags = .sandboxDevice
     ) throws(DeviceMapperError) -> DMDeviceInfo {
@@ -210,7 +210,7 @@ public enum DeviceMapperControl {
     /// `udevTimeoutMilliseconds`, and past that removes it itself and fails with
     /// `.udevTimeout` (the device itself is removed).
     /// The corresponding ioctl is `DM_DEV_REMOVE`.
-    public static func remove(
+    package static func remove(
         name: DeviceName, deferred: Bool = false, retry: BusyRetryPolicy = .default,
         udevFlags: DMUdevFlags = .sandboxDevice
     ) throws(DeviceMapperError) {
@@ -267,7 +267,7 @@ public enum DeviceMapperControl {
 
     /// The device's state, or nil if no device has that name.
     /// The corresponding ioctl is `DM_DEV_STATUS`.
-    public static func info(name: DeviceName) throws(DeviceMapperError) -> DMDeviceInfo? {
+    package static func info(name: DeviceName) throws(DeviceMapperError) -> DMDeviceInfo? {
         try run(.info, subject: name.rawValue) { task in
             task.setName(name)
         } result: { task in
@@ -276,13 +276,13 @@ public enum DeviceMapperControl {
     }
 
     /// Whether a device named `name` exists.
-    public static func exists(name: DeviceName) throws(DeviceMapperError) -> Bool {
+    package static func exists(name: DeviceName) throws(DeviceMapperError) -> Bool {
         try info(name: name) != nil
     }
 
     /// Every device-mapper device, with its first target's type when `withTargetTypes`.
     /// The corresponding ioctls are `DM_LIST_DEVICES`, then `DM_TABLE_STATUS` per device.
-    public static func list(withTargetTypes: Bool = true) throws(DeviceMapperError) -> [DMListedDevice] {
+    package static func list(withTargetTypes: Bool = true) throws(DeviceMapperError) -> [DMListedDevice] {
         let names = try run(.list, subject: nil) { _ in
             true
         } result: { task in
@@ -305,7 +305,7 @@ public enum DeviceMapperControl {
 
     /// The device's live table.
     /// The corresponding ioctl is `DM_TABLE_STATUS` (table form).
-    public static func table(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
+    package static func table(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
         try run(.table, subject: name.rawValue) { task in
             task.setName(name) && task.skipOpenCount()
         } result: { task in
@@ -315,7 +315,7 @@ public enum DeviceMapperControl {
 
     /// The device's status lines, one per target.
     /// The corresponding ioctl is `DM_TABLE_STATUS`.
-    public static func status(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
+    package static func status(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
         try run(.status, subject: name.rawValue) { task in
             task.setName(name) && task.skipOpenCount()
         } result: { task in

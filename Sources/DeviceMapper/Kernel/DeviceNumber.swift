@@ -35,11 +35,11 @@ public struct DeviceNumber: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// A file's identity: the device it lives on and its inode number.
-public struct FileIdentity: Hashable, Sendable {
-    public var device: UInt64
-    public var inode: UInt64
+package struct FileIdentity: Hashable, Sendable {
+    package var device: UInt64
+    package var inode: UInt64
 
-    public init(device: UInt64, inode: UInt64) {
+    package init(device: UInt64, inode: UInt64) {
         self.device = device
         self.inode = inode
     }

@@ -32,27 +32,27 @@ public struct LoopDevice: Hashable, Sendable, CustomStringConvertible {
 /// copy can close a descriptor number the process has since reused for another file.
 /// A device-mapper table that names the device holds it too, so closing this once a
 /// table holds the device leaves it attached until that device is removed.
-public struct OpenLoopDevice: ~Copyable, Sendable {
-    public let device: LoopDevice
+package struct OpenLoopDevice: ~Copyable, Sendable {
+    package let device: LoopDevice
     /// The descriptor this value owns; valid while it lives.
     package let descriptor: FileDescriptor
 
     deinit { system_close(descriptor) }
 
     /// Closes this process's descriptor now. If nothing else holds the device, the kernel detaches it.
-    public consuming func close() {}
+    package consuming func close() {}
 }
 
 /// What `LOOP_GET_STATUS64` reports about an attached loop device.
-public struct LoopDeviceStatus: Hashable, Sendable {
+package struct LoopDeviceStatus: Hashable, Sendable {
     /// The backing file's identity (its device and inode).
-    public var backingFile: FileIdentity
+    package var backingFile: FileIdentity
     /// The first 63 bytes of the path given at attach time (`lo_file_name`).
-    public var fileName: String
+    package var fileName: String
     /// `LO_FLAGS_READ_ONLY`.
-    public var isReadOnly: Bool
+    package var isReadOnly: Bool
     /// `LO_FLAGS_AUTOCLEAR`.
-    public var isAutoclear: Bool
+    package var isAutoclear: Bool
 }
 
 /// How `attachLoopDevice` configures the device. `.automatic` uses `LOOP_CONFIGURE`
@@ -93,7 +93,7 @@ private func loopControlDescriptor() throws(DeviceMapperError) -> FileDescriptor
 /// says which it got.
 ///
 /// The returned descriptor keeps the device attached until it is closed; see `OpenLoopDevice`.
-public func attachLoopDevice(backingFile: FilePath, readOnly: Bool, directIO: Bool = false) throws(DeviceMapperError)
+package func attachLoopDevice(backingFile: FilePath, readOnly: Bool, directIO: Bool = false) throws(DeviceMapperError)
     -> OpenLoopDevice
 {
     try attachLoopDevice(backingFile: backingFile, readOnly: readOnly, method: .automatic, directIO: directIO)
@@ -226,7 +226,7 @@ func backoffAfterBusy(attempt: Int) {
 /// Detaches a loop device from its backing file now (or, if it is still open
 /// elsewhere, when its last opener closes it).
 /// The corresponding ioctl is `LOOP_CLR_FD`.
-public func detachLoopDevice(_ device: FilePath) throws(DeviceMapperError) {
+package func detachLoopDevice(_ device: FilePath) throws(DeviceMapperError) {
     let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
     defer { system_close(fd) }
     _ = try system_ioctl(fd, UInt(LOOP_CLR_FD), 0, name: "LOOP_CLR_FD").get(
@@ -235,7 +235,7 @@ public func detachLoopDevice(_ device: FilePath) throws(DeviceMapperError) {
 
 /// Reads a loop device's backing-file identity and flags.
 /// The corresponding ioctl is `LOOP_GET_STATUS64`; `ENXIO` means nothing is attached.
-public func loopDeviceStatus(_ device: FilePath) throws(DeviceMapperError) -> LoopDeviceStatus {
+package func loopDeviceStatus(_ device: FilePath) throws(DeviceMapperError) -> LoopDeviceStatus {
     let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
     defer { system_close(fd) }
     return try loopDeviceStatus(descriptor: fd, subject: device.string)
@@ -258,20 +258,20 @@ func loopDeviceStatus(descriptor fd: FileDescriptor, subject: String) throws(Dev
 /// Whether the loop device does direct I/O to its backing file: `/sys/block/loopN/loop/dio`,
 /// which shows the kernel's `LO_FLAGS_DIRECT_IO` after it checked the backing file.
 /// False for a device that is not attached.
-public func loopDeviceUsesDirectIO(_ device: LoopDevice) -> Bool {
+package func loopDeviceUsesDirectIO(_ device: LoopDevice) -> Bool {
     readSmallFile(FilePath("/sys/block/loop\(device.index)/loop/dio")) == "1"
 }
 
 /// A loop device and the file behind it, as sysfs lists them.
-public struct LoopDeviceAttachment: Hashable, Sendable {
-    public var device: LoopDevice
+package struct LoopDeviceAttachment: Hashable, Sendable {
+    package var device: LoopDevice
     /// The backing file's full path (`/sys/block/loopN/loop/backing_file`), with
     /// ` (deleted)` at the end if it was unlinked.
-    public var backingFile: FilePath
+    package var backingFile: FilePath
 }
 
 /// Every attached loop device and its backing file, from `/sys/block/loop*/loop/backing_file`.
-public func attachedLoopDevices() -> [LoopDeviceAttachment] {
+package func attachedLoopDevices() -> [LoopDeviceAttachment] {
     var result: [LoopDeviceAttachment] = []
     for name in directoryEntries("/sys/block") {
         guard name.hasPrefix("loop"), let index = Int(name.dropFirst(4)) else { continue }
@@ -333,7 +333,7 @@ func blockDeviceSizeBytes(descriptor fd: FileDescriptor, subject: String) throws
 /// The size in bytes of the block device at `device`, for `SnapshotDevice.create`'s
 /// `originSizeBytes`. Throws `.invalidArgument` if `device` is not a block device.
 /// The corresponding ioctl is `BLKGETSIZE64`.
-public func originSizeBytes(of device: FilePath) throws(DeviceMapperError) -> Int64 {
+package func originSizeBytes(of device: FilePath) throws(DeviceMapperError) -> Int64 {
     let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
     defer { system_close(fd) }
     let status = try system_fstat(fd).get("fstat", subject: device.string)

@@ -15,13 +15,13 @@ import SystemPackage
 /// when it makes `/dev/mapper/<name>` (lvm2 `device_mapper/libdm-common.c`,
 /// `_is_whitelisted_char`; udev's rules use the same set). Refusing those
 /// characters keeps ``devicePath`` exactly where the node is.
-public struct DeviceName: Hashable, Sendable, CustomStringConvertible {
-    public let rawValue: String
+package struct DeviceName: Hashable, Sendable, CustomStringConvertible {
+    package let rawValue: String
 
     /// The longest name the kernel accepts, in bytes.
-    public static let maximumLengthBytes = 127
+    package static let maximumLengthBytes = 127
 
-    public init(_ rawValue: String) throws(DeviceMapperError) {
+    package init(_ rawValue: String) throws(DeviceMapperError) {
         if let problem = DeviceName.problem(with: rawValue) {
             throw DeviceMapperError(
                 code: .invalidName, operation: "validate device name", subject: "\"\(rawValue)\"",
@@ -71,7 +71,7 @@ public struct DeviceName: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// `/dev/mapper/<name>`, the node libdevmapper or udev creates.
-    public var devicePath: String { "/dev/mapper/" + rawValue }
+    package var devicePath: String { "/dev/mapper/" + rawValue }
 
-    public var description: String { rawValue }
+    package var description: String { rawValue }
 }

@@ -11,16 +11,16 @@ import SystemPackage
 /// identity of their copy-on-write store file: `SnapshotDevice.uuidPrefix` marks them as
 /// ours, as `LVM-` marks LVM's and `CRYPT-` cryptsetup's, and because the kernel refuses a
 /// second device with the same UUID, no two live devices can be made over one store.
-public struct DeviceUUID: Hashable, Sendable, CustomStringConvertible {
-    public let rawValue: String
+package struct DeviceUUID: Hashable, Sendable, CustomStringConvertible {
+    package let rawValue: String
 
     /// The longest UUID the kernel accepts, in bytes.
-    public static let maximumLengthBytes = 128
+    package static let maximumLengthBytes = 128
 
     /// The prefix of every UUID this library gives a device.
-    public static let ownedPrefix = "SBXSNAP-"
+    package static let ownedPrefix = "SBXSNAP-"
 
-    public init(_ rawValue: String) throws(DeviceMapperError) {
+    package init(_ rawValue: String) throws(DeviceMapperError) {
         let bytes = Array(rawValue.utf8)
         var problem: String? = nil
         if bytes.isEmpty {
@@ -54,7 +54,7 @@ public struct DeviceUUID: Hashable, Sendable, CustomStringConvertible {
         uuid?.hasPrefix(ownedPrefix) ?? false
     }
 
-    public var description: String { rawValue }
+    package var description: String { rawValue }
 }
 
 /// The punctuation libdevmapper leaves as it is in names and UUIDs, besides ASCII letters and digits.

@@ -28,7 +28,7 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
     static let sampleBlocks = 256
     static let sampleBlockBytes = 4 << 10
 
-    public init(sizeBytes: Int64, sampleSHA256: String) {
+    package init(sizeBytes: Int64, sampleSHA256: String) {
         self.sizeBytes = sizeBytes
         self.sampleSHA256 = sampleSHA256
     }
@@ -90,7 +90,7 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
     /// Longer records are refused on read, so a corrupt attribute cannot cost memory.
     static let maximumBytes = 4096
 
-    public init(fingerprint: OriginFingerprint, originPath: String, imagePath: String?) {
+    package init(fingerprint: OriginFingerprint, originPath: String, imagePath: String?) {
         self.fingerprint = fingerprint
         self.originPath = originPath
         self.imagePath = imagePath

@@ -19,7 +19,7 @@ public struct SnapshotStatus: Sendable, Hashable {
     public var metadataSectors: UInt64
     public var state: State
 
-    public init(allocatedSectors: UInt64, totalSectors: UInt64, metadataSectors: UInt64, state: State) {
+    package init(allocatedSectors: UInt64, totalSectors: UInt64, metadataSectors: UInt64, state: State) {
         self.allocatedSectors = allocatedSectors
         self.totalSectors = totalSectors
         self.metadataSectors = metadataSectors
@@ -29,7 +29,7 @@ public struct SnapshotStatus: Sendable, Hashable {
     /// Parses the kernel's status text: `<allocated>/<total> <metadata>`, or one of
     /// `Invalid`, `Overflow`, `Merge failed` (see `snapshot_status` in `dm-snap.c`).
     /// Returns nil for anything else.
-    public init?(statusLine: String) {
+    package init?(statusLine: String) {
         let text = statusLine.trimmingCharacters(in: " \n")
         switch text {
         case "Invalid": self.init(allocatedSectors: 0, totalSectors: 0, metadataSectors: 0, state: .invalid)

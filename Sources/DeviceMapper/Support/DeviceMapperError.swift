@@ -106,7 +106,7 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
     /// rather than risk data: for example a store kept because its device could not be removed.
     public var rollbackErrors: [DeviceMapperError] = []
 
-    public init(
+    package init(
         code: Code,
         operation: String,
         subject: String? = nil,
