@@ -177,8 +177,7 @@ public struct CowFile: Sendable {
         let fd = try system_open(path, O_RDONLY).get("open", subject: path.string)
         let file = CowFileDescriptor(fd)
         let status = try system_fstat(fd).get("fstat", subject: path.string)
-        let kind = status.st_mode & S_IFMT
-        guard kind == S_IFREG || kind == S_IFBLK else {
+        guard status.type == .regular || status.type == .blockSpecial else {
             throw DeviceMapperError.invalidArgument(
                 operation, subject: path.string,
                 "a copy-on-write store is a regular file or a block device")
@@ -445,22 +444,21 @@ func cowStoreSizeBytes(_ fd: FileDescriptor, path: FilePath) throws(DeviceMapper
     try cowStoreSizeBytes(fd, path: path, status: system_fstat(fd).get("fstat", subject: path.string))
 }
 
-func cowStoreSizeBytes(_ fd: FileDescriptor, path: FilePath, status: stat) throws(DeviceMapperError) -> Int64 {
-    if status.st_mode & S_IFMT == S_IFBLK {
+func cowStoreSizeBytes(_ fd: FileDescriptor, path: FilePath, status: Stat) throws(DeviceMapperError) -> Int64 {
+    if status.type == .blockSpecial {
         return try blockDeviceSizeBytes(descriptor: fd, subject: path.string)
     }
-    return Int64(status.st_size)
+    return status.size
 }
 
 /// `pread` until `buffer` is full or the file ends; returns how many bytes were read.
 func readFully(
     _ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64, subject: String
 ) throws(DeviceMapperError) -> Int {
-    guard let base = buffer.baseAddress else { return 0 }
     var done = 0
     while done < buffer.count {
-        let count = try system_pread(fd, base + done, buffer.count - done, offset + Int64(done)).get(
-            "pread", subject: subject)
+        let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+        let count = try system_pread(fd, into: rest, at: offset + Int64(done)).get("pread", subject: subject)
         if count == 0 { break }
         done += count
     }
@@ -472,11 +470,10 @@ func readFully(
 func writeFully(
     _ fd: FileDescriptor, from buffer: UnsafeRawBufferPointer, at offset: Int64, subject: String
 ) throws(DeviceMapperError) {
-    guard let base = buffer.baseAddress else { return }
     var done = 0
     while done < buffer.count {
-        let count = try system_pwrite(fd, base + done, buffer.count - done, offset + Int64(done)).get(
-            "pwrite", subject: subject)
+        let rest = UnsafeRawBufferPointer(rebasing: buffer[done...])
+        let count = try system_pwrite(fd, from: rest, at: offset + Int64(done)).get("pwrite", subject: subject)
         guard count > 0 else {
             throw DeviceMapperError(
                 code: .systemCallFailed, operation: "pwrite", subject: subject, errno: .ioError,

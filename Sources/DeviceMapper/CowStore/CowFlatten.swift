@@ -54,11 +54,11 @@ extension CowFile {
         let originStatus = try system_fstat(originFile).get("fstat", subject: origin.string)
         let originSize: Int64
         let originIsRegularFile: Bool
-        switch originStatus.st_mode & S_IFMT {
-        case S_IFREG:
-            originSize = Int64(originStatus.st_size)
+        switch originStatus.type {
+        case .regular:
+            originSize = originStatus.size
             originIsRegularFile = true
-        case S_IFBLK:
+        case .blockSpecial:
             originSize = try blockDeviceSizeBytes(descriptor: originFile, subject: origin.string)
             originIsRegularFile = false
         default:

@@ -110,7 +110,7 @@ func removeUnlockedPartialFiles(in directory: FilePath, outputName: String? = ni
         let path = directory.appending(name)
         guard case .success(let fd) = system_open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK) else { continue }
         defer { system_close(fd) }
-        guard case .success(let opened) = system_fstat(fd), (opened.st_mode & S_IFMT) == S_IFREG,
+        guard case .success(let opened) = system_fstat(fd), opened.type == .regular,
             case .success = system_flock(fd, LOCK_EX | LOCK_NB),
             // Still the file we locked, not one created at that name meanwhile.
             case .success(let onDisk) = system_stat(path), FileIdentity(onDisk) == FileIdentity(opened),

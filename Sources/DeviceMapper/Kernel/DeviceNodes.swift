@@ -56,16 +56,15 @@ enum DeviceNodes {
         let path = FilePath(name.devicePath)
         lock(for: name).withLock { _ in
             guard case .success(let link) = system_lstat(path) else { return }
-            let kind = link.st_mode & S_IFMT
             let target: DeviceNumber?
-            if kind == S_IFBLK {
-                target = DeviceNumber(rawValue: UInt64(link.st_rdev))
-            } else if kind == S_IFLNK {
+            if link.type == .blockSpecial {
+                target = DeviceNumber(link.specialDeviceID)
+            } else if link.type == .symbolicLink {
                 guard case .success(let resolved) = system_stat(path) else {
                     _ = system_unlink(path)  // A dangling symlink: its device is gone.
                     return
                 }
-                target = DeviceNumber(rawValue: UInt64(resolved.st_rdev))
+                target = DeviceNumber(resolved.specialDeviceID)
             } else {
                 return
             }
@@ -77,9 +76,9 @@ enum DeviceNodes {
 
     /// The device `/dev/mapper/<name>` resolves to, if it is a block device.
     static func currentNumber(_ name: DeviceName) -> DeviceNumber? {
-        guard case .success(let status) = system_stat(FilePath(name.devicePath)), (status.st_mode & S_IFMT) == S_IFBLK
+        guard case .success(let status) = system_stat(FilePath(name.devicePath)), status.type == .blockSpecial
         else { return nil }
-        return DeviceNumber(rawValue: UInt64(status.st_rdev))
+        return DeviceNumber(status.specialDeviceID)
     }
 
     /// Whether `/dev/mapper/<name>` resolves to device `number`.
@@ -92,7 +91,7 @@ enum DeviceNodes {
     /// `/dev/dm-N` at once; udev removes the symlink when it processes the event).
     static func isLeftOver(_ name: DeviceName, number: DeviceNumber) -> Bool {
         guard case .success(let link) = system_lstat(FilePath(name.devicePath)) else { return false }
-        if (link.st_mode & S_IFMT) == S_IFLNK, case .failure = system_stat(FilePath(name.devicePath)) { return true }
+        if link.type == .symbolicLink, case .failure = system_stat(FilePath(name.devicePath)) { return true }
         return isPresent(name, number: number)
     }
 }

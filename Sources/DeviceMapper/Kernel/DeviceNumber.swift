@@ -1,3 +1,5 @@
+import SystemPackage
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
@@ -23,6 +25,11 @@ public struct DeviceNumber: Hashable, Sendable, CustomStringConvertible {
         minor = UInt32(truncatingIfNeeded: (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff)))
     }
 
+    /// A device number as swift-system reads it from `stat` (`st_dev` or `st_rdev`).
+    init(_ id: DeviceID) {
+        self.init(rawValue: UInt64(id.rawValue))
+    }
+
     /// The `dev_t` encoding, as glibc's `makedev()` builds it.
     public var rawValue: UInt64 {
         let major = UInt64(self.major)
@@ -44,7 +51,7 @@ package struct FileIdentity: Hashable, Sendable {
         self.inode = inode
     }
 
-    init(_ status: stat) {
-        self.init(device: UInt64(status.st_dev), inode: UInt64(status.st_ino))
+    init(_ status: Stat) {
+        self.init(device: UInt64(status.deviceID.rawValue), inode: UInt64(status.inode.rawValue))
     }
 }

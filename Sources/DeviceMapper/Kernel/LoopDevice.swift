@@ -105,7 +105,7 @@ package func attachLoopDevice(
     let backing = try system_open(backingFile, readOnly ? O_RDONLY : O_RDWR).get("open", subject: backingFile.string)
     defer { system_close(backing) }
     let backingStatus = try system_fstat(backing).get("fstat", subject: backingFile.string)
-    if (backingStatus.st_mode & S_IFMT) == S_IFDIR {
+    if backingStatus.type == .directory {
         throw .invalidArgument("attach loop device", subject: backingFile.string, "the backing file is a directory")
     }
     return try attachLoopDevice(
@@ -141,7 +141,7 @@ func attachLoopDevice(
             directIO: directIO)
         switch configured {
         case .success:
-            let loopStatus: stat
+            let loopStatus: Stat
             switch system_fstat(loop) {
             case .success(let status): loopStatus = status
             case .failure(let errno):
@@ -149,7 +149,7 @@ func attachLoopDevice(
                 system_close(loop)
                 throw DeviceMapperError.syscall("fstat", errno, subject: path.string)
             }
-            let device = LoopDevice(index: Int(index), number: DeviceNumber(rawValue: UInt64(loopStatus.st_rdev)))
+            let device = LoopDevice(index: Int(index), number: DeviceNumber(loopStatus.specialDeviceID))
             return OpenLoopDevice(device: device, descriptor: loop)
         case .failure(let error):
             system_close(loop)
@@ -337,7 +337,7 @@ package func originSizeBytes(of device: FilePath) throws(DeviceMapperError) -> I
     let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
     defer { system_close(fd) }
     let status = try system_fstat(fd).get("fstat", subject: device.string)
-    guard (status.st_mode & S_IFMT) == S_IFBLK else {
+    guard status.type == .blockSpecial else {
         throw .invalidArgument("originSizeBytes", subject: device.string, "not a block device")
     }
     return try blockDeviceSizeBytes(descriptor: fd, subject: device.string)

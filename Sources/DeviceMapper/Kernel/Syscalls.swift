@@ -65,20 +65,18 @@ func system_open(_ path: FilePath, _ flags: CInt, permissions: mode_t = 0) -> Re
     }.map(FileDescriptor.init(rawValue:))
 }
 
+/// swift-system's `FileDescriptor.stat()`, behind the fault seam.
 /// The corresponding C function is `fstat`.
-func system_fstat(_ fd: FileDescriptor) -> Result<stat, Errno> {
+func system_fstat(_ fd: FileDescriptor) -> Result<Stat, Errno> {
     if let fault = injectedFault("fstat") { return .failure(fault) }
-    var status = stat()
-    return valueOrErrno { fstat(fd.rawValue, &status) }.map { _ in status }
+    return Result { () throws(Errno) in try fd.stat() }
 }
 
+/// swift-system's `FilePath.stat()`, behind the fault seam.
 /// The corresponding C function is `stat`.
-func system_stat(_ path: FilePath) -> Result<stat, Errno> {
+func system_stat(_ path: FilePath) -> Result<Stat, Errno> {
     if let fault = injectedFault("stat") { return .failure(fault) }
-    var status = stat()
-    return path.withPlatformString { cPath in
-        valueOrErrno { stat(cPath, &status) }
-    }.map { _ in status }
+    return Result { () throws(Errno) in try path.stat() }
 }
 
 /// The corresponding C function is `ftruncate`.
@@ -111,22 +109,35 @@ func system_unlink(_ path: FilePath) -> Result<Void, Errno> {
     }.map { _ in () }
 }
 
-/// Reads up to `count` bytes at `offset` without moving the file offset.
+/// Reads up to `buffer.count` bytes at `offset` without moving the file offset:
+/// swift-system's `FileDescriptor.read(fromAbsoluteOffset:into:)`, behind the fault seam.
 /// The corresponding C function is `pread`.
-func system_pread(_ fd: FileDescriptor, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64) -> Result<
+func system_pread(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Result<
     Int, Errno
 > {
     if let fault = injectedFault("pread") { return .failure(fault) }
-    return valueOrErrno { pread(fd.rawValue, buffer, count, off_t(offset)) }
+    return errnoResult { try fd.read(fromAbsoluteOffset: offset, into: buffer) }
 }
 
-/// Writes up to `count` bytes at `offset` without moving the file offset.
+/// Writes up to `buffer.count` bytes at `offset` without moving the file offset:
+/// swift-system's `FileDescriptor.write(toAbsoluteOffset:_:)`, behind the fault seam.
 /// The corresponding C function is `pwrite`.
-func system_pwrite(_ fd: FileDescriptor, _ buffer: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Result<
+func system_pwrite(_ fd: FileDescriptor, from buffer: UnsafeRawBufferPointer, at offset: Int64) -> Result<
     Int, Errno
 > {
     if let fault = injectedFault("pwrite") { return .failure(fault) }
-    return valueOrErrno { pwrite(fd.rawValue, buffer, count, off_t(offset)) }
+    return errnoResult { try fd.write(toAbsoluteOffset: offset, buffer) }
+}
+
+/// The result of a swift-system call whose signature says only `throws`; it throws only `Errno`.
+private func errnoResult<T>(_ body: () throws -> T) -> Result<T, Errno> {
+    do {
+        return .success(try body())
+    } catch let errno as Errno {
+        return .failure(errno)
+    } catch {
+        return .failure(.ioError)  // Not reached: swift-system throws only Errno.
+    }
 }
 
 /// The corresponding C function is `lseek`; used with `SEEK_DATA` and `SEEK_HOLE`.
@@ -217,11 +228,9 @@ func system_mkdir(_ path: FilePath, _ mode: mode_t) -> Result<Void, Errno> {
     }.map { _ in () }
 }
 
-/// `stat` without following a final symlink. The corresponding C function is `lstat`.
-func system_lstat(_ path: FilePath) -> Result<stat, Errno> {
+/// `stat` without following a final symlink: swift-system's `FilePath.stat(followTargetSymlink: false)`,
+/// behind the fault seam. The corresponding C function is `lstat`.
+func system_lstat(_ path: FilePath) -> Result<Stat, Errno> {
     if let fault = injectedFault("lstat") { return .failure(fault) }
-    var status = stat()
-    return path.withPlatformString { cPath in
-        valueOrErrno { lstat(cPath, &status) }
-    }.map { _ in status }
+    return Result { () throws(Errno) in try path.stat(followTargetSymlink: false) }
 }

@@ -193,22 +193,22 @@ public final class LoopRegistry: Sendable {
         return entries.first { $0.value.paths.contains(path) }?.key
     }
 
-    private static func validateImage(_ status: stat, path: FilePath) throws(DeviceMapperError) {
-        let kind = status.st_mode & S_IFMT
-        if kind == S_IFDIR {
+    private static func validateImage(_ status: Stat, path: FilePath) throws(DeviceMapperError) {
+        let kind = status.type
+        if kind == .directory {
             throw .invalidArgument("LoopRegistry.acquire", subject: path.string, "the image is a directory")
         }
-        guard kind == S_IFREG || kind == S_IFBLK else {
+        guard kind == .regular || kind == .blockSpecial else {
             throw .invalidArgument("LoopRegistry.acquire", subject: path.string, "the image is not a regular file")
         }
-        if kind == S_IFREG {
-            if status.st_size == 0 {
+        if kind == .regular {
+            if status.size == 0 {
                 throw .invalidArgument("LoopRegistry.acquire", subject: path.string, "the image is empty")
             }
-            if status.st_size % 512 != 0 {
+            if status.size % 512 != 0 {
                 throw .invalidArgument(
                     "LoopRegistry.acquire", subject: path.string,
-                    "the image is \(status.st_size) bytes, not a whole number of 512-byte sectors")
+                    "the image is \(status.size) bytes, not a whole number of 512-byte sectors")
             }
         }
     }

@@ -303,7 +303,7 @@ private struct OriginDevice {
         let fd = try system_open(path, O_RDONLY).get("open", subject: path.string)
         defer { system_close(fd) }
         let status = try system_fstat(fd).get("fstat", subject: path.string)
-        guard (status.st_mode & S_IFMT) == S_IFBLK else {
+        guard status.type == .blockSpecial else {
             throw .invalidArgument(
                 operation, subject: path.string,
                 "the origin must be a block device, such as the loop device LoopRegistry.acquire returns")
@@ -315,7 +315,7 @@ private struct OriginDevice {
                 "originSizeBytes is \(sizeBytes) but the origin device holds \(actualSize) bytes; "
                     + "pass originSizeBytes(of: origin)")
         }
-        let number = DeviceNumber(rawValue: UInt64(status.st_rdev))
+        let number = DeviceNumber(status.specialDeviceID)
         let fingerprint = try OriginFingerprints.fingerprint(
             of: fd, number: number, sizeBytes: sizeBytes, subject: path.string)
         let image = loopIndex(of: number).flatMap { readSmallFile(FilePath("/sys/block/loop\($0)/loop/backing_file")) }
