@@ -41,6 +41,11 @@ let package = Package(
             ],
             swiftSettings: strictSwift
         ),
+        // What the command-line tools share: the JSON writer, writing to a descriptor, number text.
+        .target(
+            name: "ToolSupport",
+            swiftSettings: strictSwift
+        ),
         // dm-bench's C baselines: the library's calls in C, and the dm ioctls without libdevmapper.
         .target(
             name: "CBenchBaseline",
@@ -51,6 +56,7 @@ let package = Package(
             name: "dm-bench",
             dependencies: [
                 "DeviceMapper",
+                "ToolSupport",
                 "CBenchBaseline",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
@@ -63,6 +69,7 @@ let package = Package(
             name: "sandbox-disk",
             dependencies: [
                 "DeviceMapper",
+                "ToolSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -74,6 +81,7 @@ let package = Package(
             name: "dm-crash-helper",
             dependencies: [
                 "DeviceMapper",
+                "ToolSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strictSwift
@@ -82,6 +90,7 @@ let package = Package(
             name: "DeviceMapperTests",
             dependencies: [
                 "DeviceMapper",
+                "ToolSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strictSwift

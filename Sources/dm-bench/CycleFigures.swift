@@ -3,6 +3,7 @@
 
 import DeviceMapper
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc
@@ -165,7 +166,7 @@ extension Bench {
     /// A table of p50/p90/p99 per operation and method, with JSON records for each.
     func latencySection(
         title: String, operations: [(String, KeyPath<MethodSamples, [UInt64]>)],
-        samples: [Method: MethodSamples], figure: String, parameters: [(String, JSONValue)],
+        samples: [Method: MethodSamples], figure: String, parameters: [(String, JSON)],
         firstColumn: String = "operation"
     ) -> TableSection {
         var section = TableSection(
@@ -190,7 +191,7 @@ extension Bench {
                         ("method", .string(method.rawValue)),
                     ] + parameters + [
                         ("latency", summary.json),
-                        ("p50_ratio_to_library", ratio.map(JSONValue.double) ?? .null),
+                        ("p50_ratio_to_library", ratio.map(JSON.double) ?? .null),
                     ])
             }
         }

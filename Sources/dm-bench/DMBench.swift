@@ -5,6 +5,7 @@ import ArgumentParser
 import DeviceMapper
 import Logging
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc

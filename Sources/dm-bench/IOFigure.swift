@@ -6,6 +6,7 @@
 import DeviceMapper
 import Synchronization
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc
@@ -354,10 +355,10 @@ extension Bench {
                         kib(counters.readSectors, ops),
                     ])
                 }
-                var record: [(String, JSONValue)] = [
+                var record: [(String, JSON)] = [
                     ("figure", .string("io")), ("workload", .string(workload.key)), ("method", .string(method.key)),
                     ("seconds", .double(seconds(result.nanoseconds))), ("operations", .int(ops)),
-                    ("ratio_to_raw_loop", ratio.map(JSONValue.double) ?? .null),
+                    ("ratio_to_raw_loop", ratio.map(JSON.double) ?? .null),
                 ]
                 for (role, counters) in result.devices {
                     record.append(

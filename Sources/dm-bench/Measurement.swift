@@ -1,5 +1,7 @@
 // Timing and statistics: a monotonic clock, latency percentiles, byte sizes.
 
+import ToolSupport
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
@@ -52,7 +54,7 @@ struct LatencySummary: Sendable {
         samplesNanoseconds = samples
     }
 
-    var json: JSONValue {
+    var json: JSON {
         .object([
             ("count", .int(count)),
             ("p50_ms", .double(p50Milliseconds)),
@@ -68,21 +70,6 @@ struct LatencySummary: Sendable {
 
 func milliseconds(_ nanoseconds: UInt64) -> Double { Double(nanoseconds) / 1_000_000 }
 func seconds(_ nanoseconds: UInt64) -> Double { Double(nanoseconds) / 1_000_000_000 }
-
-/// `value` with `decimals` digits after the point, without Foundation's `String(format:)`.
-func fixed(_ value: Double, _ decimals: Int) -> String {
-    guard value.isFinite else { return value.isNaN ? "nan" : (value < 0 ? "-inf" : "inf") }
-    var scale = 1.0
-    for _ in 0..<decimals { scale *= 10 }
-    let scaled = (abs(value) * scale).rounded()
-    let whole = (scaled / scale).rounded(.down)
-    var text = (value < 0 && scaled != 0 ? "-" : "") + String(Int64(whole))
-    if decimals > 0 {
-        let fraction = String(Int64(scaled - whole * scale))
-        text += "." + String(repeating: "0", count: max(0, decimals - fraction.count)) + fraction
-    }
-    return text
-}
 
 /// A latency in milliseconds with about three significant digits.
 func formatMilliseconds(_ value: Double) -> String {

@@ -1,6 +1,8 @@
 // The progress line on stderr: rewritten in place on a terminal; elsewhere (a log,
 // the VM's console) a line when a step starts, every 10 seconds, and when it ends.
 
+import ToolSupport
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)

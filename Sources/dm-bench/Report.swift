@@ -3,6 +3,7 @@
 
 import CBenchBaseline
 import DeviceMapper
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc
@@ -52,13 +53,13 @@ struct TargetCheck {
     /// nil when the run could not tell (the figure was not run, or failed).
     var met: Bool?
 
-    var json: JSONValue {
+    var json: JSON {
         .object([
             ("figure", .string("target")),
             ("target", .string(name)),
             ("requirement", .string(target)),
             ("measured", .string(measured)),
-            ("met", met.map(JSONValue.bool) ?? .null),
+            ("met", met.map(JSON.bool) ?? .null),
         ])
     }
 }
@@ -66,11 +67,11 @@ struct TargetCheck {
 /// Collects a run's results and prints them at the end, as a table or as JSON lines.
 final class Report {
     private(set) var sections: [TableSection] = []
-    private(set) var records: [JSONValue] = []
+    private(set) var records: [JSON] = []
     private(set) var targets: [TargetCheck] = []
 
     func add(_ section: TableSection) { sections.append(section) }
-    func add(record members: [(String, JSONValue)]) { records.append(.object(members)) }
+    func add(record members: [(String, JSON)]) { records.append(.object(members)) }
     func add(_ target: TargetCheck) { targets.append(target) }
 
     func printTable(environment: MachineFacts, elapsedNanoseconds: UInt64) {
@@ -110,10 +111,12 @@ final class Report {
     }
 
     func printJSON(environment: MachineFacts, elapsedNanoseconds: UInt64) {
-        print(environment.json.text)
-        for record in records { print(record.text) }
-        for target in targets { print(target.json.text) }
-        print(JSONValue.object([("figure", .string("run")), ("elapsed_s", .double(seconds(elapsedNanoseconds)))]).text)
+        print(environment.json.compactText(decimals: 4))
+        for record in records { print(record.compactText(decimals: 4)) }
+        for target in targets { print(target.json.compactText(decimals: 4)) }
+        print(
+            JSON.object([("figure", .string("run")), ("elapsed_s", .double(seconds(elapsedNanoseconds)))]).compactText(
+                decimals: 4))
     }
 }
 
@@ -178,7 +181,7 @@ struct MachineFacts {
         return text
     }
 
-    var json: JSONValue {
+    var json: JSON {
         .object([
             ("figure", .string("environment")),
             ("kernel", .string(kernel)),
@@ -190,7 +193,7 @@ struct MachineFacts {
             ("udev_running", .bool(udevRunning)),
             ("device_mapper_driver", .string(driverVersion)),
             ("libdevmapper", .string(libdevmapperVersion)),
-            ("host", host.map(JSONValue.string) ?? .null),
+            ("host", host.map(JSON.string) ?? .null),
             ("work_directory", .string(workDirectory)),
         ])
     }

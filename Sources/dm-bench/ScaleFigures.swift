@@ -4,6 +4,7 @@
 import DeviceMapper
 import Synchronization
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc
@@ -156,7 +157,7 @@ extension Bench {
                         ("method", .string(method.rawValue)), ("threads", .int(threads)), ("cycles", .int(cycles)),
                         ("wall_s", .double(seconds(run.wallNanoseconds))),
                         ("throughput_cycles_per_s", .double(throughput)),
-                        ("throughput_ratio_to_1_thread", speedup.map(JSONValue.double) ?? .null),
+                        ("throughput_ratio_to_1_thread", speedup.map(JSON.double) ?? .null),
                         ("latency", summary.json),
                     ])
                 }

@@ -4,6 +4,7 @@
 
 import DeviceMapper
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc

@@ -2,6 +2,7 @@
 // per core and must not block in ioctls), and a sampler of where they wait in the kernel.
 
 import Synchronization
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc

@@ -33,6 +33,7 @@
 
 import DeviceMapper
 import SystemPackage
+import ToolSupport
 
 #if DEBUG
     import Synchronization
@@ -43,17 +44,6 @@ import SystemPackage
 #elseif canImport(Musl)
     import Musl
 #endif
-
-/// Writes `text` straight to a descriptor: no stdio buffer to flush before a SIGKILL.
-func emit(_ text: String, to fd: CInt) {
-    var bytes = Array(text.utf8)[...]
-    while !bytes.isEmpty {
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        if written < 0 && errno == EINTR { continue }
-        guard written > 0 else { return }
-        bytes = bytes.dropFirst(written)
-    }
-}
 
 func fail(_ message: String, status: Int32) -> Never {
     emit("dm-crash-helper: \(message)\n", to: STDERR_FILENO)

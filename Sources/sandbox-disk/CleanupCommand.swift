@@ -3,6 +3,7 @@
 import ArgumentParser
 import DeviceMapper
 import SystemPackage
+import ToolSupport
 
 struct Cleanup: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -49,24 +50,26 @@ struct Cleanup: ParsableCommand {
 
         if common.json {
             printOutput(
-                JSON.object([
+                JSON.sortedObject([
                     "dry_run": .bool(dryRun),
                     "prefix": .string(prefix),
                     "include_unowned": .bool(includeUnowned),
                     "removed": .array(report.removed.map { .string($0) }),
                     "in_use": .array(
-                        report.inUse.map { .object(["name": .string($0.name), "open_count": .int($0.openCount)]) }),
+                        report.inUse.map {
+                            .sortedObject(["name": .string($0.name), "open_count": .int($0.openCount)])
+                        }),
                     "not_owned": .array(report.notOwned.map { .string($0) }),
                     "failures": .array(
                         report.failures.map {
-                            .object([
+                            .sortedObject([
                                 "name": .string($0.name), "code": .string($0.error.code.description),
                                 "error": .string($0.error.description),
                             ])
                         }),
                     "still_attached_loop_devices": .array(report.stillAttachedLoopDevices.map { .string($0) }),
                     "clean": .bool(report.isClean),
-                ]).document)
+                ]).document(decimals: 2))
         } else {
             var table = Table("DEVICE", "ACTION", "DETAIL")
             for name in report.removed {

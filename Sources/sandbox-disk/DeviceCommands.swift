@@ -4,6 +4,7 @@
 import ArgumentParser
 import DeviceMapper
 import SystemPackage
+import ToolSupport
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -25,7 +26,7 @@ struct List: ParsableCommand {
         common.setUp()
         let owned = try attempt { () throws(DeviceMapperError) in try SnapshotDevice.listOwned() }
         if common.json {
-            printOutput(JSON.object(["devices": .array(owned.map(deviceJSON))]).document)
+            printOutput(JSON.sortedObject(["devices": .array(owned.map(deviceJSON))]).document(decimals: 2))
             return
         }
         guard !owned.isEmpty else {
@@ -64,7 +65,7 @@ struct Status: ParsableCommand {
         common.setUp()
         let device = try attempt { () throws(DeviceMapperError) in try SnapshotDevice.adopt(name: name) }
         if common.json {
-            printOutput(deviceJSON(device).document)
+            printOutput(deviceJSON(device).document(decimals: 2))
             return
         }
         var pairs: [(String, String)] = [
@@ -94,7 +95,7 @@ struct Status: ParsableCommand {
 /// A device as one JSON object: the same fields in `list` and `status`.
 func deviceJSON(_ device: OwnedSnapshot) -> JSON {
     let active = device.status.flatMap { $0.state == .active ? $0 : nil }
-    return .object([
+    return .sortedObject([
         "name": .string(device.device.name),
         "device_path": .string(device.device.devicePath.string),
         "uuid": .string(device.uuid),

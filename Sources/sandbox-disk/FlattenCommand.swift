@@ -5,6 +5,7 @@ import ArgumentParser
 import DeviceMapper
 import Synchronization
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc
@@ -106,7 +107,7 @@ struct Flatten: ParsableCommand {
         fields["allocated_bytes"] = .int(written.allocatedBytes)
         fields["seconds"] = .double(seconds)
         if common.json {
-            printOutput(JSON.object(fields).document)
+            printOutput(JSON.sortedObject(fields).document(decimals: 2))
         } else {
             let from = origin == nil ? "device \(source)" : "store \(source) over \(origin!)"
             printOutput(

@@ -4,6 +4,7 @@
 import ArgumentParser
 import DeviceMapper
 import Logging
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc

@@ -3,6 +3,7 @@
 import ArgumentParser
 import DeviceMapper
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc
@@ -46,7 +47,7 @@ struct Inspect: ParsableCommand {
 
         if common.json {
             printOutput(
-                JSON.object([
+                JSON.sortedObject([
                     "path": .string(store),
                     "store_size_bytes": .int(file.storeSizeBytes),
                     "allocated_bytes": .int(identity.allocatedBytes),
@@ -61,7 +62,7 @@ struct Inspect: ParsableCommand {
                     "attached": .bool(attachment != nil),
                     "loop_device": .string(attachment?.loop.path.string),
                     "holders": .array((attachment?.deviceMapperHolders ?? []).map { .string($0) }),
-                ]).document)
+                ]).document(decimals: 2))
             return
         }
         let recordText: String
@@ -167,19 +168,19 @@ struct Verify: ParsableCommand {
         let reasons = checks.filter { $0.result == .fail }.map(\.detail)
         if common.json {
             printOutput(
-                JSON.object([
+                JSON.sortedObject([
                     "store": .string(store),
                     "origin": .string(origin),
                     "resumable": .bool(reasons.isEmpty),
                     "checks": .array(
                         checks.map { check in
-                            .object([
+                            .sortedObject([
                                 "name": .string(check.name), "result": .string(check.result.rawValue),
                                 "detail": .string(check.detail),
                             ])
                         }),
                     "reasons": .array(reasons.map { .string($0) }),
-                ]).document)
+                ]).document(decimals: 2))
         } else {
             var table = Table("CHECK", "RESULT", "DETAIL")
             for check in checks { table.add(check.name, check.result.rawValue, check.detail) }
@@ -214,7 +215,7 @@ struct Verify: ParsableCommand {
 // MARK: - Shared by inspect and verify
 
 func originRecordJSON(_ record: OriginRecord) -> JSON {
-    .object([
+    .sortedObject([
         "size_bytes": .int(record.fingerprint.sizeBytes),
         "sample_sha256": .string(record.fingerprint.sampleSHA256),
         "origin_path": .string(record.originPath),
