@@ -17,6 +17,13 @@ struct MethodSamples {
     var remove: [UInt64] = []
     /// create + remove of the same cycle.
     var cycle: [UInt64] = []
+
+    /// Records one cycle's two timings.
+    mutating func add(_ timings: CycleTimings) {
+        create.append(timings.activate)
+        remove.append(timings.remove)
+        cycle.append(timings.activate + timings.remove)
+    }
 }
 
 extension Bench {
@@ -33,15 +40,10 @@ extension Bench {
                 guard let slot = slot(for: method, round: round, of: rounds) else { continue }
                 let name = workspace.uniqueName("cycle-\(method.rawValue)")
                 let cowPath = workspace.cowPath(for: name)
-                let (made, createNanoseconds) = try maker.create(method, name: name, cowPath: cowPath)
-                try maker.checkMade(made)
-                let removeNanoseconds = try maker.remove(made)
-                try maker.checkRemoved(made)
+                let timings = try maker.checkedCycle(method, name: name, cowPath: cowPath, restoring: false)
                 unlink(cowPath.string)
                 guard slot.measured else { continue }
-                samples[method, default: MethodSamples()].create.append(createNanoseconds)
-                samples[method, default: MethodSamples()].remove.append(removeNanoseconds)
-                samples[method, default: MethodSamples()].cycle.append(createNanoseconds + removeNanoseconds)
+                samples[method, default: MethodSamples()].add(timings)
             }
             progress.update(round + 1, of: rounds)
         }
@@ -99,14 +101,9 @@ extension Bench {
             for method in rotated(methods, by: round) {
                 guard let slot = slot(for: method, round: round, of: rounds) else { continue }
                 let (name, cowPath) = kept[method]!
-                let (made, restoreNanoseconds) = try maker.restore(method, name: name, cowPath: cowPath)
-                try maker.checkMade(made)
-                let removeNanoseconds = try maker.remove(made)
-                try maker.checkRemoved(made)
+                let timings = try maker.checkedCycle(method, name: name, cowPath: cowPath, restoring: true)
                 guard slot.measured else { continue }
-                samples[method, default: MethodSamples()].create.append(restoreNanoseconds)
-                samples[method, default: MethodSamples()].remove.append(removeNanoseconds)
-                samples[method, default: MethodSamples()].cycle.append(restoreNanoseconds + removeNanoseconds)
+                samples[method, default: MethodSamples()].add(timings)
             }
             progress.update(round + 1, of: rounds)
         }

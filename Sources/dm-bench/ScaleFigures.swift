@@ -58,14 +58,10 @@ extension Bench {
                 for method in rotated(measured, by: round) {
                     let name = workspace.uniqueName("scale-\(method.rawValue)")
                     let cowPath = workspace.cowPath(for: name)
-                    let (made, createNanoseconds) = try maker.create(method, name: name, cowPath: cowPath)
-                    try maker.checkMade(made)
-                    let removeNanoseconds = try maker.remove(made)
-                    try maker.checkRemoved(made)
+                    let timings = try maker.checkedCycle(method, name: name, cowPath: cowPath, restoring: false)
                     unlink(cowPath.string)
                     guard round >= options.warmup else { continue }
-                    samples[method, default: MethodSamples()].create.append(createNanoseconds)
-                    samples[method, default: MethodSamples()].remove.append(removeNanoseconds)
+                    samples[method, default: MethodSamples()].add(timings)
                 }
                 progress.update(round + 1, of: rounds)
             }

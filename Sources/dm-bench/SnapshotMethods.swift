@@ -62,6 +62,12 @@ struct OldWayTools: Sendable {
     }
 }
 
+/// The nanoseconds of one cycle's create (or restore) and its remove.
+struct CycleTimings {
+    var activate: UInt64
+    var remove: UInt64
+}
+
 /// Makes, restores and removes snapshots of one origin by any method.
 struct SnapshotMaker: Sendable {
     let origin: Origin
@@ -74,29 +80,58 @@ struct SnapshotMaker: Sendable {
 
     /// Creates a snapshot with a new CoW file at `cowPath`; returns it and the nanoseconds it took.
     func create(_ method: Method, name: String, cowPath: FilePath) throws(BenchError) -> (MadeSnapshot, UInt64) {
+        try activate(method, name: name, cowPath: cowPath, restoring: false)
+    }
+
+    /// Brings back a snapshot over an existing CoW file; returns it and the nanoseconds it took.
+    func restore(_ method: Method, name: String, cowPath: FilePath) throws(BenchError) -> (MadeSnapshot, UInt64) {
+        try activate(method, name: name, cowPath: cowPath, restoring: true)
+    }
+
+    /// One create (or restore) and remove by `method`, each checked against the kernel and
+    /// timed; the CoW file stays.
+    func checkedCycle(_ method: Method, name: String, cowPath: FilePath, restoring: Bool) throws(BenchError)
+        -> CycleTimings
+    {
+        let (made, activate) = try activate(method, name: name, cowPath: cowPath, restoring: restoring)
+        try checkMade(made)
+        let remove = try remove(made)
+        try checkRemoved(made)
+        return CycleTimings(activate: activate, remove: remove)
+    }
+
+    /// Create (a new CoW file) or restore (an existing one) by `method`, timed.
+    private func activate(_ method: Method, name: String, cowPath: FilePath, restoring: Bool) throws(BenchError)
+        -> (MadeSnapshot, UInt64)
+    {
+        let operation = restoring ? "restore" : "create"
         switch method {
         case .library:
             let (result, nanoseconds) = timed { () -> Result<SnapshotDevice, DeviceMapperError> in
                 Result { () throws(DeviceMapperError) in
-                    try SnapshotDevice.create(
-                        name: name, origin: origin.devicePath, cowPath: cowPath, originSizeBytes: origin.sizeBytes)
+                    restoring
+                        ? try SnapshotDevice.restore(
+                            name: name, origin: origin.devicePath, cowPath: cowPath, originSizeBytes: origin.sizeBytes)
+                        : try SnapshotDevice.create(
+                            name: name, origin: origin.devicePath, cowPath: cowPath, originSizeBytes: origin.sizeBytes)
                 }
             }
             let device: SnapshotDevice
-            do { device = try result.get() } catch { throw BenchError("SnapshotDevice.create \(name)", error) }
+            do { device = try result.get() } catch { throw BenchError("SnapshotDevice.\(operation) \(name)", error) }
             return (
                 MadeSnapshot(
                     method: method, name: name, cowPath: cowPath,
                     cowLoopIndex: loopIndex(device.cowLoopDevice), device: device), nanoseconds
             )
         case .c:
+            let call = restoring ? CBenchBaseline_restore : CBenchBaseline_create
             var index: Int32 = -1
             let (status, nanoseconds) = timed {
-                CBenchBaseline_create(
-                    name, origin.devicePath.string, cowPath.string, cowSizeBytes,
-                    origin.sizeSectors, 8, udevFlags, &index)
+                call(
+                    name, origin.devicePath.string, cowPath.string, cowSizeBytes, origin.sizeSectors, 8, udevFlags,
+                    &index)
             }
-            guard status == 0 else { throw cFailure("create", name, status) }
+            guard status == 0 else { throw cFailure(operation, name, status) }
             return (
                 MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
                 nanoseconds
@@ -104,7 +139,7 @@ struct SnapshotMaker: Sendable {
         case .subprocess:
             let tools = try oldWayTools()
             let start = monotonicNanoseconds()
-            try tools.truncate.run(["-s", String(cowSizeBytes), cowPath.string])
+            if !restoring { try tools.truncate.run(["-s", String(cowSizeBytes), cowPath.string]) }
             let loop = try tools.losetup.run(["--find", "--show", cowPath.string]).trimmingWhitespace()
             try tools.dmsetup.run(["create", name, "--table", table(cowDevice: loop)] + tools.dmsetupNodeArguments)
             let nanoseconds = monotonicNanoseconds() - start
@@ -114,6 +149,7 @@ struct SnapshotMaker: Sendable {
                     cowLoopIndex: loopIndex(FilePath(loop)), device: nil), nanoseconds
             )
         case .rawC:
+            guard !restoring else { throw BenchError("the C raw ioctl method does not restore") }
             var index: Int32 = -1
             let (status, nanoseconds) = timed {
                 CBenchBaseline_rawCreate(
@@ -129,51 +165,6 @@ struct SnapshotMaker: Sendable {
                 MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
                 nanoseconds
             )
-        }
-    }
-
-    /// Brings back a snapshot over an existing CoW file; returns it and the nanoseconds it took.
-    func restore(_ method: Method, name: String, cowPath: FilePath) throws(BenchError) -> (MadeSnapshot, UInt64) {
-        switch method {
-        case .library:
-            let (result, nanoseconds) = timed { () -> Result<SnapshotDevice, DeviceMapperError> in
-                Result { () throws(DeviceMapperError) in
-                    try SnapshotDevice.restore(
-                        name: name, origin: origin.devicePath, cowPath: cowPath, originSizeBytes: origin.sizeBytes)
-                }
-            }
-            let device: SnapshotDevice
-            do { device = try result.get() } catch { throw BenchError("SnapshotDevice.restore \(name)", error) }
-            return (
-                MadeSnapshot(
-                    method: method, name: name, cowPath: cowPath,
-                    cowLoopIndex: loopIndex(device.cowLoopDevice), device: device), nanoseconds
-            )
-        case .c:
-            var index: Int32 = -1
-            let (status, nanoseconds) = timed {
-                CBenchBaseline_restore(
-                    name, origin.devicePath.string, cowPath.string, cowSizeBytes,
-                    origin.sizeSectors, 8, udevFlags, &index)
-            }
-            guard status == 0 else { throw cFailure("restore", name, status) }
-            return (
-                MadeSnapshot(method: method, name: name, cowPath: cowPath, cowLoopIndex: Int(index), device: nil),
-                nanoseconds
-            )
-        case .subprocess:
-            let tools = try oldWayTools()
-            let start = monotonicNanoseconds()
-            let loop = try tools.losetup.run(["--find", "--show", cowPath.string]).trimmingWhitespace()
-            try tools.dmsetup.run(["create", name, "--table", table(cowDevice: loop)] + tools.dmsetupNodeArguments)
-            let nanoseconds = monotonicNanoseconds() - start
-            return (
-                MadeSnapshot(
-                    method: method, name: name, cowPath: cowPath,
-                    cowLoopIndex: loopIndex(FilePath(loop)), device: nil), nanoseconds
-            )
-        case .rawC:
-            throw BenchError("the C raw ioctl method does not restore")
         }
     }
 
