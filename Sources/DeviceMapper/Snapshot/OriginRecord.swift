@@ -202,14 +202,15 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
 enum OriginFingerprints {
     private struct Entry {
         var generation: UInt64
-        var fingerprint: OriginFingerprint?
+        /// The fingerprint and backing image path, once read.
+        var identity: (fingerprint: OriginFingerprint, imagePath: String?)?
     }
     private static let entries = Locked<(next: UInt64, byDevice: [DeviceNumber: Entry])>((1, [:]))
 
     /// A registry attached `number`: fingerprints of it may be kept from now on.
     static func register(_ number: DeviceNumber) {
         entries.withLock { state in
-            state.byDevice[number] = Entry(generation: state.next, fingerprint: nil)
+            state.byDevice[number] = Entry(generation: state.next, identity: nil)
             state.next += 1
         }
     }
@@ -219,21 +220,26 @@ enum OriginFingerprints {
         entries.withLock { _ = $0.byDevice.removeValue(forKey: number) }
     }
 
-    /// The fingerprint of the origin open at `fd`, whose device number is `number`.
-    static func fingerprint(
-        of fd: FileDescriptor, number: DeviceNumber, sizeBytes: Int64, subject: String
-    ) throws(DeviceMapperError) -> OriginFingerprint {
+    /// The fingerprint of the origin open at `fd`, whose device number is `number`, and the
+    /// path of the image behind it when it is a loop device (from sysfs `loop/backing_file`).
+    /// Both are kept while a registry holds the device, so a create reads neither again.
+    static func identify(
+        _ fd: FileDescriptor, number: DeviceNumber, sizeBytes: Int64, subject: String
+    ) throws(DeviceMapperError) -> (fingerprint: OriginFingerprint, imagePath: String?) {
         let known = entries.withLock { $0.byDevice[number] }
-        if let fingerprint = known?.fingerprint, fingerprint.sizeBytes == sizeBytes { return fingerprint }
+        if let identity = known?.identity, identity.fingerprint.sizeBytes == sizeBytes { return identity }
         let fingerprint = try OriginFingerprint.compute(fd, sizeBytes: sizeBytes, subject: subject)
+        let imagePath = loopIndex(of: number).flatMap {
+            readSmallFile(FilePath("/sys/block/loop\($0)/loop/backing_file"))
+        }
         if let known {
             entries.withLock { state in
                 // Only if the registry still holds the same attachment.
                 if state.byDevice[number]?.generation == known.generation {
-                    state.byDevice[number]?.fingerprint = fingerprint
+                    state.byDevice[number]?.identity = (fingerprint, imagePath)
                 }
             }
         }
-        return fingerprint
+        return (fingerprint, imagePath)
     }
 }

@@ -292,7 +292,7 @@ private struct OriginDevice {
     let record: OriginRecord
 
     /// Opens `path` and checks that it is a block device of exactly `sizeBytes`, a positive
-    /// multiple of 512; fingerprints it (once per registry-held device).
+    /// multiple of 512; fingerprints it and reads its image path (once per registry-held device).
     /// The corresponding C calls are `open`, `fstat` and `ioctl(BLKGETSIZE64)`.
     static func open(_ path: FilePath, sizeBytes: Int64, operation: String) throws(DeviceMapperError) -> OriginDevice {
         guard sizeBytes > 0, sizeBytes % 512 == 0 else {
@@ -316,10 +316,10 @@ private struct OriginDevice {
                     + "pass originSizeBytes(of: origin)")
         }
         let number = DeviceNumber(status.specialDeviceID)
-        let fingerprint = try OriginFingerprints.fingerprint(
-            of: fd, number: number, sizeBytes: sizeBytes, subject: path.string)
-        let image = loopIndex(of: number).flatMap { readSmallFile(FilePath("/sys/block/loop\($0)/loop/backing_file")) }
+        let identity = try OriginFingerprints.identify(fd, number: number, sizeBytes: sizeBytes, subject: path.string)
         return OriginDevice(
-            number: number, record: OriginRecord(fingerprint: fingerprint, originPath: path.string, imagePath: image))
+            number: number,
+            record: OriginRecord(
+                fingerprint: identity.fingerprint, originPath: path.string, imagePath: identity.imagePath))
     }
 }
