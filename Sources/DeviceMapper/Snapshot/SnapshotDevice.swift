@@ -16,7 +16,7 @@ public import SystemPackage
 /// A value only names a device; it holds no descriptor. Make one with
 /// ``create(name:origin:cowPath:originSizeBytes:options:)`` or
 /// ``restore(name:origin:cowPath:originSizeBytes:options:)``, find one again after a restart
-/// with ``adopt(name:)`` or ``listOwned()``. Every call needs root (`CAP_SYS_ADMIN`).
+/// with ``adopt(name:)`` or `listOwned()`. Every call needs root (`CAP_SYS_ADMIN`).
 public struct SnapshotDevice: Sendable, Hashable {
     /// The device-mapper name.
     public let name: String
@@ -75,7 +75,7 @@ public struct SnapshotDevice: Sendable, Hashable {
     ///
     /// - Parameters:
     ///   - name: The device-mapper name, e.g. `wrenn-sbx-42`; the node is `/dev/mapper/<name>`.
-    ///   - origin: The read-only origin block device, from ``LoopRegistry/acquire(imagePath:)``.
+    ///   - origin: The read-only origin block device, from ``LoopRegistry``'s `acquire(imagePath:)`.
     ///   - cowPath: Where to create the store; the file must not exist.
     ///   - originSizeBytes: The origin device's size in bytes, a positive multiple of 512.
     ///   - options: The chunk size, direct I/O and logger; the defaults suit most sandboxes.

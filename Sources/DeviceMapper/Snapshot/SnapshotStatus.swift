@@ -1,6 +1,6 @@
 /// A snapshot device's state, parsed from the `snapshot` target's status line.
 ///
-/// ``SnapshotDevice/status()`` and ``SnapshotDevice/listOwned()`` return it. The sector
+/// ``SnapshotDevice/status()`` returns it; ``OwnedSnapshot/status`` holds it. The sector
 /// counts are 512-byte sectors, and meaningful only when ``state`` is ``State-swift.enum/active``.
 public struct SnapshotStatus: Sendable, Hashable {
     /// What the kernel says of the snapshot: working, or why it stopped.
