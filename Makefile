@@ -3,12 +3,13 @@
 #                host kernel has no device-mapper)
 #   make test    set up, build, and run every test: unit, privileged (in a VM if
 #                needed), sanitizers and a bounded fuzz run
+#   make docs    build the DocC documentation into .build/docs; any DocC warning fails it
 SHELL := /bin/bash
 SWIFT ?= swift
 XCTEST_BUNDLE := .build/debug/DeviceMapperPackageTests.xctest
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build lint test unit-test privileged-test privileged-test-udev sanitize fuzz bench clean
+.PHONY: all deps build lint docs test unit-test privileged-test privileged-test-udev sanitize fuzz bench clean
 
 all: build
 
@@ -24,7 +25,13 @@ build: deps
 lint:
 	$(SWIFT) format lint --strict --recursive --parallel Sources Tests Package.swift
 
-test: deps lint
+# The DocC catalogue (Sources/DeviceMapper/DeviceMapper.docc) and the public symbols' doc
+# comments, with swift-docc-plugin; a broken or ambiguous symbol link is an error.
+docs:
+	$(SWIFT) package --allow-writing-to-directory .build/docs generate-documentation \
+		--target DeviceMapper --warnings-as-errors --output-path .build/docs
+
+test: deps lint docs
 	$(SWIFT) build --build-tests
 	$(MAKE) --no-print-directory unit-test privileged-test privileged-test-udev sanitize fuzz
 	@bash scripts/test-summary.sh .build/unit-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log

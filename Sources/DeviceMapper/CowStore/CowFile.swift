@@ -13,6 +13,8 @@ public import SystemPackage
 
 /// The first 16 bytes of a persistent copy-on-write store (the kernel's `struct disk_header`),
 /// all little-endian: magic, valid, version, chunk size in 512-byte sectors.
+///
+/// ``CowFile/header`` gives it; docs/on-disk-format.md describes the layout.
 public struct CowHeader: Sendable, Hashable {
     /// `SNAP_MAGIC`: "SnAp" read as a little-endian `u32`.
     public static let magic: UInt32 = 0x7041_6E53
@@ -172,6 +174,14 @@ public struct CowFile: Sendable {
 
     /// Opens the store at `path` read-only and checks it all; see the type's description.
     /// The corresponding C functions are `open`, `fstat` and `pread`.
+    ///
+    /// It takes no lock and needs no device-mapper: it works on a live store too (the figures
+    /// may then be stale), and on a host without the driver. Only ``flatten(origin:to:progress:)-366bm``
+    /// refuses a store in use. On failure the descriptor is closed.
+    ///
+    /// - Parameter path: The store: a regular file, or a block device.
+    /// - Throws: ``DeviceMapperError`` with the code `.invalidCowStore` (not a store, corrupt,
+    ///   cut short), `.invalidArgument` (neither a file nor a block device), or `.systemCallFailed`.
     public init(path: FilePath) throws(DeviceMapperError) {
         let operation = "CowFile(path:)"
         let fd = try system_open(path, O_RDONLY).get("open", subject: path.string)

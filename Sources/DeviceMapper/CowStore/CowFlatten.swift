@@ -35,6 +35,21 @@ extension CowFile {
     /// place; on any failure the temporary file is removed and nothing appears at `output`.
     /// `progress`, if given, is called every few MiB; returning false cancels the flatten
     /// (`.cancelled`) in the same way.
+    ///
+    /// The calls: `flock` (`LOCK_SH | LOCK_NB` on the store), `fgetxattr` and `pread` (the
+    /// origin record and its fingerprint), `ioctl(FICLONE)`, `lseek` (`SEEK_DATA`, `SEEK_HOLE`)
+    /// and `copy_file_range`, or `pread` and `pwrite`; then `fsync` and `renameat2`
+    /// (`RENAME_NOREPLACE`). No device-mapper call and no loop device, so it works on a host
+    /// without device-mapper. Run it as root: the origin record is a `trusted.` attribute,
+    /// which other users cannot read (the check is then skipped, with a warning logged).
+    ///
+    /// - Parameters:
+    ///   - origin: The base image (or block device) the store was made on.
+    ///   - output: The new image file; it must not exist.
+    ///   - progress: Called every few MiB, on the calling thread; return false to stop.
+    /// - Throws: ``DeviceMapperError`` with the code `.cowStoreInUse`, `.originMismatch`,
+    ///   `.invalidCowStore`, `.fileExists`, `.invalidArgument` (an origin that is neither a file
+    ///   nor a block device), `.cancelled`, or `.systemCallFailed`.
     public func flatten(origin: FilePath, to output: FilePath, progress: FlattenProgressHandler? = nil)
         throws(DeviceMapperError)
     {
@@ -96,6 +111,8 @@ extension CowFile {
     /// agent's store, or one on a filesystem without extended attributes.
     /// Throws `.invalidCowStore` if the attribute is there but unreadable.
     /// The corresponding C function is `fgetxattr`.
+    ///
+    /// - Returns: The record, or nil if the store has none.
     public func originRecord() throws(DeviceMapperError) -> OriginRecord? {
         try OriginRecord.read(from: file.descriptor, path: path)
     }
@@ -103,6 +120,13 @@ extension CowFile {
     /// Checks that this store can be read over `origin` (a base image file or a block
     /// device): `.originMismatch` if its origin record names another image. A store without
     /// a record passes, with a warning logged.
+    ///
+    /// It reads about 1 MiB of `origin` for its fingerprint (see ``OriginFingerprint``). The
+    /// C calls are `open`, `fstat`, `ioctl(BLKGETSIZE64)` for a block device, `fgetxattr` and `pread`.
+    ///
+    /// - Parameter origin: The base image file or block device to check the store against.
+    /// - Throws: ``DeviceMapperError`` with the code `.originMismatch`, `.invalidCowStore` (an
+    ///   unreadable record), or `.systemCallFailed` (`origin` cannot be opened or read).
     public func checkOrigin(_ origin: FilePath) throws(DeviceMapperError) {
         let operation = "CowFile.checkOrigin"
         let originFile = try system_open(origin, O_RDONLY).get("open", subject: origin.string)

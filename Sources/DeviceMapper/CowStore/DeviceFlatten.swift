@@ -26,6 +26,16 @@ extension SnapshotDevice {
     ///
     /// `progress`, if given, is called after each block; returning false cancels the
     /// flatten (`.cancelled`), and nothing is left at or beside `output`.
+    ///
+    /// The calls: `open` (`O_DIRECT`), `ioctl(BLKGETSIZE64)`, `pread` and `pwrite`, `fsync`,
+    /// and `renameat2` (`RENAME_NOREPLACE`), with an exclusive `flock` on the temporary file
+    /// until the rename. On any failure the temporary file is removed.
+    ///
+    /// - Parameters:
+    ///   - output: The new image file; it must not exist.
+    ///   - progress: Called after each block, on the calling thread; return false to stop.
+    /// - Throws: ``DeviceMapperError`` with the code `.fileExists` (`output` exists), `.cancelled`,
+    ///   or `.systemCallFailed` with the `errno` of the read, write or rename.
     public func flatten(to output: FilePath, progress: FlattenProgressHandler? = nil) throws(DeviceMapperError) {
         let device = try openForDirectRead(devicePath)
         defer { system_close(device) }

@@ -82,12 +82,17 @@ package struct DMListedDevice: Hashable, Sendable {
 private let udevTimeout = Locked<UInt32>(10_000)
 
 /// Operations on device-mapper devices through `/dev/mapper/control`.
+///
+/// What an agent uses of it: ``checkAvailable()`` at start-up, ``driverVersion()`` for its
+/// logs, and ``udevTimeoutMilliseconds``. The snapshot calls go through ``SnapshotDevice``.
 public enum DeviceMapperControl {
     private static let logger = Logger(label: "DeviceMapper.DeviceMapperControl")
 
     /// How long `create` waits for udev to make `/dev/mapper/<name>`, and `remove` for udev to
     /// remove it, where udev runs; past it they fail with `.udevTimeout`. 10 s by default.
     /// The same deadline bounds how long a udev cookie is waited for in the background.
+    /// Process-wide and thread-safe; values below 1 become 1. Sandbox devices keep udev's
+    /// device-mapper rules off, so their create and remove never wait on it.
     public static var udevTimeoutMilliseconds: UInt32 {
         get { udevTimeout.withLock { $0 } }
         set { udevTimeout.withLock { $0 = max(newValue, 1) } }
@@ -96,12 +101,23 @@ public enum DeviceMapperControl {
     /// Throws `.deviceMapperUnavailable` with a plain explanation if the running kernel has
     /// no device-mapper driver; else returns. Reads `/proc/misc` and opens the control node:
     /// the node's mere existence proves nothing, as libdevmapper creates it by itself.
+    ///
+    /// Call it once at start-up, to fail with a plain message before any sandbox is set up.
+    /// The C calls are `open` and `read` of `/proc/misc`, then `open` of `/dev/mapper/control`
+    /// (which needs root).
+    ///
+    /// - Throws: ``DeviceMapperError`` with the code `.deviceMapperUnavailable`; its `errno` is
+    ///   the control node's `open` error (`EACCES` when not root), else `ENODEV`.
     public static func checkAvailable() throws(DeviceMapperError) {
         if let error = unavailabilityError(operation: "open /dev/mapper/control") { throw error }
     }
 
     /// The kernel's device-mapper driver version, e.g. `4.47.0`.
-    /// The corresponding ioctl is `DM_VERSION`.
+    /// The `dm_task` type is `DM_DEVICE_VERSION` (ioctl `DM_VERSION`).
+    ///
+    /// - Returns: `major.minor.patch` of the kernel's driver.
+    /// - Throws: ``DeviceMapperError`` with the code `.deviceMapperUnavailable` or
+    ///   `.deviceMapperCallFailed`.
     public static func driverVersion() throws(DeviceMapperError) -> String {
         try run(.version, subject: nil) { _ in
             true

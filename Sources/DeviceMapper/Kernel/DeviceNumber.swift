@@ -11,9 +11,12 @@ import SystemPackage
 /// Device-mapper tables name their devices this way (`7:3`), which saves the
 /// kernel a path lookup on every table load.
 public struct DeviceNumber: Hashable, Sendable, CustomStringConvertible {
+    /// The major number: the driver, e.g. 7 for loop devices.
     public var major: UInt32
+    /// The minor number: the device within its driver.
     public var minor: UInt32
 
+    /// The pair `major:minor`.
     public init(major: UInt32, minor: UInt32) {
         self.major = major
         self.minor = minor

@@ -21,6 +21,7 @@ public struct LoopDevice: Hashable, Sendable, CustomStringConvertible {
     /// `/dev/loopN`.
     public var path: FilePath { FilePath("/dev/loop\(index)") }
 
+    /// The device's path, `/dev/loopN`.
     public var description: String { path.string }
 }
 

@@ -118,7 +118,12 @@ private func runCancellableFlatten(
 }
 
 extension SnapshotDevice {
-    /// `create`, run on the library's own threads. See the synchronous `create`.
+    /// `create`, run on the library's own threads, with the default ``SnapshotOptions``.
+    ///
+    /// The calling task is suspended, not blocked, meanwhile; the work runs on one of four
+    /// dedicated threads (`dm-blocking-N`), never on the cooperative pool. Calls, errors and
+    /// rollback are those of ``create(name:origin:cowPath:originSizeBytes:options:)``.
+    /// Cancelling the task does not stop a create.
     public static func create(
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
     ) async throws(DeviceMapperError) -> SnapshotDevice {
@@ -127,7 +132,11 @@ extension SnapshotDevice {
         }
     }
 
-    /// `restore`, run on the library's own threads. See the synchronous `restore`.
+    /// `restore`, run on the library's own threads, with the default ``SnapshotOptions``.
+    ///
+    /// Calls, errors and rollback are those of
+    /// ``restore(name:origin:cowPath:originSizeBytes:options:)``. Cancelling the task does not
+    /// stop a restore.
     public static func restore(
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
     ) async throws(DeviceMapperError) -> SnapshotDevice {
@@ -137,6 +146,11 @@ extension SnapshotDevice {
     }
 
     /// `remove`, with its busy retries, run on the library's own threads.
+    ///
+    /// Calls and errors are those of the synchronous `remove(deferred:)`: `DM_DEVICE_REMOVE`,
+    /// and `.deviceBusy` once about a second of retries has passed.
+    ///
+    /// - Parameter deferred: Let the kernel remove a busy device on its last close.
     public func remove(deferred: Bool = false) async throws(DeviceMapperError) {
         try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in
             try self.remove(deferred: deferred)
@@ -146,6 +160,13 @@ extension SnapshotDevice {
     /// `flatten`, run on the library's own threads. Cancelling the task stops the copy
     /// between blocks and removes the partial output (`.cancelled`). `progress` is called
     /// on the flattening thread after each block.
+    ///
+    /// Calls and errors are those of the synchronous `flatten(to:progress:)`; on any failure,
+    /// cancellation included, nothing is left at or beside `output`.
+    ///
+    /// - Parameters:
+    ///   - output: The new image file; it must not exist.
+    ///   - progress: Told how far the copy has got; it cannot stop it (cancel the task instead).
     public func flatten(to output: FilePath, progress: (@Sendable (FlattenProgress) -> Void)? = nil)
         async throws(DeviceMapperError)
     {
@@ -154,7 +175,8 @@ extension SnapshotDevice {
         }
     }
 
-    /// `listOwned`, run on the library's own threads.
+    /// `listOwned`, run on the library's own threads; calls and errors are those of the
+    /// synchronous `listOwned()`.
     public static func listOwned() async throws(DeviceMapperError) -> [OwnedSnapshot] {
         try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in try SnapshotDevice.listOwned() }
     }
@@ -163,6 +185,14 @@ extension SnapshotDevice {
 extension CowFile {
     /// The offline `flatten`, run on the library's own threads; cancellable as
     /// `SnapshotDevice.flatten(to:progress:)` is.
+    ///
+    /// Checks, calls and errors are those of the synchronous `flatten(origin:to:progress:)`;
+    /// cancelling the task throws `.cancelled` and removes the partial output.
+    ///
+    /// - Parameters:
+    ///   - origin: The base image (or block device) the store was made on.
+    ///   - output: The new image file; it must not exist.
+    ///   - progress: Told how far the copy has got, on the flattening thread.
     public func flatten(
         origin: FilePath, to output: FilePath, progress: (@Sendable (FlattenProgress) -> Void)? = nil
     ) async throws(DeviceMapperError) {
@@ -174,12 +204,26 @@ extension CowFile {
 
 extension LoopRegistry {
     /// `acquire`, run on the library's own threads (an attach may back off and retry).
+    ///
+    /// Calls, errors and reference counting are those of the synchronous `acquire(imagePath:)`.
+    ///
+    /// - Parameter imagePath: The base image file.
+    /// - Returns: The loop device's path, the `origin` for `SnapshotDevice.create`.
     public func acquire(imagePath: FilePath) async throws(DeviceMapperError) -> FilePath {
         try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in try self.acquire(imagePath: imagePath) }
     }
 }
 
 /// `cleanupStaleDevices`, run on the library's own threads.
+///
+/// Calls and rules are those of the synchronous `cleanupStaleDevices(prefix:includingUnownedDevices:dryRun:)`;
+/// like it, it never throws.
+///
+/// - Parameters:
+///   - prefix: Only devices whose name starts with it are looked at. Never pass an empty one.
+///   - includingUnownedDevices: Also remove prefixed snapshot devices without a UUID.
+///   - dryRun: Remove nothing; report what would be removed.
+/// - Returns: What was removed, skipped, left alone, and what failed.
 public func cleanupStaleDevices(
     prefix: String = "wrenn-", includingUnownedDevices: Bool = false, dryRun: Bool = false
 ) async -> StaleCleanupReport {

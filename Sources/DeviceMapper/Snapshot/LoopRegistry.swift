@@ -15,6 +15,10 @@ public import SystemPackage
 /// Images are keyed by file identity (device and inode), not by path: two paths
 /// to one file share a device, and a new file written at an old path gets a new
 /// device, never the old image's. Thread-safe.
+///
+/// The registry holds each loop device open; the kernel detaches it (autoclear) once the
+/// registry has let go and no snapshot's table uses it. An agent keeps one registry for its
+/// life; dropping the registry releases every device, as ``releaseAll()`` does.
 public final class LoopRegistry: Sendable {
     /// One attached image. A class, so that the dictionary can hold the non-copyable loop
     /// device; the descriptor closes when the entry leaves the dictionary.
@@ -49,6 +53,10 @@ public final class LoopRegistry: Sendable {
     /// the host keeps one page-cache copy of each base image for all of its sandboxes (see
     /// docs/benchmarks.md, "Data plane"). With `true` they ask for `LO_FLAGS_DIRECT_IO`, and
     /// fall back to buffered, with a warning logged, where the image's filesystem refuses it.
+    ///
+    /// - Parameters:
+    ///   - logger: Where attach, reuse and release lines go.
+    ///   - originDirectIO: Ask for direct I/O on the origin loop devices; default `false`.
     public init(logger: Logger = Logger(label: "DeviceMapper.LoopRegistry"), originDirectIO: Bool = false) {
         self.logger = logger
         self.originDirectIO = originDirectIO
@@ -60,6 +68,19 @@ public final class LoopRegistry: Sendable {
     ///
     /// Fails with a clear error, and attaches nothing, if the image is missing, a
     /// directory, empty, or not a whole number of 512-byte sectors.
+    ///
+    /// Each call takes one reference; balance it with ``release(imagePath:)``. The first
+    /// attaches the image read-only and autoclear: `open`, `fstat`, then the loop ioctls
+    /// `LOOP_CTL_GET_FREE` and `LOOP_CONFIGURE` (`LOOP_SET_FD` and `LOOP_SET_STATUS64` before
+    /// Linux 5.8). A free device that another process takes first (`EBUSY`) is retried after a
+    /// short jittered backoff, a bounded number of times.
+    ///
+    /// - Parameter imagePath: The base image file.
+    /// - Returns: The loop device's path, e.g. `/dev/loop0`: the `origin` for
+    ///   ``SnapshotDevice/create(name:origin:cowPath:originSizeBytes:options:)``.
+    /// - Throws: ``DeviceMapperError`` with the code `.invalidArgument` (a directory, an empty
+    ///   image, a partial sector), `.systemCallFailed` (`ENOENT` for a missing image, `EACCES`),
+    ///   or `.loopDeviceUnavailable` (no free loop device after the retries).
     public func acquire(imagePath: FilePath) throws(DeviceMapperError) -> FilePath {
         let image = try system_open(imagePath, O_RDONLY).get("open", subject: imagePath.string)
         defer { system_close(image) }
@@ -124,6 +145,11 @@ public final class LoopRegistry: Sendable {
     /// earlier file acquired by this path (a template rebuilt in place still releases
     /// the old image's device). Releasing an image that holds no reference does
     /// nothing but log a warning.
+    ///
+    /// No ioctl: the last release closes the registry's descriptor (`close`), and autoclear
+    /// detaches the device once no snapshot holds it. Never throws.
+    ///
+    /// - Parameter imagePath: The path the image was acquired by.
     public func release(imagePath: FilePath) {
         let identity = currentIdentity(imagePath)
         state.withLock { state in
@@ -150,6 +176,9 @@ public final class LoopRegistry: Sendable {
     }
 
     /// Releases every device, whatever its count: for the agent's shutdown.
+    ///
+    /// Closes the registry's descriptors (`close`); a device that live snapshots still use
+    /// stays attached until they are removed, then autoclear detaches it. Never throws.
     public func releaseAll() {
         let released = state.withLock { state in
             defer { state.entries.removeAll() }
@@ -169,6 +198,9 @@ public final class LoopRegistry: Sendable {
     /// How many unreleased `acquire`s the image at `imagePath` has. If the file now at
     /// that path holds none but an earlier file was acquired by this path (and since
     /// replaced), this answers for that earlier image, as `release` would.
+    ///
+    /// - Parameter imagePath: The path the image was acquired by.
+    /// - Returns: The count; 0 for an image never acquired, or fully released.
     public func referenceCount(imagePath: FilePath) -> Int {
         let identity = currentIdentity(imagePath)
         return state.withLock { state in

@@ -76,7 +76,12 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// The origin a store was made against, as `SnapshotDevice.create` records it with the store.
+///
+/// It is kept in the store's extended attribute ``attributeName``. ``CowFile/originRecord()``
+/// reads it; `restore` and the offline flatten check it and refuse another base image with
+/// ``DeviceMapperError/Code-swift.struct/originMismatch``.
 public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
+    /// The origin's size and sample hash at create time: what `restore` compares.
     public var fingerprint: OriginFingerprint
     /// The origin's path at create time (a loop device, usually), for messages only.
     public var originPath: String
@@ -128,6 +133,7 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
             imagePath: fields["image"])
     }
 
+    /// `image <path> on <origin> (<fingerprint>)`, or `<origin> (<fingerprint>)` without an image.
     public var description: String {
         "\(imagePath.map { "image \($0) on " } ?? "")\(originPath) (\(fingerprint))"
     }

@@ -32,7 +32,14 @@ extension SnapshotDevice {
     /// Fails with `.deviceNotFound` if there is no such device, `.deviceNotOwned` if its UUID
     /// lacks `uuidPrefix`, and `.unexpectedKernelOutput` if its table is not a snapshot over
     /// a loop device.
-    /// The corresponding ioctls are `DM_DEV_STATUS`, `DM_TABLE_STATUS` (table and status).
+    /// The `dm_task` types are `DM_DEVICE_INFO`, `DM_DEVICE_TABLE` and `DM_DEVICE_STATUS`
+    /// (ioctls `DM_DEV_STATUS` and `DM_TABLE_STATUS`); the store and the origin image are read
+    /// from sysfs (`/sys/block/loopN/loop/backing_file`). It changes nothing.
+    ///
+    /// - Parameter name: The device-mapper name.
+    /// - Returns: The device, with what the agent needs to keep serving it.
+    /// - Throws: ``DeviceMapperError`` as said above, `.invalidName` for a name the library
+    ///   would not make, or `.deviceMapperCallFailed`.
     public static func adopt(name: String) throws(DeviceMapperError) -> OwnedSnapshot {
         let operation = "SnapshotDevice.adopt"
         let deviceName = try DeviceName(name)
@@ -74,8 +81,14 @@ extension SnapshotDevice {
     }
 
     /// Every live device this library made (its UUID starts with `uuidPrefix`), by name.
-    /// Devices removed while the list is taken are left out.
-    /// The corresponding ioctls are `DM_LIST_DEVICES`, then those of `adopt` per device.
+    /// Devices removed while the list is taken are left out, and so are devices another
+    /// tool made. It changes nothing.
+    /// The `dm_task` type is `DM_DEVICE_LIST` (ioctl `DM_LIST_DEVICES`), then those of
+    /// ``adopt(name:)`` per device.
+    ///
+    /// - Returns: The owned devices, sorted by name; open ones have an `openCount` above 0.
+    /// - Throws: ``DeviceMapperError`` if the devices cannot be listed, or an owned device
+    ///   cannot be read (`.unexpectedKernelOutput`, `.deviceMapperCallFailed`).
     public static func listOwned() throws(DeviceMapperError) -> [OwnedSnapshot] {
         var owned: [OwnedSnapshot] = []
         for listed in try DeviceMapperControl.list(withTargetTypes: false) {

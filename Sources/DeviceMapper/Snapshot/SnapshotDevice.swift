@@ -12,6 +12,11 @@ public import SystemPackage
 
 /// A device-mapper `snapshot` device: a writable view of a read-only origin, whose
 /// changes go to a persistent copy-on-write store in a sparse file on its own loop device.
+///
+/// A value only names a device; it holds no descriptor. Make one with
+/// ``create(name:origin:cowPath:originSizeBytes:options:)`` or
+/// ``restore(name:origin:cowPath:originSizeBytes:options:)``, find one again after a restart
+/// with ``adopt(name:)`` or `listOwned()`. Every call needs root (`CAP_SYS_ADMIN`).
 public struct SnapshotDevice: Sendable, Hashable {
     /// The device-mapper name.
     public let name: String
@@ -27,6 +32,7 @@ public struct SnapshotDevice: Sendable, Hashable {
     public static let chunkSizeSectors: UInt32 = 8
 
     /// Whether the CoW loop device does direct I/O (`/sys/block/loopN/loop/dio`, read now).
+    /// False too if the file cannot be read (the loop device is gone).
     public var cowLoopUsesDirectIO: Bool {
         let index = Int(cowLoopDevice.string.dropFirst("/dev/loop".count)) ?? -1
         return readSmallFile(FilePath("/sys/block/loop\(index)/loop/dio")) == "1"
@@ -60,6 +66,24 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// device, no CoW file. The one exception: if a half-made device cannot be removed, the
     /// CoW file is kept, never unlinked under a device that may still use it, and the error's
     /// `rollbackErrors` says what could not be undone.
+    ///
+    /// The calls, in order: `open` (`O_CREAT | O_EXCL`), `flock`, `ftruncate`, `fsetxattr`,
+    /// the loop ioctls `LOOP_CTL_GET_FREE` and `LOOP_CONFIGURE`, the `dm_task` types
+    /// `DM_DEVICE_CREATE`, `DM_DEVICE_RELOAD` and `DM_DEVICE_RESUME` (ioctls `DM_DEV_CREATE`,
+    /// `DM_TABLE_LOAD`, `DM_DEV_SUSPEND`), then `mknod` and `rename` for the node.
+    /// No call waits for udev.
+    ///
+    /// - Parameters:
+    ///   - name: The device-mapper name, e.g. `wrenn-sbx-42`; the node is `/dev/mapper/<name>`.
+    ///   - origin: The read-only origin block device, from ``LoopRegistry``'s `acquire(imagePath:)`.
+    ///   - cowPath: Where to create the store; the file must not exist.
+    ///   - originSizeBytes: The origin device's size in bytes, a positive multiple of 512.
+    ///   - options: The chunk size, direct I/O and logger; the defaults suit most sandboxes.
+    /// - Returns: The live device; the sandbox's disk is its ``devicePath``.
+    /// - Throws: ``DeviceMapperError`` with the code `.invalidName`, `.invalidArgument`,
+    ///   `.fileExists` (the store, or a device of that name), `.loopDeviceUnavailable`,
+    ///   `.deviceMapperCallFailed`, `.udevTimeout`, `.deviceMapperUnavailable` or
+    ///   `.systemCallFailed`, with the kernel's `errno`.
     public static func create(
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
         options: SnapshotOptions = SnapshotOptions()
@@ -137,6 +161,24 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// device and the device-mapper device that hold it. A loop device in the middle of
     /// detaching (a udev worker may hold it a moment after its snapshot is removed) is waited
     /// for, up to 3 s. The CoW file is never deleted, on any path.
+    ///
+    /// On failure nothing this call attached is left: no loop device, no device-mapper device.
+    /// A stale device it removed stays removed; a store that older code sized too small may
+    /// have been grown (sparse). The calls: `open`, `pread` (the header), `fgetxattr` (the
+    /// origin record), `DM_DEVICE_INFO` and maybe `DM_DEVICE_REMOVE` for a same-named device,
+    /// `flock`, then the loop ioctls and `dm_task` types of `create`.
+    ///
+    /// - Parameters:
+    ///   - name: The device-mapper name; usually the one the device had before the pause.
+    ///   - origin: The read-only origin block device, over the image the store was made on.
+    ///   - cowPath: The store a `remove` kept.
+    ///   - originSizeBytes: The origin device's size in bytes.
+    ///   - options: Only `cowDirectIO` and `logger` apply; the chunk size is the store's.
+    /// - Returns: The live device, with the store's data.
+    /// - Throws: ``DeviceMapperError`` with the code `.invalidCowStore`, `.originMismatch`,
+    ///   `.cowStoreInUse`, `.deviceBusy`, `.deviceNotOwned`, `.invalidName`, `.invalidArgument`,
+    ///   `.loopDeviceUnavailable`, `.deviceMapperCallFailed`, `.udevTimeout`,
+    ///   `.deviceMapperUnavailable` or `.systemCallFailed`.
     public static func restore(
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
         options: SnapshotOptions = SnapshotOptions()
@@ -219,6 +261,15 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// While the device is busy the remove is retried for about a second, then it throws
     /// with `errno == .resourceBusy` and the device is left intact and usable. With
     /// `deferred`, a busy device is removed by the kernel when its last user closes it.
+    ///
+    /// The `dm_task` type is `DM_DEVICE_REMOVE` (ioctl `DM_DEV_REMOVE`; with `deferred`,
+    /// `dm_task_deferred_remove`), then `unlink` of `/dev/mapper/<name>`. A failed remove
+    /// changes nothing, so there is nothing to undo.
+    ///
+    /// - Parameter deferred: Let the kernel remove a busy device on its last close.
+    /// - Throws: ``DeviceMapperError`` with the code `.deviceBusy` (`EBUSY`, after the retries),
+    ///   `.deviceNotFound` (`ENXIO`: already gone), `.udevTimeout` (the device is gone, udev did
+    ///   not remove its node in time) or `.deviceMapperCallFailed`.
     public func remove(deferred: Bool = false) throws(DeviceMapperError) {
         try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
         Self.logger.info(
@@ -229,7 +280,11 @@ public struct SnapshotDevice: Sendable, Hashable {
     }
 
     /// The snapshot's state and CoW usage, from the target's status line.
-    /// The corresponding ioctl is `DM_TABLE_STATUS`.
+    /// The `dm_task` type is `DM_DEVICE_STATUS` (ioctl `DM_TABLE_STATUS`).
+    ///
+    /// - Returns: The state and the store's use in sectors.
+    /// - Throws: ``DeviceMapperError`` with the code `.deviceNotFound` if the device is gone, or
+    ///   `.unexpectedKernelOutput` if it is not one `snapshot` target or its status does not parse.
     public func status() throws(DeviceMapperError) -> SnapshotStatus {
         let lines = try DeviceMapperControl.status(name: DeviceName(name))
         guard let line = lines.first, line.type == "snapshot" else {

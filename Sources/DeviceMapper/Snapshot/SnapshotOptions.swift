@@ -29,6 +29,14 @@ public struct SnapshotOptions: Sendable {
     /// The chunk sizes `create` accepts, in sectors.
     public static let supportedChunkSizesSectors: [UInt32] = [8, 16, 32, 64, 128]
 
+    /// Options with the given levers; every default is what `SnapshotOptions()` gives.
+    /// Nothing is checked here: `create` refuses a chunk size not in ``supportedChunkSizesSectors``
+    /// with ``DeviceMapperError/Code-swift.struct/invalidArgument``.
+    ///
+    /// - Parameters:
+    ///   - chunkSizeSectors: The chunk size in 512-byte sectors; default 8 (4 KiB).
+    ///   - cowDirectIO: Direct I/O on the CoW loop device; default `true`.
+    ///   - logger: Where the data-plane lines go; `nil` for the library's logger.
     public init(
         chunkSizeSectors: UInt32 = SnapshotDevice.chunkSizeSectors,
         cowDirectIO: Bool = true,

@@ -1,5 +1,9 @@
 /// A snapshot device's state, parsed from the `snapshot` target's status line.
+///
+/// ``SnapshotDevice/status()`` returns it; ``OwnedSnapshot/status`` holds it. The sector
+/// counts are 512-byte sectors, and meaningful only when ``state`` is ``State-swift.enum/active``.
 public struct SnapshotStatus: Sendable, Hashable {
+    /// What the kernel says of the snapshot: working, or why it stopped.
     public enum State: Sendable, Hashable {
         /// Working; the sector counts are meaningful.
         case active
@@ -17,6 +21,7 @@ public struct SnapshotStatus: Sendable, Hashable {
     public var totalSectors: UInt64
     /// Sectors of the CoW store that hold the header and exception metadata.
     public var metadataSectors: UInt64
+    /// Whether the snapshot works. Anything else than ``State-swift.enum/active`` means the kernel stopped it.
     public var state: State
 
     package init(allocatedSectors: UInt64, totalSectors: UInt64, metadataSectors: UInt64, state: State) {

@@ -4,15 +4,21 @@ import Logging
 public import SystemPackage
 
 /// What `cleanupStaleDevices` did.
+///
+/// Cleanup never throws: what it could not do is in ``failures``. Check ``isClean``, and
+/// adopt the devices in ``inUse-swift.property``.
 public struct StaleCleanupReport: Sendable {
     /// A device that could not be removed, and why.
     public struct Failure: Sendable {
+        /// The device-mapper name, or `*` if the devices could not even be listed.
         public var name: String
+        /// Why it was not removed.
         public var error: DeviceMapperError
     }
 
     /// A device left alone because something holds it open: a sandbox still running.
     public struct InUse: Sendable, Hashable {
+        /// The device-mapper name.
         public var name: String
         /// The open count when it was looked at; 0 if the remove itself met `EBUSY`.
         public var openCount: Int
@@ -55,6 +61,18 @@ private let cleanupLogger = Logger(label: "DeviceMapper.cleanupStaleDevices")
 ///
 /// With `dryRun`, nothing is removed: the report lists in `removed` what a real run would
 /// remove, classified by the same rule.
+///
+/// The `dm_task` types are `DM_DEVICE_LIST`, then per device `DM_DEVICE_INFO` and
+/// `DM_DEVICE_TABLE` (ioctls `DM_LIST_DEVICES`, `DM_DEV_STATUS`, `DM_TABLE_STATUS`) and
+/// `DM_DEVICE_REMOVE` (`DM_DEV_REMOVE`); the CoW loop devices are checked with
+/// `LOOP_GET_STATUS64`. It never throws: every failure is in the report's `failures`,
+/// and a failure on one device does not stop the others. It undoes nothing.
+///
+/// - Parameters:
+///   - prefix: Only devices whose name starts with it are looked at. Never pass an empty one.
+///   - includingUnownedDevices: Also remove prefixed snapshot devices without a UUID.
+///   - dryRun: Remove nothing; report what would be removed.
+/// - Returns: What was removed, skipped, left alone, and what failed.
 public func cleanupStaleDevices(
     prefix: String = "wrenn-", includingUnownedDevices: Bool = false, dryRun: Bool = false
 ) -> StaleCleanupReport {
@@ -145,6 +163,13 @@ private func cowLoopDevice(_ number: DeviceNumber) -> (LoopDevice, LoopDeviceSta
 /// is never disturbed. Call it at start-up for each directory outputs are written to,
 /// beside `cleanupStaleDevices`. A new flatten to an output also removes that output's
 /// stale temporary files first.
+///
+/// The C calls are `flock` (`LOCK_EX | LOCK_NB`, which fails on a live writer's file) and
+/// `unlink`. It never throws: a directory that cannot be read, or a file that cannot be
+/// removed, is skipped.
+///
+/// - Parameter directory: A directory flatten outputs are written to.
+/// - Returns: The temporary files removed.
 @discardableResult
 public func removeStalePartialFiles(in directory: FilePath) -> [FilePath] {
     let removed = removeUnlockedPartialFiles(in: directory)

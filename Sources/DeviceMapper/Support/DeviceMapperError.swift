@@ -67,6 +67,7 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
         /// The kernel returned text or data this library cannot parse.
         public static let unexpectedKernelOutput = Code(storage: .unexpectedKernelOutput)
 
+        /// A few plain words, e.g. `copy-on-write store in use`.
         public var description: String {
             switch storage {
             case .deviceMapperUnavailable: "device-mapper unavailable"
@@ -122,6 +123,8 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
         self.libdevmapperMessages = libdevmapperMessages
     }
 
+    /// One line for a log: `<operation> failed for <subject>: <code> (<errno>). <detail>`,
+    /// then libdevmapper's messages and any rollback errors.
     public var description: String {
         var text = "\(operation) failed"
         if let subject { text += " for \(subject)" }
