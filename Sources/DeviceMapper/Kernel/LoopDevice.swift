@@ -334,7 +334,7 @@ func blockDeviceSizeBytes(descriptor fd: FileDescriptor, subject: String) throws
 /// The size in bytes of the block device at `device`, for `SnapshotDevice.create`'s
 /// `originSizeBytes`. Throws `.invalidArgument` if `device` is not a block device.
 /// The corresponding ioctl is `BLKGETSIZE64`.
-package func originSizeBytes(of device: FilePath) throws(DeviceMapperError) -> Int64 {
+public func originSizeBytes(of device: FilePath) throws(DeviceMapperError) -> Int64 {
     let fd = try system_open(device, O_RDONLY).get("open", subject: device.string)
     defer { system_close(fd) }
     let status = try system_fstat(fd).get("fstat", subject: device.string)

@@ -2,7 +2,7 @@
 // store in an extended attribute. docs/on-disk-format.md says why an attribute.
 
 import Logging
-public import SystemPackage
+import SystemPackage
 
 #if canImport(Glibc)
     import Glibc
