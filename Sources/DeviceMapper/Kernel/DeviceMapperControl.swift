@@ -443,6 +443,12 @@ public enum DeviceMapperControl {
         if listed, case .success = openResult { return nil }
         var errno: Errno = .operationNotSupportedByDevice
         if case .failure(let openErrno) = openResult { errno = openErrno }
+        if listed, errno == .permissionDenied || errno == .notPermitted {
+            return DeviceMapperError(
+                code: .deviceMapperUnavailable, operation: operation, subject: "/dev/mapper/control", errno: errno,
+                detail: "The kernel has device-mapper, but this process may not open its control node: "
+                    + "the library needs root (CAP_SYS_ADMIN)")
+        }
         return DeviceMapperError(
             code: .deviceMapperUnavailable, operation: operation, subject: "/dev/mapper/control", errno: errno,
             detail: "The running kernel has no device-mapper driver"
