@@ -27,6 +27,13 @@ extension SnapshotDevice {
     /// `progress`, if given, is called after each block; returning false cancels the
     /// flatten (`.cancelled`), and nothing is left at or beside `output`.
     public func flatten(to output: FilePath, progress: FlattenProgressHandler? = nil) throws(DeviceMapperError) {
+        try LibraryMetrics.measure(.flattenLive) { () throws(DeviceMapperError) in
+            try flattenDevice(to: output, progress: progress)
+        }
+    }
+
+    /// `flatten(to:progress:)`'s work; `flatten` measures it.
+    private func flattenDevice(to output: FilePath, progress: FlattenProgressHandler?) throws(DeviceMapperError) {
         let device = try openForDirectRead(devicePath)
         defer { system_close(device) }
         let sizeBytes = try blockDeviceSizeBytes(descriptor: device, subject: devicePath.string)

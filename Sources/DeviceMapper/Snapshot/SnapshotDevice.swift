@@ -64,6 +64,18 @@ public struct SnapshotDevice: Sendable, Hashable {
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
         options: SnapshotOptions = SnapshotOptions()
     ) throws(DeviceMapperError) -> SnapshotDevice {
+        let snapshot = try LibraryMetrics.measure(.create) { () throws(DeviceMapperError) in
+            try createDevice(
+                name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes, options: options)
+        }
+        LibraryMetrics.liveDeviceAdded()
+        return snapshot
+    }
+
+    /// `create`'s work; `create` measures it and counts the device.
+    private static func createDevice(
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64, options: SnapshotOptions
+    ) throws(DeviceMapperError) -> SnapshotDevice {
         let operation = "SnapshotDevice.create"
         let deviceName = try DeviceName(name)
         guard SnapshotOptions.supportedChunkSizesSectors.contains(options.chunkSizeSectors) else {
@@ -141,6 +153,18 @@ public struct SnapshotDevice: Sendable, Hashable {
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
         options: SnapshotOptions = SnapshotOptions()
     ) throws(DeviceMapperError) -> SnapshotDevice {
+        let snapshot = try LibraryMetrics.measure(.restore) { () throws(DeviceMapperError) in
+            try restoreDevice(
+                name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes, options: options)
+        }
+        LibraryMetrics.liveDeviceAdded()
+        return snapshot
+    }
+
+    /// `restore`'s work; `restore` measures it and counts the device.
+    private static func restoreDevice(
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64, options: SnapshotOptions
+    ) throws(DeviceMapperError) -> SnapshotDevice {
         let operation = "SnapshotDevice.restore"
         let logger = options.logger
         let deviceName = try DeviceName(name)
@@ -211,6 +235,7 @@ public struct SnapshotDevice: Sendable, Hashable {
         logger.info(
             "removing stale device before restore", metadata: ["name": "\(name)", "uuid": "\(info.uuid ?? "")"])
         try DeviceMapperControl.remove(name: name)
+        LibraryMetrics.liveDeviceRemoved()
     }
 
     /// Removes the device-mapper device and, with it, the CoW loop device (autoclear).
@@ -220,7 +245,16 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// with `errno == .resourceBusy` and the device is left intact and usable. With
     /// `deferred`, a busy device is removed by the kernel when its last user closes it.
     public func remove(deferred: Bool = false) throws(DeviceMapperError) {
-        try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
+        do throws(DeviceMapperError) {
+            try LibraryMetrics.measure(.remove) { () throws(DeviceMapperError) in
+                try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
+            }
+        } catch {
+            // Past udev's deadline the device is gone all the same; only the node was late.
+            if error.code == .udevTimeout { LibraryMetrics.liveDeviceRemoved() }
+            throw error
+        }
+        LibraryMetrics.liveDeviceRemoved()
         Self.logger.info(
             "snapshot device removed",
             metadata: [
@@ -242,6 +276,7 @@ public struct SnapshotDevice: Sendable, Hashable {
                 code: .unexpectedKernelOutput, operation: "SnapshotDevice.status", subject: name,
                 detail: "cannot parse the snapshot status \"\(line.parameters)\"")
         }
+        if status.state == .invalid { LibraryMetrics.storeInvalid(.status) }
         return status
     }
 
