@@ -245,14 +245,8 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// with `errno == .resourceBusy` and the device is left intact and usable. With
     /// `deferred`, a busy device is removed by the kernel when its last user closes it.
     public func remove(deferred: Bool = false) throws(DeviceMapperError) {
-        do throws(DeviceMapperError) {
-            try LibraryMetrics.measure(.remove) { () throws(DeviceMapperError) in
-                try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
-            }
-        } catch {
-            // Past udev's deadline the device is gone all the same; only the node was late.
-            if error.code == .udevTimeout { LibraryMetrics.liveDeviceRemoved() }
-            throw error
+        try LibraryMetrics.measure(.remove) { () throws(DeviceMapperError) in
+            try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
         }
         LibraryMetrics.liveDeviceRemoved()
         Self.logger.info(
