@@ -53,6 +53,15 @@ extension CowFile {
     public func flatten(origin: FilePath, to output: FilePath, progress: FlattenProgressHandler? = nil)
         throws(DeviceMapperError)
     {
+        try LibraryMetrics.measure(.flattenOffline) { () throws(DeviceMapperError) in
+            try flattenStore(origin: origin, to: output, progress: progress)
+        }
+    }
+
+    /// `flatten(origin:to:progress:)`'s work; `flatten` measures it.
+    private func flattenStore(origin: FilePath, to output: FilePath, progress: FlattenProgressHandler?)
+        throws(DeviceMapperError)
+    {
         let operation = "CowFile.flatten"
         let guardFile = try openLockDescription()
         defer { system_close(guardFile) }

@@ -37,6 +37,13 @@ extension SnapshotDevice {
     /// - Throws: ``DeviceMapperError`` with the code `.fileExists` (`output` exists), `.cancelled`,
     ///   or `.systemCallFailed` with the `errno` of the read, write or rename.
     public func flatten(to output: FilePath, progress: FlattenProgressHandler? = nil) throws(DeviceMapperError) {
+        try LibraryMetrics.measure(.flattenLive) { () throws(DeviceMapperError) in
+            try flattenDevice(to: output, progress: progress)
+        }
+    }
+
+    /// `flatten(to:progress:)`'s work; `flatten` measures it.
+    private func flattenDevice(to output: FilePath, progress: FlattenProgressHandler?) throws(DeviceMapperError) {
         let device = try openForDirectRead(devicePath)
         defer { system_close(device) }
         let sizeBytes = try blockDeviceSizeBytes(descriptor: device, subject: devicePath.string)

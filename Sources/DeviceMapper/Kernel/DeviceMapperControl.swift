@@ -258,6 +258,7 @@ public enum DeviceMapperControl {
                 return
             } catch let error where error.errno == .resourceBusy && attempt < retry.attempts {
                 logger.debug("device busy, retrying remove", metadata: ["name": "\(name)", "attempt": "\(attempt)"])
+                LibraryMetrics.busyRetry(.deviceRemove)
                 attempt += 1
                 usleep(retry.intervalMicroseconds)
             }

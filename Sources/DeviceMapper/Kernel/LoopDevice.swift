@@ -155,7 +155,10 @@ func attachLoopDevice(
         case .failure(let error):
             system_close(loop)
             // Another process bound this device between LOOP_CTL_GET_FREE and now.
-            if error.errno == .resourceBusy { continue }
+            if error.errno == .resourceBusy {
+                if attempt + 1 < loopAttachAttempts { LibraryMetrics.busyRetry(.loopAttach) }
+                continue
+            }
             throw error
         }
     }

@@ -2,6 +2,7 @@
 // they never sleep on Swift concurrency's cooperative pool.
 
 import CDeviceMapperShims
+import CoreMetrics
 public import SystemPackage
 
 #if canImport(Glibc)
@@ -25,14 +26,17 @@ final class BlockingCallPool: Sendable {
     }
 
     /// Runs `body` on one of the pool's threads and returns its result; the calling task
-    /// is suspended, not blocked, meanwhile.
+    /// is suspended, not blocked, meanwhile. The caller's metrics factory, a task-local one
+    /// (`withMetricsFactory`) included, is the one `body`'s metrics go to.
     func run<T: Sendable>(_ body: @escaping @Sendable () throws(DeviceMapperError) -> T) async throws(DeviceMapperError)
         -> T
     {
+        let metricsFactory = MetricsSystem.factory
         let result: Result<T, DeviceMapperError> = await withCheckedContinuation { continuation in
             submit {
                 do throws(DeviceMapperError) {
-                    continuation.resume(returning: .success(try body()))
+                    let value = try withMetricsFactory(metricsFactory) { () throws(DeviceMapperError) in try body() }
+                    continuation.resume(returning: .success(value))
                 } catch {
                     continuation.resume(returning: .failure(error))
                 }

@@ -99,6 +99,8 @@ extension SnapshotDevice {
                 continue
             }
         }
+        // What an agent calls at start-up: the gauge takes the kernel's word over this process's count.
+        LibraryMetrics.liveDevicesFound(owned.count)
         return owned.sorted { $0.device.name < $1.device.name }
     }
 }

@@ -88,6 +88,18 @@ public struct SnapshotDevice: Sendable, Hashable {
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
         options: SnapshotOptions = SnapshotOptions()
     ) throws(DeviceMapperError) -> SnapshotDevice {
+        let snapshot = try LibraryMetrics.measure(.create) { () throws(DeviceMapperError) in
+            try createDevice(
+                name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes, options: options)
+        }
+        LibraryMetrics.liveDeviceAdded()
+        return snapshot
+    }
+
+    /// `create`'s work; `create` measures it and counts the device.
+    private static func createDevice(
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64, options: SnapshotOptions
+    ) throws(DeviceMapperError) -> SnapshotDevice {
         let operation = "SnapshotDevice.create"
         let deviceName = try DeviceName(name)
         guard SnapshotOptions.supportedChunkSizesSectors.contains(options.chunkSizeSectors) else {
@@ -183,6 +195,18 @@ public struct SnapshotDevice: Sendable, Hashable {
         name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
         options: SnapshotOptions = SnapshotOptions()
     ) throws(DeviceMapperError) -> SnapshotDevice {
+        let snapshot = try LibraryMetrics.measure(.restore) { () throws(DeviceMapperError) in
+            try restoreDevice(
+                name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes, options: options)
+        }
+        LibraryMetrics.liveDeviceAdded()
+        return snapshot
+    }
+
+    /// `restore`'s work; `restore` measures it and counts the device.
+    private static func restoreDevice(
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64, options: SnapshotOptions
+    ) throws(DeviceMapperError) -> SnapshotDevice {
         let operation = "SnapshotDevice.restore"
         let logger = options.logger
         let deviceName = try DeviceName(name)
@@ -253,6 +277,7 @@ public struct SnapshotDevice: Sendable, Hashable {
         logger.info(
             "removing stale device before restore", metadata: ["name": "\(name)", "uuid": "\(info.uuid ?? "")"])
         try DeviceMapperControl.remove(name: name)
+        LibraryMetrics.liveDeviceRemoved()
     }
 
     /// Removes the device-mapper device and, with it, the CoW loop device (autoclear).
@@ -271,7 +296,10 @@ public struct SnapshotDevice: Sendable, Hashable {
     ///   `.deviceNotFound` (`ENXIO`: already gone), `.udevTimeout` (the device is gone, udev did
     ///   not remove its node in time) or `.deviceMapperCallFailed`.
     public func remove(deferred: Bool = false) throws(DeviceMapperError) {
-        try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
+        try LibraryMetrics.measure(.remove) { () throws(DeviceMapperError) in
+            try DeviceMapperControl.remove(name: DeviceName(name), deferred: deferred)
+        }
+        LibraryMetrics.liveDeviceRemoved()
         Self.logger.info(
             "snapshot device removed",
             metadata: [
@@ -297,6 +325,7 @@ public struct SnapshotDevice: Sendable, Hashable {
                 code: .unexpectedKernelOutput, operation: "SnapshotDevice.status", subject: name,
                 detail: "cannot parse the snapshot status \"\(line.parameters)\"")
         }
+        if status.state == .invalid { LibraryMetrics.storeInvalid(.status) }
         return status
     }
 

@@ -82,6 +82,7 @@ public func cleanupStaleDevices(
         devices = try DeviceMapperControl.list(withTargetTypes: false)
     } catch {
         report.failures.append(.init(name: "*", error: error))
+        LibraryMetrics.failure(operation: .cleanup, code: error.code)
         cleanupLogger.error("cannot list device-mapper devices", metadata: ["error": "\(error)"])
         return report
     }
@@ -107,6 +108,10 @@ public func cleanupStaleDevices(
                     "device in use left alone", metadata: ["name": "\(name)", "openCount": "\(info.openCount)"])
                 continue
             }
+            if isInvalidated(name) {
+                LibraryMetrics.storeInvalid(.cleanup)
+                cleanupLogger.info("stale device's store is invalid", metadata: ["name": "\(name)"])
+            }
             if dryRun {
                 report.removed.append(device.name)
                 continue
@@ -116,6 +121,7 @@ public func cleanupStaleDevices(
             }
             try DeviceMapperControl.remove(name: name, retry: .none)
             report.removed.append(device.name)
+            if owned { LibraryMetrics.liveDeviceRemoved() }
             cleanupLogger.info("stale device removed", metadata: ["name": "\(name)", "owned": "\(owned)"])
             if let cowLoop { removedLoops.append(cowLoop) }
         } catch  where error.code == .deviceNotFound {
@@ -126,6 +132,7 @@ public func cleanupStaleDevices(
             cleanupLogger.info("device opened meanwhile left alone", metadata: ["name": "\(name)"])
         } catch {
             report.failures.append(.init(name: device.name, error: error))
+            LibraryMetrics.failure(operation: .cleanup, code: error.code)
             cleanupLogger.error("stale device not removed", metadata: ["name": "\(name)", "error": "\(error)"])
         }
     }
@@ -143,6 +150,13 @@ public func cleanupStaleDevices(
 /// Whether a table is one `snapshot` target.
 private func isSnapshot(_ table: [DMTarget]) -> Bool {
     table.count == 1 && table.first?.type == "snapshot"
+}
+
+/// Whether the kernel reports the snapshot `name` invalidated (status `Invalid`); false if
+/// its status cannot be read or parsed.
+private func isInvalidated(_ name: DeviceName) -> Bool {
+    guard let line = try? DeviceMapperControl.status(name: name).first, line.type == "snapshot" else { return false }
+    return SnapshotStatus(statusLine: line.parameters)?.state == .invalid
 }
 
 /// The CoW loop device `number`, with its backing file, if it is a loop device that is attached.

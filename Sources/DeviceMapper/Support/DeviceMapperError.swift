@@ -88,6 +88,29 @@ public struct DeviceMapperError: Error, Sendable, CustomStringConvertible {
             case .unexpectedKernelOutput: "unexpected kernel output"
             }
         }
+
+        /// A stable snake_case key for this code, e.g. `invalid_cow_store`: the `code` dimension of
+        /// the failure counter (docs/metrics.md). Unlike `description`, it never changes wording.
+        package var metricKey: String {
+            switch storage {
+            case .deviceMapperUnavailable: "device_mapper_unavailable"
+            case .invalidName: "invalid_name"
+            case .invalidArgument: "invalid_argument"
+            case .systemCallFailed: "system_call_failed"
+            case .deviceMapperCallFailed: "device_mapper_call_failed"
+            case .deviceNotFound: "device_not_found"
+            case .deviceBusy: "device_busy"
+            case .fileExists: "file_exists"
+            case .invalidCowStore: "invalid_cow_store"
+            case .cowStoreInUse: "cow_store_in_use"
+            case .originMismatch: "origin_mismatch"
+            case .deviceNotOwned: "device_not_owned"
+            case .cancelled: "cancelled"
+            case .udevTimeout: "udev_timeout"
+            case .loopDeviceUnavailable: "loop_device_unavailable"
+            case .unexpectedKernelOutput: "unexpected_kernel_output"
+            }
+        }
     }
 
     /// What kind of failure this is.
