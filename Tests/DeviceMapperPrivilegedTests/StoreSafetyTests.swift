@@ -174,9 +174,7 @@ final class StoreSafetyTests: PrivilegedTestCase {
             in: .whitespacesAndNewlines)
         let oldName = deviceName("old")
         let numbers = try [origin.string, loop].map { path in
-            var status = stat()
-            guard stat(path, &status) == 0 else { throw Errno(rawValue: errno) }
-            return DeviceNumber(rawValue: UInt64(status.st_rdev)).description
+            DeviceNumber(rawValue: UInt64(try FilePath(path).stat().specialDeviceID.rawValue)).description
         }
         _ = try runTool(
             "/sbin/dmsetup",
@@ -375,15 +373,14 @@ final class StoreSafetyTests: PrivilegedTestCase {
         XCTAssertTrue(FileManager.default.createFile(atPath: cowPath.string, contents: nil))
         XCTAssertEqual(truncate(cowPath.string, off_t(imageSize * 2)), 0)
         let cow = try attachLoopDevice(backingFile: cowPath, readOnly: false)
-        var status = stat()
-        XCTAssertEqual(stat(origin.string, &status), 0)
+        let originNumber = DeviceNumber(rawValue: UInt64(try origin.stat().specialDeviceID.rawValue))
         let name = deviceName(suffix)
         try DeviceMapperControl.create(
             name: DeviceName(name),
             targets: [
                 DMTarget(
                     startSector: 0, lengthSectors: UInt64(imageSize / 512), type: "snapshot",
-                    parameters: "\(DeviceNumber(rawValue: UInt64(status.st_rdev))) \(cow.device.number) P 8")
+                    parameters: "\(originNumber) \(cow.device.number) P 8")
             ])
         return name
     }

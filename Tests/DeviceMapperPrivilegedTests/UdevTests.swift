@@ -58,7 +58,7 @@ final class UdevTests: PrivilegedTestCase {
             let udevRecord = "/run/udev/data/b\(number.major):\(number.minor)"
             // Sandbox devices keep udev's device-mapper rules off: the library makes the node,
             // with udev or without.
-            XCTAssertEqual(node.st_mode & S_IFMT, S_IFBLK, "the library makes a block device node")
+            XCTAssertEqual(node.type, .blockSpecial, "the library makes a block device node")
             if udev {
                 // udev still processes the event, in the background.
                 XCTAssertTrue(eventually { access(udevRecord, F_OK) == 0 }, "udev knows the device: \(udevRecord)")
@@ -66,7 +66,8 @@ final class UdevTests: PrivilegedTestCase {
                 XCTAssertNotEqual(access(udevRecord, F_OK), 0)
             }
             let target = try XCTUnwrap(fileStatus(snapshot.devicePath, followingSymlink: true))
-            XCTAssertEqual(DeviceNumber(rawValue: UInt64(target.st_rdev)), number, "the node is the device")
+            XCTAssertEqual(
+                DeviceNumber(rawValue: UInt64(target.specialDeviceID.rawValue)), number, "the node is the device")
             XCTAssertEqual(try read(snapshot.devicePath, count: 4096), try read(image, count: 4096))
 
             try snapshot.remove()
@@ -102,12 +103,12 @@ final class UdevTests: PrivilegedTestCase {
                 fileStatus(FilePath(name.devicePath), followingSymlink: false), "\(name.devicePath) when create returns"
             )
             if udevControlSocketExists {
-                XCTAssertEqual(node.st_mode & S_IFMT, S_IFLNK, "udev makes /dev/mapper/NAME a symlink")
+                XCTAssertEqual(node.type, .symbolicLink, "udev makes /dev/mapper/NAME a symlink")
                 XCTAssertEqual(
                     try FileManager.default.destinationOfSymbolicLink(atPath: name.devicePath),
                     "../dm-\(info.number.minor)")
             } else {
-                XCTAssertEqual(node.st_mode & S_IFMT, S_IFBLK, "without udev the library makes a block device node")
+                XCTAssertEqual(node.type, .blockSpecial, "without udev the library makes a block device node")
             }
             try DeviceMapperControl.remove(name: name, udevFlags: flags)
             XCTAssertNil(
@@ -154,10 +155,8 @@ final class UdevTests: PrivilegedTestCase {
     }
 
     /// `lstat` or `stat`, or nil if there is no such file.
-    func fileStatus(_ path: FilePath, followingSymlink: Bool) -> stat? {
-        var status = stat()
-        let result = followingSymlink ? stat(path.string, &status) : lstat(path.string, &status)
-        return result == 0 ? status : nil
+    func fileStatus(_ path: FilePath, followingSymlink: Bool) -> Stat? {
+        try? path.stat(followTargetSymlink: followingSymlink)
     }
 
     /// The pids of running `systemd-udevd` processes (daemon and workers).

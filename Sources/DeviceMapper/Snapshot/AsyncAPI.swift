@@ -122,30 +122,33 @@ private func runCancellableFlatten(
 }
 
 extension SnapshotDevice {
-    /// `create`, run on the library's own threads, with the default ``SnapshotOptions``.
+    /// `create`, run on the library's own threads.
     ///
     /// The calling task is suspended, not blocked, meanwhile; the work runs on one of four
-    /// dedicated threads (`dm-blocking-N`), never on the cooperative pool. Calls, errors and
-    /// rollback are those of ``create(name:origin:cowPath:originSizeBytes:options:)``.
-    /// Cancelling the task does not stop a create.
+    /// dedicated threads (`dm-blocking-N`), never on the cooperative pool. Parameters, calls,
+    /// errors and rollback are those of the synchronous `create`. Cancelling the task does
+    /// not stop a create.
     public static func create(
-        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
+        options: SnapshotOptions = SnapshotOptions()
     ) async throws(DeviceMapperError) -> SnapshotDevice {
         try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in
-            try SnapshotDevice.create(name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes)
+            try SnapshotDevice.create(
+                name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes, options: options)
         }
     }
 
-    /// `restore`, run on the library's own threads, with the default ``SnapshotOptions``.
+    /// `restore`, run on the library's own threads.
     ///
-    /// Calls, errors and rollback are those of
-    /// ``restore(name:origin:cowPath:originSizeBytes:options:)``. Cancelling the task does not
-    /// stop a restore.
+    /// Parameters, calls, errors and rollback are those of the synchronous `restore`.
+    /// Cancelling the task does not stop a restore.
     public static func restore(
-        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64
+        name: String, origin: FilePath, cowPath: FilePath, originSizeBytes: Int64,
+        options: SnapshotOptions = SnapshotOptions()
     ) async throws(DeviceMapperError) -> SnapshotDevice {
         try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in
-            try SnapshotDevice.restore(name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes)
+            try SnapshotDevice.restore(
+                name: name, origin: origin, cowPath: cowPath, originSizeBytes: originSizeBytes, options: options)
         }
     }
 

@@ -77,7 +77,7 @@ public final class LoopRegistry: Sendable {
     ///
     /// - Parameter imagePath: The base image file.
     /// - Returns: The loop device's path, e.g. `/dev/loop0`: the `origin` for
-    ///   ``SnapshotDevice/create(name:origin:cowPath:originSizeBytes:options:)``.
+    ///   ``SnapshotDevice/create(name:origin:cowPath:originSizeBytes:options:)-11qjo``.
     /// - Throws: ``DeviceMapperError`` with the code `.invalidArgument` (a directory, an empty
     ///   image, a partial sector), `.systemCallFailed` (`ENOENT` for a missing image, `EACCES`),
     ///   or `.loopDeviceUnavailable` (no free loop device after the retries).

@@ -14,8 +14,8 @@ public import SystemPackage
 /// changes go to a persistent copy-on-write store in a sparse file on its own loop device.
 ///
 /// A value only names a device; it holds no descriptor. Make one with
-/// ``create(name:origin:cowPath:originSizeBytes:options:)`` or
-/// ``restore(name:origin:cowPath:originSizeBytes:options:)``, find one again after a restart
+/// ``create(name:origin:cowPath:originSizeBytes:options:)-11qjo`` or
+/// ``restore(name:origin:cowPath:originSizeBytes:options:)-3wmpu``, find one again after a restart
 /// with ``adopt(name:)`` or `listOwned()`. Every call needs root (`CAP_SYS_ADMIN`).
 public struct SnapshotDevice: Sendable, Hashable {
     /// The device-mapper name.
