@@ -85,6 +85,28 @@ class PrivilegedTestCase: XCTestCase {
     /// A path in this test's directory.
     func path(_ name: String) -> FilePath { directory.appending(name) }
 
+    /// A snapshot device made as an older agent made it: no UUID and no store lock, over
+    /// `origin` (`originSizeBytes` long) with a new CoW file `cowName` (default
+    /// `<suffix>.cow`) twice that size. Returns its name.
+    func makeForeignSnapshot(
+        _ suffix: String, origin: FilePath, originSizeBytes: Int, cowName: String? = nil
+    ) throws -> String {
+        let cowPath = path(cowName ?? "\(suffix).cow")
+        XCTAssertTrue(FileManager.default.createFile(atPath: cowPath.string, contents: nil))
+        XCTAssertEqual(truncate(cowPath.string, off_t(originSizeBytes * 2)), 0)
+        let cow = try attachLoopDevice(backingFile: cowPath, readOnly: false)
+        let originNumber = DeviceNumber(rawValue: UInt64(try origin.stat().specialDeviceID.rawValue))
+        let name = deviceName(suffix)
+        try DeviceMapperControl.create(
+            name: DeviceName(name),
+            targets: [
+                DMTarget(
+                    startSector: 0, lengthSectors: UInt64(originSizeBytes / 512), type: "snapshot",
+                    parameters: "\(originNumber) \(cow.device.number) P 8")
+            ])
+        return name
+    }
+
     /// Writes a file of `sizeBytes` deterministic pseudo-random bytes.
     @discardableResult
     func makeImage(_ name: String, sizeBytes: Int, seed: UInt64 = 1) throws -> FilePath {

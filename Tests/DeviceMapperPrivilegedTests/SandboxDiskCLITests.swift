@@ -107,7 +107,7 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
             missing.stderr.contains("SnapshotDevice.adopt failed for \(deviceName("missing")): device not found"),
             missing.stderr)
 
-        let foreign = try makeForeignSnapshot("foreign", origin: origin)
+        let foreign = try makeForeignSnapshot("foreign", origin: origin, originSizeBytes: imageSize)
         let notOwned = try sandboxDisk(["status", foreign, "--json"])
         XCTAssertEqual(notOwned.status, 1)
         XCTAssertEqual(notOwned.stdout, "", "no JSON document for a failed operation")
@@ -280,7 +280,7 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         let idle = try create("idle", origin: origin)
         let busy = try create("busy", origin: origin)
         let holder = try FileDescriptor.open(busy.devicePath, .readOnly)  // A running sandbox.
-        let foreign = try makeForeignSnapshot("foreign", origin: origin)
+        let foreign = try makeForeignSnapshot("foreign", origin: origin, originSizeBytes: imageSize)
         let all = [busy.name, foreign, idle.name].sorted()
 
         let dry = try sandboxDisk(["cleanup", "--dry-run", "--prefix", prefix, "--json"])
@@ -536,25 +536,6 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         try SnapshotDevice.create(
             name: deviceName(suffix), origin: origin, cowPath: path("\(suffix).cow"),
             originSizeBytes: Int64(imageSize))
-    }
-
-    /// A snapshot device made as an older agent made it: no UUID. Returns its name.
-    func makeForeignSnapshot(_ suffix: String, origin: FilePath) throws -> String {
-        let cowPath = path("\(suffix).cow")
-        XCTAssertTrue(FileManager.default.createFile(atPath: cowPath.string, contents: nil))
-        XCTAssertEqual(truncate(cowPath.string, off_t(imageSize * 2)), 0)
-        let cow = try attachLoopDevice(backingFile: cowPath, readOnly: false)
-        var status = stat()
-        XCTAssertEqual(stat(origin.string, &status), 0)
-        let name = deviceName(suffix)
-        try DeviceMapperControl.create(
-            name: DeviceName(name),
-            targets: [
-                DMTarget(
-                    startSector: 0, lengthSectors: UInt64(imageSize / 512), type: "snapshot",
-                    parameters: "\(DeviceNumber(rawValue: UInt64(status.st_rdev))) \(cow.device.number) P 8")
-            ])
-        return name
     }
 
     func jsonObject(_ text: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {

@@ -211,7 +211,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
     func testCleanupLeavesAloneADeviceWithThePrefixThatTheLibraryDidNotMake() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 10)
         let owned = try create("owned", image: image, cow: path("owned.cow"))
-        let foreign = try makeForeignSnapshot("foreign", image: image)
+        let foreign = try makeForeignSnapshot(
+            "foreign", origin: registry.acquire(imagePath: image), originSizeBytes: imageSize)
 
         let report = cleanupStaleDevices(prefix: prefix)
         XCTAssertEqual(report.removed, [owned.name])
@@ -227,7 +228,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 11)
         let cow = path("r.cow")
         try create("r", image: image, cow: cow).remove()
-        let foreign = try makeForeignSnapshot("r", image: image, cowName: "foreign.cow")
+        let foreign = try makeForeignSnapshot(
+            "r", origin: registry.acquire(imagePath: image), originSizeBytes: imageSize, cowName: "foreign.cow")
         assertFails(.deviceNotOwned, saying: [foreign]) { try restore("r", image: image, cow: cow) }
         XCTAssertEqual(try devices(withPrefix: prefix), [foreign], "left alone")
 
@@ -279,7 +281,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
         XCTAssertGreaterThan(adopted.status?.allocatedSectors ?? 0, 0)
         XCTAssertTrue(adopted.uuid.hasPrefix(SnapshotDevice.uuidPrefix))
         try holder.close()
-        let foreign = try makeForeignSnapshot("foreign", image: image)
+        let foreign = try makeForeignSnapshot(
+            "foreign", origin: registry.acquire(imagePath: image), originSizeBytes: imageSize)
         assertFails(.deviceNotOwned) { try SnapshotDevice.adopt(name: foreign) }
         assertFails(.deviceNotFound) { try SnapshotDevice.adopt(name: deviceName("missing")) }
         XCTAssertEqual(
@@ -299,7 +302,8 @@ final class StoreSafetyTests: PrivilegedTestCase {
         let second = try create("two", image: image, cow: path("two.cow"))
         let paused = try create("paused", image: image, cow: path("paused.cow"))
         try paused.remove()
-        let foreign = try makeForeignSnapshot("foreign", image: image)
+        let foreign = try makeForeignSnapshot(
+            "foreign", origin: registry.acquire(imagePath: image), originSizeBytes: imageSize)
 
         let listing = try CrashHelper.run(["list-owned", prefix])
         XCTAssertEqual(
@@ -367,24 +371,6 @@ final class StoreSafetyTests: PrivilegedTestCase {
     // MARK: - Helpers
 
     /// A snapshot device made as an older agent made it: no UUID. Returns its name.
-    func makeForeignSnapshot(_ suffix: String, image: FilePath, cowName: String = "foreign.cow") throws -> String {
-        let origin = try registry.acquire(imagePath: image)
-        let cowPath = path(cowName)
-        XCTAssertTrue(FileManager.default.createFile(atPath: cowPath.string, contents: nil))
-        XCTAssertEqual(truncate(cowPath.string, off_t(imageSize * 2)), 0)
-        let cow = try attachLoopDevice(backingFile: cowPath, readOnly: false)
-        let originNumber = DeviceNumber(rawValue: UInt64(try origin.stat().specialDeviceID.rawValue))
-        let name = deviceName(suffix)
-        try DeviceMapperControl.create(
-            name: DeviceName(name),
-            targets: [
-                DMTarget(
-                    startSector: 0, lengthSectors: UInt64(imageSize / 512), type: "snapshot",
-                    parameters: "\(originNumber) \(cow.device.number) P 8")
-            ])
-        return name
-    }
-
     func listingOfDirectory() throws -> [String] {
         try FileManager.default.contentsOfDirectory(atPath: directory.string).sorted()
     }
