@@ -370,7 +370,6 @@ final class StoreSafetyTests: PrivilegedTestCase {
 
     // MARK: - Helpers
 
-    /// A snapshot device made as an older agent made it: no UUID. Returns its name.
     func listingOfDirectory() throws -> [String] {
         try FileManager.default.contentsOfDirectory(atPath: directory.string).sorted()
     }
