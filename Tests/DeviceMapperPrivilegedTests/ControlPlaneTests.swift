@@ -141,35 +141,37 @@ final class ControlPlaneTests: PrivilegedTestCase {
 
     // MARK: - The registry
 
-    /// Two images attach at the same time: both attaches are in flight together (held at
-    /// a test hook until both arrive), which the registry's lock would forbid if it were
-    /// held across an attach. Meanwhile 8 acquires of one image attach it once.
-    func testTwoImagesAttachInParallelAndOneImageOnce() throws {
-        let first = try makeImage("first.img", sizeBytes: imageSize, seed: 3)
-        let second = try makeImage("second.img", sizeBytes: imageSize, seed: 4)
-        let rendezvous = Rendezvous(parties: 2)
-        TestHooks.install { point in if point == .beforeLoopConfigure { rendezvous.arrive(timeoutSeconds: 20) } }
-        let results = ResultSlots<FilePath>(count: 2)
-        let registry: LoopRegistry = self.registry
-        DispatchQueue.concurrentPerform(iterations: 2) { index in
-            results.set(index, Result { try registry.acquire(imagePath: index == 0 ? first : second) })
-        }
-        TestHooks.install(nil)
-        XCTAssertTrue(rendezvous.allArrived, "the second attach could not start while the first was in flight")
-        let devices = try results.values.map { try $0!.get() }
-        XCTAssertNotEqual(devices[0], devices[1])
+    #if DEBUG
+        /// Two images attach at the same time: both attaches are in flight together (held at
+        /// a test hook until both arrive), which the registry's lock would forbid if it were
+        /// held across an attach. Meanwhile 8 acquires of one image attach it once.
+        func testTwoImagesAttachInParallelAndOneImageOnce() throws {
+            let first = try makeImage("first.img", sizeBytes: imageSize, seed: 3)
+            let second = try makeImage("second.img", sizeBytes: imageSize, seed: 4)
+            let rendezvous = Rendezvous(parties: 2)
+            TestHooks.install { point in if point == .beforeLoopConfigure { rendezvous.arrive(timeoutSeconds: 20) } }
+            let results = ResultSlots<FilePath>(count: 2)
+            let registry: LoopRegistry = self.registry
+            DispatchQueue.concurrentPerform(iterations: 2) { index in
+                results.set(index, Result { try registry.acquire(imagePath: index == 0 ? first : second) })
+            }
+            TestHooks.install(nil)
+            XCTAssertTrue(rendezvous.allArrived, "the second attach could not start while the first was in flight")
+            let devices = try results.values.map { try $0!.get() }
+            XCTAssertNotEqual(devices[0], devices[1])
 
-        let shared = try makeImage("shared.img", sizeBytes: imageSize, seed: 5)
-        let sharedResults = ResultSlots<FilePath>(count: 8)
-        DispatchQueue.concurrentPerform(iterations: 8) { index in
-            sharedResults.set(index, Result { try registry.acquire(imagePath: shared) })
+            let shared = try makeImage("shared.img", sizeBytes: imageSize, seed: 5)
+            let sharedResults = ResultSlots<FilePath>(count: 8)
+            DispatchQueue.concurrentPerform(iterations: 8) { index in
+                sharedResults.set(index, Result { try registry.acquire(imagePath: shared) })
+            }
+            XCTAssertEqual(Set(try sharedResults.values.map { try $0!.get() }).count, 1)
+            XCTAssertEqual(registry.referenceCount(imagePath: shared), 8)
+            XCTAssertEqual(loopDevices(backedBy: directory).filter { $0.backingFile == shared }.count, 1)
+            registry.releaseAll()
+            assertLoopDevices([])
         }
-        XCTAssertEqual(Set(try sharedResults.values.map { try $0!.get() }).count, 1)
-        XCTAssertEqual(registry.referenceCount(imagePath: shared), 8)
-        XCTAssertEqual(loopDevices(backedBy: directory).filter { $0.backingFile == shared }.count, 1)
-        registry.releaseAll()
-        assertLoopDevices([])
-    }
+    #endif
 
     // MARK: - The async API
 
