@@ -17,11 +17,14 @@ final class ControlPlaneTests: PrivilegedTestCase {
 
     /// 16 threads, 50 create/write/remove cycles each, on one shared origin. After every
     /// create the node must be a block device of the new device; after every remove gone.
+    /// DM_STRESS_THREADS and DM_STRESS_CYCLES change the size (`make test`'s TSan and udev
+    /// runs use fewer cycles; its plain run 16 x 50); the count run is printed.
     func testSixteenThreadsOfFiftyCreateWriteRemoveCycles() throws {
+        let threads = try stressCount("DM_STRESS_THREADS", default: 16)
+        let cycles = try stressCount("DM_STRESS_CYCLES", default: 50)
+        print("stress: \(threads) threads x \(cycles) create/write/remove cycles")
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 1)
         let origin = try registry.acquire(imagePath: image)
-        let threads = 16
-        let cycles = 50
         let failures = Failures()
         let payload = pseudoRandomBytes(count: 4096, seed: 2)
         let prefix = self.prefix
@@ -44,8 +47,9 @@ final class ControlPlaneTests: PrivilegedTestCase {
                         )
                     }
                     let fd = try FileDescriptor.open(snapshot.devicePath, .readWrite)
+                    let offset = Int64(cycle % (imageSize / 4096)) * 4096
                     _ = try fd.closeAfter {
-                        try payload.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: Int64(cycle) * 4096, $0) }
+                        try payload.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: offset, $0) }
                     }
                     try snapshot.remove()
                     if lstat(snapshot.devicePath.string, &status) == 0 {

@@ -140,6 +140,18 @@ class PrivilegedTestCase: XCTestCase {
         return try condition()
     }
 
+    /// The size of a stress test: the environment variable `name` (a positive count), else
+    /// `defaultValue`. `make test` keeps the defaults in its plain run and runs the stress test
+    /// smaller under TSan and with udev, where each cycle costs several times more (see
+    /// scripts/run-privileged-suites.sh). A value that is not a positive count fails the test.
+    func stressCount(_ name: String, default defaultValue: Int) throws -> Int {
+        guard let text = ProcessInfo.processInfo.environment[name] else { return defaultValue }
+        guard let value = Int(text), value > 0 else {
+            throw HelperError(description: "\(name)=\(text) is not a positive count")
+        }
+        return value
+    }
+
     func fileExists(_ path: FilePath) -> Bool {
         FileManager.default.fileExists(atPath: path.string)
     }
