@@ -1,15 +1,32 @@
 # Everything runs from here. On a fresh Debian 12 machine, as root:
 #   make bench   set up, build, and run the default benchmark (in a VM if the
 #                host kernel has no device-mapper)
-#   make test    set up, build, and run every test: unit, privileged (in a VM if
-#                needed), sanitizers and a bounded fuzz run
+#   make test    set up, build, and run every test: unit, privileged (in one VM
+#                boot if the host kernel has no device-mapper), sanitizers, a
+#                release build and a bounded fuzz run; prints the total time
 #   make docs    build the DocC documentation into .build/docs; any DocC warning fails it
+#   make lint    swift format lint with the committed .swift-format
 SHELL := /bin/bash
 SWIFT ?= swift
 XCTEST_BUNDLE := .build/debug/DeviceMapperPackageTests.xctest
 FUZZ_SECONDS ?= 60
+# 1: the host-only stages (sanitized unit suites, release build, fuzz) run while
+# the privileged suites run in the VM; 0: one after another.
+TEST_PARALLEL ?= 1
+# One timed stage of `make test` (see scripts/timed.sh).
+STAGE := TEST_TIMES=.build/test-times.txt bash scripts/timed.sh
 
-.PHONY: all deps build lint docs test unit-test privileged-test privileged-test-udev sanitize fuzz bench clean
+# `make deps`, `make test` (and what calls deps) need root: say so in one line, before
+# doing anything.
+ifneq ($(shell id -u),0)
+  root_goal := $(firstword $(filter deps test build bench all,$(or $(MAKECMDGOALS),all)))
+  ifneq ($(root_goal),)
+    $(error make $(root_goal): needs root (loop devices, device-mapper, apt); run it as root)
+  endif
+endif
+
+.PHONY: all deps build lint docs test test-stages host-checks unit-test privileged-test privileged-test-udev \
+	privileged-suites sanitize release-build fuzz bench clean
 
 all: build
 
@@ -19,8 +36,6 @@ deps:
 build: deps
 	$(SWIFT) build
 
-# Unit tests first (no root, no device-mapper), then the privileged suite against
-# a real kernel, then the udev variant, the sanitizers and the fuzzer.
 # The formatter's lint, with the committed .swift-format (swift format ships with the toolchain).
 lint:
 	$(SWIFT) format lint --strict --recursive --parallel Sources Tests Package.swift
@@ -31,15 +46,62 @@ docs:
 	$(SWIFT) package --allow-writing-to-directory .build/docs generate-documentation \
 		--target DeviceMapper --warnings-as-errors --output-path .build/docs
 
-test: deps lint docs
-	$(SWIFT) build --build-tests
-	$(MAKE) --no-print-directory unit-test privileged-test privileged-test-udev sanitize fuzz
-	@bash scripts/test-summary.sh .build/unit-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log
+# Every stage, timed; stops at the first failing stage; ends with the tests of every
+# XCTest run added up, the time of each stage and the total time.
+test:
+	@mkdir -p .build && rm -f .build/test-times.txt
+	@start=$$(date +%s); rc=0; \
+	$(MAKE) --no-print-directory test-stages || rc=$$?; \
+	secs=$$(( $$(date +%s) - start )); \
+	echo "make test: stage times:"; \
+	[[ ! -f .build/test-times.txt ]] || awk '{ printf "  %-22s %3dm%02ds  %s\n", $$1, $$2 / 60, $$2 % 60, $$3 }' .build/test-times.txt; \
+	if ((rc == 0)); then v=passed; else v=FAILED; fi; \
+	printf 'make test: %s in %dm%02ds\n' $$v $$((secs / 60)) $$((secs % 60)); \
+	exit $$rc
 
+# Unit tests first (no root, no device-mapper), then the TSan build the privileged TSan
+# run needs, then the privileged suites against a real kernel: plain, TSan and udev, in
+# ONE VM boot where the host has no device-mapper (scripts/run-privileged-suites.sh).
+# Meanwhile (TEST_PARALLEL=1) the host-only checks run: the sanitized unit suites,
+# the release build of everything and the fuzzer.
+test-stages:
+	@$(STAGE) deps bash scripts/deps.sh
+	@$(STAGE) lint $(MAKE) --no-print-directory lint
+	@$(STAGE) docs $(MAKE) --no-print-directory docs
+	@$(STAGE) build $(SWIFT) build --build-tests
+	@$(STAGE) unit $(MAKE) --no-print-directory unit-test
+	@$(STAGE) tsan-build bash -o pipefail -c \
+		'$(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan 2>&1 | tail -n 3'
+	@if [[ "$(TEST_PARALLEL)" == 1 ]]; then \
+		echo "== host-checks: running in the background while the privileged suites run; log .build/host-checks.log"; \
+		$(STAGE) host-checks $(MAKE) --no-print-directory host-checks >.build/host-checks.log 2>&1 & hc=$$!; \
+		rc=0; $(STAGE) privileged $(MAKE) --no-print-directory privileged-suites || rc=$$?; \
+		hrc=0; wait $$hc || hrc=$$?; \
+		grep -E '^(== |sanitize: |fuzz.sh: |#[0-9]+.*DONE|Done [0-9]+ runs)' .build/host-checks.log | sed 's/^/  host-checks: /'; \
+		((hrc == 0)) || { echo "host-checks FAILED (exit $$hrc); see .build/host-checks.log" >&2; tail -n 30 .build/host-checks.log >&2; }; \
+		((rc == 0 && hrc == 0)); \
+	else \
+		$(STAGE) privileged $(MAKE) --no-print-directory privileged-suites && \
+		$(MAKE) --no-print-directory host-checks; \
+	fi
+	@bash scripts/test-summary.sh .build/unit-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log \
+		.build-tsan/sanitize-tsan-privileged.log .build-tsan/sanitize-thread.log .build-asan/sanitize-address.log
+
+# The checks that need neither root nor device-mapper, each timed.
+host-checks:
+	@$(STAGE) sanitize-unit bash scripts/sanitize.sh tsan asan
+	@$(STAGE) release-build $(MAKE) --no-print-directory release-build
+	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz
+
+# The unit suite; leaves out UnavailableDeviceMapperTests where the kernel has device-mapper.
 unit-test:
-	set -o pipefail; $(SWIFT) test --skip-build --filter '^DeviceMapperTests\.' 2>&1 | tee .build/unit-tests.log
+	set -o pipefail; bash scripts/run-unit-tests.sh 2>&1 | tee .build/unit-tests.log
 
-# Fails when the suite ran zero tests or skipped any.
+# The privileged suite, plain, udev and TSan runs in one go (one VM boot if needed).
+privileged-suites:
+	bash scripts/run-privileged-suites.sh
+
+# Each run on its own (its own VM boot if needed). Fail when the suite ran zero tests or skipped any.
 privileged-test:
 	DM_PRIVILEGED_LOG=.build/privileged-tests.log bash scripts/run-privileged-tests.sh $(XCTEST_BUNDLE)
 
@@ -48,6 +110,10 @@ privileged-test-udev:
 
 sanitize:
 	bash scripts/sanitize.sh
+
+# The library, tools and tests compile in release too (the tests' debug-only parts are #if DEBUG).
+release-build:
+	$(SWIFT) build -c release --build-tests
 
 fuzz:
 	bash scripts/fuzz.sh $(FUZZ_SECONDS)

@@ -5,7 +5,7 @@
 #
 # 1. Builds the library's dependencies (swift-system, swift-log, the C shims) with
 #    SwiftPM, in release, in .build-fuzz.
-# 2. Compiles Fuzz/CowFileFuzz.swift together with (a copy of) Sources/DeviceMapper/*.swift
+# 2. Compiles Fuzz/CowFileFuzz.swift together with (a copy of) Sources/DeviceMapper/**/*.swift
 #    into one module with `swiftc -sanitize=fuzzer,address`, linked against those objects.
 # 3. Runs it for SECONDS over Fuzz/corpus/ (read-only seeds); new inputs go to
 #    .build-fuzz/corpus/, and a crashing input to fuzz-artifacts/.
@@ -42,7 +42,13 @@ done
 sources=$scratch/fuzz-sources
 rm -rf "$sources"
 mkdir -p "$sources"
-cp "$root/Fuzz/CowFileFuzz.swift" "$root"/Sources/DeviceMapper/*.swift "$sources/"
+# The library's sources sit in subfolders (Kernel/, Snapshot/, ...); their file names are unique.
+cp "$root/Fuzz/CowFileFuzz.swift" "$sources/"
+find "$root/Sources/DeviceMapper" -name '*.swift' -exec cp -t "$sources/" {} +
+if (($(find "$root/Sources/DeviceMapper" -name '*.swift' | wc -l) + 1 != $(find "$sources" -name '*.swift' | wc -l))); then
+    echo "fuzz.sh: two library sources share a file name; cannot flatten them into $sources" >&2
+    exit 1
+fi
 
 echo "fuzz.sh: compiling the fuzzer"
 # -DDEBUG compiles the library as `swift build` does by default (with its fault-injection

@@ -9,9 +9,11 @@
 #   --udev         run with systemd-udevd active (exports DM_TEST_UDEV=1)
 #
 # Where it runs:
-#   - directly, if we are root and the host kernel has device-mapper
+#   - directly, if we are root and the kernel has device-mapper
 #     (scripts/has-device-mapper.sh), with DM_TEST_TMPDIR set to a fresh
-#     temporary directory;
+#     temporary directory (under $DM_TEST_TMPDIR if set, else $TMPDIR or /tmp);
+#     with --udev only if systemd-udevd runs (else the VM). This is also what
+#     happens inside the VM rig's guest (scripts/run-privileged-suites.sh);
 #   - otherwise through scripts/vm-run.sh (DM_TEST_TMPDIR is a tmpfs there).
 #   DM_FORCE_VM=1 always uses the VM.
 #
@@ -65,13 +67,24 @@ cmd=()
 tmpdir=""
 cleanup() { [[ -z "$tmpdir" ]] || rm -rf "$tmpdir"; }
 trap cleanup EXIT
+direct=0
 if [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-mapper.sh"; then
+    direct=1
+    if [[ $udev == 1 ]] && ! udevadm control --ping >/dev/null 2>&1; then
+        # In the rig's guest scripts/run-privileged-suites.sh starts udevd first.
+        [[ "${DM_IN_VM:-0}" != 1 ]] || die "--udev: systemd-udevd is not running in this guest"
+        echo "run-privileged-tests: --udev: this host runs no systemd-udevd; using the VM rig"
+        direct=0
+    fi
+fi
+if ((direct)); then
+    # The VM rig's guest counts as a host here (DM_IN_VM stays set there): its
+    # DM_TEST_TMPDIR is a tmpfs, under which each run gets a fresh directory.
     where="on host"
-    tmpdir=$(mktemp -d "${TMPDIR:-/tmp}/dm-test.XXXXXX")
+    [[ "${DM_IN_VM:-0}" == 1 ]] && where="directly in the VM guest"
+    tmpdir=$(mktemp -d "${DM_TEST_TMPDIR:-${TMPDIR:-/tmp}}/dm-test.XXXXXX")
     export DM_TEST_TMPDIR=$tmpdir
-    unset DM_IN_VM
     if [[ $udev == 1 ]]; then
-        udevadm control --ping >/dev/null 2>&1 || die "--udev: systemd-udevd is not running on this host"
         export DM_TEST_UDEV=1
     else
         unset DM_TEST_UDEV

@@ -9,7 +9,13 @@
 #   tsan-privileged  the privileged concurrency tests (the registry, concurrent loop
 #                    attaches, concurrent creates and removes) from the TSan bundle of
 #                    the first stage, on this host if it has device-mapper and we are
-#                    root, otherwise in one VM boot (scripts/vm-run.sh)
+#                    root (also inside the VM rig's guest: scripts/run-privileged-suites.sh
+#                    runs it there, as `make test` does), otherwise in its own VM boot
+#                    (scripts/vm-run.sh). DM_STRESS_THREADS/DM_STRESS_CYCLES size the
+#                    stress test (default 16 x 50).
+#
+# The unit suites go through scripts/run-unit-tests.sh, which leaves out
+# UnavailableDeviceMapperTests where the kernel has device-mapper.
 #
 # Any sanitizer report fails the stage: TSan and ASan halt on the first error
 # (halt_on_error=1) and exit non-zero, and the output is also searched for a report,
@@ -91,8 +97,7 @@ unit_suite() {
     "$SWIFT" build --build-tests --sanitize="$sanitizer" --scratch-path "$scratch" >"$scratch/sanitize-build.log" 2>&1 \
         || { tail -n 30 "$scratch/sanitize-build.log" >&2; return 1; }
     local rc=0
-    "$SWIFT" test --skip-build --sanitize="$sanitizer" --scratch-path "$scratch" --filter '^DeviceMapperTests\.' \
-        >"$log" 2>&1 || rc=$?
+    SWIFT=$SWIFT scripts/run-unit-tests.sh --sanitize="$sanitizer" --scratch-path "$scratch" >"$log" 2>&1 || rc=$?
     check_log "$log" || return 1
     ((rc == 0)) || { tail -n 30 "$log" >&2; echo "swift test exited $rc" >&2; return 1; }
     check_summary "$log" ""
@@ -110,7 +115,7 @@ privileged_tsan() {
     export DM_REQUIRE_PRIVILEGED=1
     if [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && scripts/has-device-mapper.sh; then
         local tmp
-        tmp=$(mktemp -d "${TMPDIR:-/tmp}/dm-sanitize.XXXXXX")
+        tmp=$(mktemp -d "${DM_TEST_TMPDIR:-${TMPDIR:-/tmp}}/dm-sanitize.XXXXXX")
         DM_TEST_TMPDIR=$tmp "$bundle" "$tests" </dev/null >"$log" 2>&1 || rc=$?
         rm -rf "$tmp"
     else

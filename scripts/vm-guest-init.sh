@@ -18,6 +18,7 @@ RIG_FAIL=125
 log() { printf 'vm-guest: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit "$RIG_FAIL"; }
 
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 spec=${1:?usage: vm-guest-init.sh SPEC_FILE}
 [[ -r "$spec" ]] || die "cannot read spec file $spec"
 # shellcheck source=/dev/null
@@ -28,42 +29,12 @@ source "$spec" || die "cannot source $spec"
 # even if the host PATH (exported by the spec) lacks them.
 export PATH="$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Print "PID:STATE:COMM" of live systemd-udevd processes and workers; no
-# procps needed, and no fork per process (forks are slow under TCG). Zombies
-# don't count: virtme-ng-init (PID 1) doesn't necessarily reap orphans.
-udevd_procs() {
-    local st pid comm state rest
-    for st in /proc/[0-9]*/stat; do
-        read -r pid comm state rest <"$st" 2>/dev/null || continue
-        case "$comm" in
-            '(systemd-udevd)'|'((udev-worker))')
-                [[ "$state" == Z ]] || printf '%s:%s:%s ' "$pid" "$state" "$comm" ;;
-        esac
-    done
-}
-
-udevd=""
-for c in /lib/systemd/systemd-udevd /usr/lib/systemd/systemd-udevd; do
-    [[ -x "$c" ]] && { udevd=$c; break; }
-done
-
 # --- udev: virtme-ng-init always starts systemd-udevd before running the
 # command. The default variant must look like a udev-less system (containers,
-# minimal initramfs), so stop it and remove /run/udev: libdevmapper decides
-# "udev is running" from the existence of /run/udev/control.
+# minimal initramfs), so stop it (scripts/guest-udev.sh stop: no daemon, no
+# /run/udev).
 if [[ "$VM_RIG_UDEV" != 1 ]]; then
-    if udevadm control --ping >/dev/null 2>&1; then
-        udevadm settle --timeout=60 >/dev/null 2>&1 || true
-        udevadm control --exit >/dev/null 2>&1 || log "warning: udevadm control --exit failed"
-    fi
-    # udevd forks off; make sure no daemon or worker survives.
-    for _ in $(seq 300); do
-        [[ -n "$(udevd_procs)" ]] || break
-        sleep 0.1
-    done
-    left=$(udevd_procs)
-    [[ -z "$left" ]] || die "systemd-udevd is still running: $left"
-    rm -rf /run/udev
+    VM_RIG_GUEST=1 bash "$here/guest-udev.sh" stop || die "cannot stop systemd-udevd"
     unset DM_TEST_UDEV
 fi
 
@@ -75,23 +46,8 @@ modprobe -a loop dm-mod dm-snapshot || die "modprobe loop dm-mod dm-snapshot fai
 grep -qw device-mapper /proc/misc || die "device-mapper missing from /proc/misc after modprobe"
 
 # --- udev variant: make sure systemd-udevd runs, coldplug, settle.
-# virtme-ng-init normally has already started udevd and done a full coldplug
-# (trigger + settle) before running us; repeating the full trigger costs ~10 s
-# under TCG. So a full trigger only when we have to start udevd ourselves;
-# otherwise re-trigger just the block and misc subsystems (loop devices and
-# /dev/mapper/control appeared with the modprobe above) and settle.
 if [[ "$VM_RIG_UDEV" == 1 ]]; then
-    [[ -n "$udevd" ]] || die "--udev given but systemd-udevd not found (install udev)"
-    if ! udevadm control --ping >/dev/null 2>&1; then
-        "$udevd" --daemon --resolve-names=never || die "cannot start $udevd"
-        udevadm trigger --type=subsystems --action=add || die "udevadm trigger failed"
-        udevadm trigger --type=devices --action=add || die "udevadm trigger failed"
-    else
-        udevadm trigger --type=devices --action=add \
-            --subsystem-match=block --subsystem-match=misc || die "udevadm trigger failed"
-    fi
-    udevadm settle --timeout=120 || die "udevadm settle timed out"
-    [[ -S /run/udev/control ]] || die "udevd control socket missing"
+    VM_RIG_GUEST=1 bash "$here/guest-udev.sh" start || die "cannot start systemd-udevd"
     export DM_TEST_UDEV=1
 fi
 

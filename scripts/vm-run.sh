@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command as root inside a throwaway VM that has device-mapper.
 #
-#   scripts/vm-run.sh [--udev] -- CMD [ARGS...]
+#   scripts/vm-run.sh [--udev] [--rwdir DIR]... -- CMD [ARGS...]
 #
 # The VM boots Debian's stock kernel (linux-image-amd64, dm-snapshot as a
 # module) with virtme-ng, which shares the host's root filesystem into the
@@ -15,6 +15,8 @@
 #     with --udev: makes sure systemd-udevd runs, triggers and settles udev,
 #     and exports DM_TEST_UDEV=1,
 #   - cds to the host's working directory and runs CMD.
+# The host's root is read-only in the guest; --rwdir DIR (an existing host
+# directory) is shared read-write at the same path, e.g. for logs.
 #
 # Passed from host to guest: the working directory, PATH, HOME, LANG, LC_ALL,
 # TZ, TERM, SWIFT_BACKTRACE, every DM_* variable, and any variable named in
@@ -42,9 +44,13 @@ die() { printf 'vm-run: error: %s\n' "$*" >&2; exit 125; }
 usage() { sed -n '2,4p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 125; }
 
 udev=0
+rwdirs=()
 while (($#)); do
     case "$1" in
         --udev) udev=1; shift ;;
+        --rwdir)
+            [[ -d "${2:-}" ]] || die "--rwdir needs an existing directory (got '${2:-}')"
+            rwdirs+=("--rwdir=$(cd "$2" && pwd)"); shift 2 ;;
         --) shift; break ;;
         -h|--help) usage ;;
         *) break ;;   # tolerate a missing "--"
@@ -66,7 +72,7 @@ kernel=$("$here/find-vm-kernel.sh") || exit 125
 #                (2 KiB limit), so only a short call to the guest script goes
 #                there; the real command and environment go in a spec file.
 vng_common=(--run "$kernel" --force-9p
-            --cpus "${DM_VM_CPUS:-2}" --memory "${DM_VM_MEMORY:-4G}")
+            --cpus "${DM_VM_CPUS:-2}" --memory "${DM_VM_MEMORY:-4G}" "${rwdirs[@]}")
 
 # --- accelerator -----------------------------------------------------------
 # KVM is ~10x faster but on some hosts (nested virtualisation, e.g. a

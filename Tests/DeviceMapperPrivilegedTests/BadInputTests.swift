@@ -143,27 +143,30 @@ final class BadInputTests: PrivilegedTestCase {
         XCTAssertEqual(try devices(withPrefix: prefix), [])
     }
 
-    func testCleanupCountsADeviceThatVanishesMeanwhileAsRemoved() throws {
-        let origin = try registry.acquire(imagePath: try makeImage("base.img", sizeBytes: imageSize))
-        let snapshot = try SnapshotDevice.create(
-            name: deviceName("vanishing"), origin: origin, cowPath: path("v.cow"), originSizeBytes: Int64(imageSize))
-        // Just before cleanup's remove, someone else removes the device: cleanup's own remove
-        // then finds no device (ENXIO), which counts as removed, not as a failure.
-        let removedUnderCleanup = Mutex(false)
-        TestHooks.install { point in
-            guard point == .beforeDeviceRemove, !removedUnderCleanup.withLock({ $0 }) else { return }
-            removedUnderCleanup.withLock { $0 = true }
-            try? snapshot.remove()
+    #if DEBUG
+        func testCleanupCountsADeviceThatVanishesMeanwhileAsRemoved() throws {
+            let origin = try registry.acquire(imagePath: try makeImage("base.img", sizeBytes: imageSize))
+            let snapshot = try SnapshotDevice.create(
+                name: deviceName("vanishing"), origin: origin, cowPath: path("v.cow"), originSizeBytes: Int64(imageSize)
+            )
+            // Just before cleanup's remove, someone else removes the device: cleanup's own remove
+            // then finds no device (ENXIO), which counts as removed, not as a failure.
+            let removedUnderCleanup = Mutex(false)
+            TestHooks.install { point in
+                guard point == .beforeDeviceRemove, !removedUnderCleanup.withLock({ $0 }) else { return }
+                removedUnderCleanup.withLock { $0 = true }
+                try? snapshot.remove()
+            }
+            defer { TestHooks.install(nil) }
+            let report = cleanupStaleDevices(prefix: prefix)
+            XCTAssertTrue(removedUnderCleanup.withLock { $0 })
+            XCTAssertEqual(report.removed, [snapshot.name])
+            XCTAssertTrue(report.isClean, "\(report.failures.map { "\($0.name): \($0.error)" })")
+            XCTAssertEqual(try devices(withPrefix: prefix), [])
+            registry.releaseAll()
+            XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty })
         }
-        defer { TestHooks.install(nil) }
-        let report = cleanupStaleDevices(prefix: prefix)
-        XCTAssertTrue(removedUnderCleanup.withLock { $0 })
-        XCTAssertEqual(report.removed, [snapshot.name])
-        XCTAssertTrue(report.isClean, "\(report.failures.map { "\($0.name): \($0.error)" })")
-        XCTAssertEqual(try devices(withPrefix: prefix), [])
-        registry.releaseAll()
-        XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty })
-    }
+    #endif
 
     func testReleaseOfAnImageNeverAcquiredIsALoggedNoOp() throws {
         let log = CapturedLog()

@@ -83,29 +83,33 @@ final class LoopDeviceTests: PrivilegedTestCase {
         }
     }
 
-    func testLegacyAttachPathWithoutLoopConfigure() throws {
-        let image = try makeImage("image", sizeBytes: 1 << 20)
-        // Force the pre-5.8 answer to LOOP_CONFIGURE; the fallback then runs for real.
-        FaultInjection.inject(.inappropriateIOCTLForDevice, into: "ioctl(LOOP_CONFIGURE)")
-        defer { FaultInjection.clear() }
-        let loop = try attachLoopDevice(backingFile: image, readOnly: true)
-        FaultInjection.clear()
-        let status = try loopDeviceStatus(loop.device.path)
-        XCTAssertTrue(status.isAutoclear)
-        XCTAssertTrue(status.isReadOnly)
-        XCTAssertEqual(try read(loop.device.path, count: 4096), try read(image, count: 4096))
-        loop.close()
-        assertLoopDevices([], "legacy path must be autoclear too")
-    }
+    #if DEBUG
+        func testLegacyAttachPathWithoutLoopConfigure() throws {
+            let image = try makeImage("image", sizeBytes: 1 << 20)
+            // Force the pre-5.8 answer to LOOP_CONFIGURE; the fallback then runs for real.
+            FaultInjection.inject(.inappropriateIOCTLForDevice, into: "ioctl(LOOP_CONFIGURE)")
+            defer { FaultInjection.clear() }
+            let loop = try attachLoopDevice(backingFile: image, readOnly: true)
+            FaultInjection.clear()
+            let status = try loopDeviceStatus(loop.device.path)
+            XCTAssertTrue(status.isAutoclear)
+            XCTAssertTrue(status.isReadOnly)
+            XCTAssertEqual(try read(loop.device.path, count: 4096), try read(image, count: 4096))
+            loop.close()
+            assertLoopDevices([], "legacy path must be autoclear too")
+        }
+    #endif
 
-    func testBusyRaceIsRetried() throws {
-        let image = try makeImage("image", sizeBytes: 1 << 20)
-        // The first LOOP_CONFIGURE answers EBUSY, as when another process won the free device.
-        FaultInjection.inject(.resourceBusy, into: "ioctl(LOOP_CONFIGURE)", times: 3)
-        defer { FaultInjection.clear() }
-        let loop = try attachLoopDevice(backingFile: image, readOnly: false)
-        XCTAssertTrue(try loopDeviceStatus(loop.device.path).isAutoclear)
-    }
+    #if DEBUG
+        func testBusyRaceIsRetried() throws {
+            let image = try makeImage("image", sizeBytes: 1 << 20)
+            // The first LOOP_CONFIGURE answers EBUSY, as when another process won the free device.
+            FaultInjection.inject(.resourceBusy, into: "ioctl(LOOP_CONFIGURE)", times: 3)
+            defer { FaultInjection.clear() }
+            let loop = try attachLoopDevice(backingFile: image, readOnly: false)
+            XCTAssertTrue(try loopDeviceStatus(loop.device.path).isAutoclear)
+        }
+    #endif
 
     func testDirectoryAsBackingFileIsRefused() throws {
         XCTAssertThrowsError(try attachLoopDevice(backingFile: directory, readOnly: true).close()) { error in

@@ -241,29 +241,31 @@ final class StoreSafetyTests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
-    func testCleanupReportsOpenDevicesInUseWithoutAnyRemoveAttempt() throws {
-        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 12)
-        let snapshots = try (0..<20).map { try create("open-\($0)", image: image, cow: path("open-\($0).cow")) }
-        let holders = try snapshots.map { try FileDescriptor.open($0.devicePath, .readOnly) }
-        let attempts = RemoveAttemptCounter()
-        TestHooks.install { point in if point == .beforeDeviceRemove { attempts.increment() } }
-        defer { TestHooks.install(nil) }
+    #if DEBUG
+        func testCleanupReportsOpenDevicesInUseWithoutAnyRemoveAttempt() throws {
+            let image = try makeImage("base.img", sizeBytes: imageSize, seed: 12)
+            let snapshots = try (0..<20).map { try create("open-\($0)", image: image, cow: path("open-\($0).cow")) }
+            let holders = try snapshots.map { try FileDescriptor.open($0.devicePath, .readOnly) }
+            let attempts = RemoveAttemptCounter()
+            TestHooks.install { point in if point == .beforeDeviceRemove { attempts.increment() } }
+            defer { TestHooks.install(nil) }
 
-        let report = cleanupStaleDevices(prefix: prefix)
-        XCTAssertEqual(attempts.count, 0, "an open device gets no remove attempt, let alone retries")
-        XCTAssertEqual(Set(report.inUse.map(\.name)), Set(snapshots.map(\.name)))
-        XCTAssertTrue(report.inUse.allSatisfy { $0.openCount >= 1 }, "\(report.inUse)")
-        XCTAssertEqual(report.removed, [])
-        XCTAssertTrue(report.isClean)
-        XCTAssertEqual(try devices(withPrefix: prefix).count, 20)
+            let report = cleanupStaleDevices(prefix: prefix)
+            XCTAssertEqual(attempts.count, 0, "an open device gets no remove attempt, let alone retries")
+            XCTAssertEqual(Set(report.inUse.map(\.name)), Set(snapshots.map(\.name)))
+            XCTAssertTrue(report.inUse.allSatisfy { $0.openCount >= 1 }, "\(report.inUse)")
+            XCTAssertEqual(report.removed, [])
+            XCTAssertTrue(report.isClean)
+            XCTAssertEqual(try devices(withPrefix: prefix).count, 20)
 
-        for holder in holders { try holder.close() }
-        let second = cleanupStaleDevices(prefix: prefix)
-        XCTAssertEqual(Set(second.removed), Set(snapshots.map(\.name)))
-        XCTAssertEqual(attempts.count, 20, "one attempt each once they are closed")
-        registry.releaseAll()
-        assertLoopDevices([])
-    }
+            for holder in holders { try holder.close() }
+            let second = cleanupStaleDevices(prefix: prefix)
+            XCTAssertEqual(Set(second.removed), Set(snapshots.map(\.name)))
+            XCTAssertEqual(attempts.count, 20, "one attempt each once they are closed")
+            registry.releaseAll()
+            assertLoopDevices([])
+        }
+    #endif
 
     func testAdoptGivesWhatTheAgentNeeds() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 13)
@@ -340,33 +342,35 @@ final class StoreSafetyTests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
-    /// If the half-made device cannot be removed, the store it may use is kept, and the
-    /// error carries both failures. The dm_task runs are failed through the debug seam.
-    func testCreateKeepsTheStoreWhenItsHalfMadeDeviceCannotBeRemoved() throws {
-        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 16)
-        let origin = try registry.acquire(imagePath: image)
-        let cow = path("half.cow")
-        FaultInjection.inject(.ioError, into: "dm_task_run(DM_DEVICE_RESUME)")
-        FaultInjection.inject(.resourceBusy, into: "dm_task_run(DM_DEVICE_REMOVE)")
-        defer { FaultInjection.clear() }
-        XCTAssertThrowsError(
-            try SnapshotDevice.create(
-                name: deviceName("half"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
-        ) { error in
-            let error = error as! DeviceMapperError
-            XCTAssertEqual(error.operation, "dm_task_run(DM_DEVICE_RESUME)")
-            XCTAssertEqual(error.errno, .ioError)
-            XCTAssertEqual(error.rollbackErrors.map(\.errno), [.resourceBusy])
-            XCTAssertTrue(error.description.contains("was kept"), "\(error)")
-            XCTAssertTrue(error.description.contains("Undoing it also failed"), "\(error)")
+    #if DEBUG
+        /// If the half-made device cannot be removed, the store it may use is kept, and the
+        /// error carries both failures. The dm_task runs are failed through the debug seam.
+        func testCreateKeepsTheStoreWhenItsHalfMadeDeviceCannotBeRemoved() throws {
+            let image = try makeImage("base.img", sizeBytes: imageSize, seed: 16)
+            let origin = try registry.acquire(imagePath: image)
+            let cow = path("half.cow")
+            FaultInjection.inject(.ioError, into: "dm_task_run(DM_DEVICE_RESUME)")
+            FaultInjection.inject(.resourceBusy, into: "dm_task_run(DM_DEVICE_REMOVE)")
+            defer { FaultInjection.clear() }
+            XCTAssertThrowsError(
+                try SnapshotDevice.create(
+                    name: deviceName("half"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize))
+            ) { error in
+                let error = error as! DeviceMapperError
+                XCTAssertEqual(error.operation, "dm_task_run(DM_DEVICE_RESUME)")
+                XCTAssertEqual(error.errno, .ioError)
+                XCTAssertEqual(error.rollbackErrors.map(\.errno), [.resourceBusy])
+                XCTAssertTrue(error.description.contains("was kept"), "\(error)")
+                XCTAssertTrue(error.description.contains("Undoing it also failed"), "\(error)")
+            }
+            FaultInjection.clear()
+            XCTAssertTrue(fileExists(cow), "never unlinked under a device that may use it")
+            XCTAssertEqual(try devices(withPrefix: prefix), [deviceName("half")])
+            try DeviceMapperControl.remove(name: DeviceName(deviceName("half")))
+            registry.releaseAll()
+            assertLoopDevices([])
         }
-        FaultInjection.clear()
-        XCTAssertTrue(fileExists(cow), "never unlinked under a device that may use it")
-        XCTAssertEqual(try devices(withPrefix: prefix), [deviceName("half")])
-        try DeviceMapperControl.remove(name: DeviceName(deviceName("half")))
-        registry.releaseAll()
-        assertLoopDevices([])
-    }
+    #endif
 
     // MARK: - Helpers
 

@@ -9,7 +9,14 @@ import Foundation
 import SystemPackage
 import XCTest
 
-@testable import DeviceMapper
+// Internal API (CowHeader's initialiser and reader, CowLayout, requiredCowSizeBytes) is
+// reachable only through @testable, which debug builds allow; a release build of the tests
+// (`swift build -c release --build-tests`) compiles the rest.
+#if DEBUG
+    @testable import DeviceMapper
+#else
+    import DeviceMapper
+#endif
 
 #if canImport(Glibc)
     import Glibc
@@ -103,7 +110,9 @@ final class CowFileTests: XCTestCase {
         store.zeroesNextArea = false
         let file = try CowFile(path: write(store))
         XCTAssertEqual(file.storeSizeBytes, 4096)
-        XCTAssertEqual(file.header, CowHeader(chunkSizeSectors: 8, isValid: true, version: 1))
+        #if DEBUG
+            XCTAssertEqual(file.header, CowHeader(chunkSizeSectors: 8, isValid: true, version: 1))
+        #endif
         XCTAssertEqual(file.chunkSizeBytes, 4096)
         XCTAssertTrue(file.isValid)
         XCTAssertEqual(file.exceptionCount, 0)
@@ -118,12 +127,14 @@ final class CowFileTests: XCTestCase {
         XCTAssertEqual(try exceptions(file), [])
     }
 
-    func testSparseStoreSizedForAnOriginIsEmpty() throws {
-        var store = CowStoreSynthesiser()
-        store.sizeBytes = requiredCowSizeBytes(originSizeBytes: 64 << 20, chunkSizeBytes: 4096)
-        let file = try CowFile(path: write(store))
-        XCTAssertEqual(file.exceptionCount, 0)
-    }
+    #if DEBUG
+        func testSparseStoreSizedForAnOriginIsEmpty() throws {
+            var store = CowStoreSynthesiser()
+            store.sizeBytes = requiredCowSizeBytes(originSizeBytes: 64 << 20, chunkSizeBytes: 4096)
+            let file = try CowFile(path: write(store))
+            XCTAssertEqual(file.exceptionCount, 0)
+        }
+    #endif
 
     func testOneAreaListsExceptionsInOrder() throws {
         var store = CowStoreSynthesiser()
@@ -188,20 +199,22 @@ final class CowFileTests: XCTestCase {
         XCTAssertEqual(try exceptions(file), [CowException(originChunk: 5, cowChunk: 2)])
     }
 
-    func testAreaLargerThanOneReadSlice() throws {
-        // 2 MiB chunks: an area is read in two 1 MiB slices, and the list crosses between them.
-        var store = CowStoreSynthesiser(chunkSizeSectors: 4096)
-        let count = CowLayout.readSliceBytes / 16 + 3
-        for index in 0..<count { store.addChange(originChunk: UInt64(index)) }
-        let file = try CowFile(path: write(store))
-        XCTAssertEqual(file.exceptionCount, count)
-        var seen = 0
-        try file.forEachException { exception in
-            XCTAssertEqual(exception.originChunk, UInt64(seen))
-            seen += 1
+    #if DEBUG
+        func testAreaLargerThanOneReadSlice() throws {
+            // 2 MiB chunks: an area is read in two 1 MiB slices, and the list crosses between them.
+            var store = CowStoreSynthesiser(chunkSizeSectors: 4096)
+            let count = CowLayout.readSliceBytes / 16 + 3
+            for index in 0..<count { store.addChange(originChunk: UInt64(index)) }
+            let file = try CowFile(path: write(store))
+            XCTAssertEqual(file.exceptionCount, count)
+            var seen = 0
+            try file.forEachException { exception in
+                XCTAssertEqual(exception.originChunk, UInt64(seen))
+                seen += 1
+            }
+            XCTAssertEqual(seen, count)
         }
-        XCTAssertEqual(seen, count)
-    }
+    #endif
 
     func testLargestKernelChunkSizeReads() throws {
         var store = CowStoreSynthesiser(chunkSizeSectors: CowHeader.maximumChunkSizeSectors)
@@ -233,11 +246,13 @@ final class CowFileTests: XCTestCase {
         store.valid = 0
         store.addChange(originChunk: 4)
         let path = try write(store)
-        let fd = try FileDescriptor.open(path, .readOnly)
-        defer { try? fd.close() }
-        let header = try CowHeader.read(from: fd, path: path)
-        XCTAssertFalse(header.isValid)
-        XCTAssertEqual(header.chunkSizeSectors, 8)
+        #if DEBUG
+            let fd = try FileDescriptor.open(path, .readOnly)
+            defer { try? fd.close() }
+            let header = try CowHeader.read(from: fd, path: path)
+            XCTAssertFalse(header.isValid)
+            XCTAssertEqual(header.chunkSizeSectors, 8)
+        #endif
         let file = try CowFile(path: path)
         XCTAssertFalse(file.isValid)
         XCTAssertEqual(file.exceptionCount, 1)
@@ -397,70 +412,72 @@ final class CowFileTests: XCTestCase {
         assertThrows(.invalidCowStore, detail: "truncated after it was opened") { try exceptions(file) }
     }
 
-    // MARK: requiredCowSizeBytes
+    #if DEBUG
+        // MARK: requiredCowSizeBytes
 
-    func testRequiredCowSizeForEmptyOriginHoldsHeaderAndFirstArea() {
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 0, chunkSizeBytes: 4096), 2 * 4096)
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: -5, chunkSizeBytes: 4096), 2 * 4096)
-    }
+        func testRequiredCowSizeForEmptyOriginHoldsHeaderAndFirstArea() {
+            XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 0, chunkSizeBytes: 4096), 2 * 4096)
+            XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: -5, chunkSizeBytes: 4096), 2 * 4096)
+        }
 
-    func testRequiredCowSizeRoundsUpPartialChunks() {
-        // Header, one data chunk, its area, and the spare.
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 1, chunkSizeBytes: 4096), 4 * 4096)
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 4097, chunkSizeBytes: 4096), 5 * 4096)
-    }
+        func testRequiredCowSizeRoundsUpPartialChunks() {
+            // Header, one data chunk, its area, and the spare.
+            XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 1, chunkSizeBytes: 4096), 4 * 4096)
+            XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: 4097, chunkSizeBytes: 4096), 5 * 4096)
+        }
 
-    func testRequiredCowSizeAtAreaBoundary() {
-        // 256 chunks fill area 0 exactly; the kernel then zeroes area 1.
-        XCTAssertEqual(
-            requiredCowSizeBytes(originSizeBytes: 256 * 4096, chunkSizeBytes: 4096), (1 + 256 + 1 + 1) * 4096)
-        XCTAssertEqual(
-            requiredCowSizeBytes(originSizeBytes: 257 * 4096, chunkSizeBytes: 4096), (1 + 257 + 2 + 1) * 4096)
-        // 10 GiB in 4 KiB chunks.
-        let chunks: Int64 = 10 << 18
-        XCTAssertEqual(
-            requiredCowSizeBytes(originSizeBytes: 10 << 30, chunkSizeBytes: 4096),
-            (1 + chunks + chunks / 256 + 1) * 4096)
-    }
+        func testRequiredCowSizeAtAreaBoundary() {
+            // 256 chunks fill area 0 exactly; the kernel then zeroes area 1.
+            XCTAssertEqual(
+                requiredCowSizeBytes(originSizeBytes: 256 * 4096, chunkSizeBytes: 4096), (1 + 256 + 1 + 1) * 4096)
+            XCTAssertEqual(
+                requiredCowSizeBytes(originSizeBytes: 257 * 4096, chunkSizeBytes: 4096), (1 + 257 + 2 + 1) * 4096)
+            // 10 GiB in 4 KiB chunks.
+            let chunks: Int64 = 10 << 18
+            XCTAssertEqual(
+                requiredCowSizeBytes(originSizeBytes: 10 << 30, chunkSizeBytes: 4096),
+                (1 + chunks + chunks / 256 + 1) * 4096)
+        }
 
-    func testRequiredCowSizeSaturatesInsteadOfOverflowing() {
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: Int64.max, chunkSizeBytes: 4096), Int64.max)
-        XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: Int64.max - 4095, chunkSizeBytes: 1 << 30), Int64.max)
-    }
+        func testRequiredCowSizeSaturatesInsteadOfOverflowing() {
+            XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: Int64.max, chunkSizeBytes: 4096), Int64.max)
+            XCTAssertEqual(requiredCowSizeBytes(originSizeBytes: Int64.max - 4095, chunkSizeBytes: 1 << 30), Int64.max)
+        }
 
-    /// Replays dm-snap-persistent's allocation (`persistent_prepare_exception`, `skip_metadata`,
-    /// `persistent_commit_exception`) for every origin chunk, and checks that each chunk the
-    /// kernel checks, writes or zeroes lies inside the computed size, and that the size is tight
-    /// when the last area fills exactly.
-    func testRequiredCowSizeCoversKernelAllocation() {
-        let chunkBytes: Int64 = 512
-        let perArea: Int64 = chunkBytes / 16
-        for originChunks in Int64(0)...Int64(5 * perArea + 3) {
-            let deviceChunks =
-                requiredCowSizeBytes(originSizeBytes: originChunks * chunkBytes, chunkSizeBytes: chunkBytes)
-                / chunkBytes
-            var nextFree: Int64 = 2  // Header and area 0.
-            var committed: Int64 = 0
-            var area: Int64 = 0
-            var highestTouched: Int64 = 1  // Area 0, zeroed when the store is set up.
-            for _ in 0..<originChunks {
-                XCTAssertGreaterThanOrEqual(deviceChunks, nextFree + 1, "ENOSPC at \(originChunks) chunks")
-                highestTouched = max(highestTouched, nextFree)
-                nextFree += 1
-                if nextFree % (perArea + 1) == 1 { nextFree += 1 }
-                committed += 1
-                if committed == perArea {
-                    highestTouched = max(highestTouched, 1 + (perArea + 1) * (area + 1))
-                    committed = 0
-                    area += 1
+        /// Replays dm-snap-persistent's allocation (`persistent_prepare_exception`, `skip_metadata`,
+        /// `persistent_commit_exception`) for every origin chunk, and checks that each chunk the
+        /// kernel checks, writes or zeroes lies inside the computed size, and that the size is tight
+        /// when the last area fills exactly.
+        func testRequiredCowSizeCoversKernelAllocation() {
+            let chunkBytes: Int64 = 512
+            let perArea: Int64 = chunkBytes / 16
+            for originChunks in Int64(0)...Int64(5 * perArea + 3) {
+                let deviceChunks =
+                    requiredCowSizeBytes(originSizeBytes: originChunks * chunkBytes, chunkSizeBytes: chunkBytes)
+                    / chunkBytes
+                var nextFree: Int64 = 2  // Header and area 0.
+                var committed: Int64 = 0
+                var area: Int64 = 0
+                var highestTouched: Int64 = 1  // Area 0, zeroed when the store is set up.
+                for _ in 0..<originChunks {
+                    XCTAssertGreaterThanOrEqual(deviceChunks, nextFree + 1, "ENOSPC at \(originChunks) chunks")
+                    highestTouched = max(highestTouched, nextFree)
+                    nextFree += 1
+                    if nextFree % (perArea + 1) == 1 { nextFree += 1 }
+                    committed += 1
+                    if committed == perArea {
+                        highestTouched = max(highestTouched, 1 + (perArea + 1) * (area + 1))
+                        committed = 0
+                        area += 1
+                    }
+                }
+                XCTAssertLessThan(highestTouched, deviceChunks, "\(originChunks) origin chunks")
+                if originChunks % perArea == 0 {
+                    XCTAssertEqual(highestTouched, deviceChunks - 1, "tight at \(originChunks) origin chunks")
                 }
             }
-            XCTAssertLessThan(highestTouched, deviceChunks, "\(originChunks) origin chunks")
-            if originChunks % perArea == 0 {
-                XCTAssertEqual(highestTouched, deviceChunks - 1, "tight at \(originChunks) origin chunks")
-            }
         }
-    }
+    #endif
 
     // MARK: Flatten
 

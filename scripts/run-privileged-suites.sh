@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The privileged part of `make test`: three runs against a real kernel, in ONE
+# VM boot when the host has no device-mapper.
+#
+#   scripts/run-privileged-suites.sh [STAGE...]     default: plain tsan udev
+#
+#   plain  the privileged suite, udev-less:
+#          scripts/run-privileged-tests.sh BUNDLE          -> .build/privileged-tests.log
+#   tsan   the privileged concurrency tests from the TSan bundle:
+#          scripts/sanitize.sh tsan-privileged             -> .build-tsan/sanitize-tsan-privileged.log
+#   udev   the privileged suite with systemd-udevd running:
+#          scripts/run-privileged-tests.sh BUNDLE --udev   -> .build/privileged-tests-udev.log
+#
+# Where: if we are root and the kernel has device-mapper
+# (scripts/has-device-mapper.sh), every stage runs here, directly. Otherwise this
+# script runs itself once through scripts/vm-run.sh (the guest's kernel has
+# device-mapper; .build and .build-tsan are shared read-write for the logs), so in
+# the guest every stage takes the same direct path as on a device-mapper host:
+# the VM run is also the proof that the direct path works. In the guest udev is
+# off (vm-run's default) for plain and tsan, and started (scripts/guest-udev.sh
+# start) before udev. On a host, udev is whatever the host runs; the udev stage
+# needs a running systemd-udevd (else run-privileged-tests.sh uses the VM rig).
+#
+# Stress: the plain stage runs the stress test at its full size (16 threads x 50
+# cycles); the sanitizer and udev stages, where every cycle costs several times
+# more, run it smaller through DM_STRESS_THREADS/DM_STRESS_CYCLES (defaults
+# below; override with DM_TSAN_STRESS_THREADS/_CYCLES, DM_UDEV_STRESS_THREADS/_CYCLES).
+#
+# Every stage runs even if an earlier one failed, each with its own deadline
+# (DM_STAGE_TIMEOUT, default 3600 s; the VM boot as a whole DM_VM_TIMEOUT, here
+# 7200 s by default: under TCG on a busy 2-core host the three runs took 24 min). The
+# last lines are one verdict per stage; the exit status is non-zero if any failed.
+#
+# Bundles: DM_XCTEST_BUNDLE (default .build/debug/DeviceMapperPackageTests.xctest)
+# and, for tsan, .build-tsan/debug/DeviceMapperPackageTests.xctest (built here,
+# on the host, if missing).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+cd "$root"
+SWIFT=${SWIFT:-swift}
+
+stages=("$@")
+((${#stages[@]})) || stages=(plain tsan udev)
+for stage in "${stages[@]}"; do
+    case "$stage" in
+        plain | tsan | udev) ;;
+        *) echo "run-privileged-suites: unknown stage $stage (plain, tsan, udev)" >&2; exit 2 ;;
+    esac
+done
+has_stage() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+
+bundle=${DM_XCTEST_BUNDLE:-.build/debug/DeviceMapperPackageTests.xctest}
+tsan_bundle=.build-tsan/debug/DeviceMapperPackageTests.xctest
+say() { printf 'run-privileged-suites: %s\n' "$*"; }
+duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+# --- not here? Then once, in the VM ---------------------------------------------
+if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-mapper.sh"; }; then
+    if [[ "${DM_IN_VM:-0}" == 1 ]]; then
+        say "error: no device-mapper (or not root) inside the VM guest" >&2
+        exit 125
+    fi
+    [[ -x "$bundle" ]] || { say "error: $bundle missing (swift build --build-tests)" >&2; exit 2; }
+    mkdir -p .build
+    rw=(--rwdir .build)
+    if has_stage tsan; then
+        if [[ ! -x "$tsan_bundle" ]]; then
+            say "building $tsan_bundle"
+            "$SWIFT" build --build-tests --sanitize=thread --scratch-path .build-tsan >/dev/null
+        fi
+        rw+=(--rwdir .build-tsan)
+    fi
+    say "this host has no device-mapper: running ${stages[*]} in one VM boot"
+    # The guest must not decide "VM" again: DM_FORCE_VM is for this host only.
+    # stdin from /dev/null: vm-run.sh applies its timeout only then.
+    start=$SECONDS
+    rc=0
+    DM_FORCE_VM=0 DM_XCTEST_BUNDLE=$bundle DM_VM_TIMEOUT=${DM_VM_TIMEOUT:-7200} "$here/vm-run.sh" "${rw[@]}" -- \
+        bash "$here/run-privileged-suites.sh" "${stages[@]}" </dev/null || rc=$?
+    say "VM boot to poweroff: $(duration $((SECONDS - start))), exit $rc"
+    exit "$rc"
+fi
+
+# --- here: each stage directly --------------------------------------------------
+export DM_STAGE_TIMEOUT=${DM_STAGE_TIMEOUT:-3600}
+out=$(mktemp -d "${TMPDIR:-/tmp}/dm-suites.XXXXXX")
+trap 'rm -rf "$out"' EXIT
+verdicts=()
+failed=0
+
+# run_stage NAME VERDICT_PATTERN CMD...: runs CMD under the stage deadline, shows
+# its output, and keeps the last line matching VERDICT_PATTERN as its verdict.
+run_stage() {
+    local name=$1 pattern=$2
+    shift 2
+    local start=$SECONDS rc=0 verdict
+    say "=== $name: $*"
+    timeout -k 10 "$DM_STAGE_TIMEOUT" "$@" </dev/null 2>&1 | tee "$out/$name.out" || rc=${PIPESTATUS[0]}
+    verdict=$(tr -d '\r' <"$out/$name.out" | grep -E "$pattern" | tail -n1 || true)
+    ((rc != 124)) || verdict="killed after ${DM_STAGE_TIMEOUT}s (DM_STAGE_TIMEOUT)"
+    if ((rc == 0)); then
+        verdicts+=("$name: passed in $(duration $((SECONDS - start))): ${verdict:-?}")
+    else
+        verdicts+=("$name: FAILED in $(duration $((SECONDS - start))) (exit $rc): ${verdict:-no verdict line}")
+        failed=1
+    fi
+}
+
+where="on this host"
+[[ "${DM_IN_VM:-0}" == 1 ]] && where="in the VM guest (kernel $(uname -r), device-mapper: yes)"
+say "running ${stages[*]} directly $where"
+
+for stage in "${stages[@]}"; do
+    case "$stage" in
+        plain)
+            run_stage plain '^privileged suite:' \
+                env DM_PRIVILEGED_LOG=.build/privileged-tests.log \
+                bash "$here/run-privileged-tests.sh" "$bundle"
+            ;;
+        tsan)
+            run_stage tsan '^sanitize: tsan-privileged: ' \
+                env DM_STRESS_THREADS="${DM_TSAN_STRESS_THREADS:-16}" DM_STRESS_CYCLES="${DM_TSAN_STRESS_CYCLES:-4}" \
+                bash "$here/sanitize.sh" tsan-privileged
+            ;;
+        udev)
+            if [[ "${DM_IN_VM:-0}" == 1 ]] && ! udevadm control --ping >/dev/null 2>&1; then
+                say "starting systemd-udevd in the guest"
+                "$here/guest-udev.sh" start || { verdicts+=("udev: FAILED: cannot start systemd-udevd"); failed=1; continue; }
+            fi
+            run_stage udev '^privileged suite:' \
+                env DM_PRIVILEGED_LOG=.build/privileged-tests-udev.log \
+                DM_STRESS_THREADS="${DM_UDEV_STRESS_THREADS:-16}" DM_STRESS_CYCLES="${DM_UDEV_STRESS_CYCLES:-10}" \
+                bash "$here/run-privileged-tests.sh" "$bundle" --udev
+            ;;
+    esac
+done
+
+for verdict in "${verdicts[@]}"; do say "$verdict"; done
+exit "$failed"
