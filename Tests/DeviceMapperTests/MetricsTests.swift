@@ -7,12 +7,11 @@
 // process-wide live-device count.
 
 import CoreMetrics
+import DeviceMapper
 import Foundation
 import MetricsTestKit
 import SystemPackage
 import XCTest
-
-@testable import DeviceMapper
 
 final class MetricsTests: XCTestCase {
     private var directory: URL!

@@ -97,10 +97,17 @@ enum DeviceNodes {
 }
 
 /// A point in time on the monotonic clock, for deadlines.
-struct MonotonicInstant: Comparable {
-    let nanoseconds: UInt64
+package struct MonotonicInstant: Comparable {
+    /// Nanoseconds since an arbitrary start (`CLOCK_MONOTONIC`).
+    package let nanoseconds: UInt64
 
-    static func now() -> MonotonicInstant {
+    /// An instant `nanoseconds` after the clock's start.
+    package init(nanoseconds: UInt64) {
+        self.nanoseconds = nanoseconds
+    }
+
+    /// Now. The corresponding C function is `clock_gettime(CLOCK_MONOTONIC)`.
+    package static func now() -> MonotonicInstant {
         var time = timespec()
         clock_gettime(CLOCK_MONOTONIC, &time)
         return MonotonicInstant(nanoseconds: UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec))
@@ -110,7 +117,7 @@ struct MonotonicInstant: Comparable {
         MonotonicInstant(nanoseconds: nanoseconds + UInt64(milliseconds) * 1_000_000)
     }
 
-    static func < (lhs: MonotonicInstant, rhs: MonotonicInstant) -> Bool { lhs.nanoseconds < rhs.nanoseconds }
+    package static func < (lhs: MonotonicInstant, rhs: MonotonicInstant) -> Bool { lhs.nanoseconds < rhs.nanoseconds }
 }
 
 /// Polls `condition` until it holds or `deadline` passes, sleeping 0.2 ms at first and

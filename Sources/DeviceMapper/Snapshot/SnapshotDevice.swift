@@ -27,6 +27,15 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// The read-write loop device over `cowPath`, e.g. `/dev/loop7`.
     public let cowLoopDevice: FilePath
 
+    /// A handle on a device by its parts, as `create`, `restore` and `adopt` make it; tests
+    /// make handles on devices that do not exist.
+    package init(name: String, devicePath: FilePath, cowPath: FilePath, cowLoopDevice: FilePath) {
+        self.name = name
+        self.devicePath = devicePath
+        self.cowPath = cowPath
+        self.cowLoopDevice = cowLoopDevice
+    }
+
     /// The default chunk size of the stores `create` makes: 8 sectors, 4 KiB
     /// (`SnapshotOptions.chunkSizeSectors` picks another).
     public static let chunkSizeSectors: UInt32 = 8

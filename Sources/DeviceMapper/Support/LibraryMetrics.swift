@@ -15,20 +15,20 @@ import SystemPackage
 /// the backend in force at that moment, including a task-local factory (`withMetricsFactory`),
 /// which is how the tests read them. Labels and dimension values are fixed strings: recording
 /// formats nothing.
-enum LibraryMetrics {
+package enum LibraryMetrics {
     /// Timer: how long each create, restore, remove and flatten took, successful or not.
-    static let operationDurationLabel = "sandbox_disk_operation_duration_seconds"
+    package static let operationDurationLabel = "sandbox_disk_operation_duration_seconds"
     /// Counter: failed operations, by operation and error code.
-    static let operationFailuresLabel = "sandbox_disk_operation_failures_total"
+    package static let operationFailuresLabel = "sandbox_disk_operation_failures_total"
     /// Counter: `EBUSY` answers that were retried, by which retry loop.
-    static let busyRetriesLabel = "sandbox_disk_busy_retries_total"
+    package static let busyRetriesLabel = "sandbox_disk_busy_retries_total"
     /// Counter: copy-on-write stores found invalid, by where they were found.
-    static let storesInvalidLabel = "sandbox_disk_stores_invalid_total"
+    package static let storesInvalidLabel = "sandbox_disk_stores_invalid_total"
     /// Meter (gauge): live snapshot devices this library made, process-wide.
-    static let liveDevicesLabel = "sandbox_disk_live_devices"
+    package static let liveDevicesLabel = "sandbox_disk_live_devices"
 
     /// The `operation` dimension: which public call a measurement, failure or invalid store is from.
-    enum Operation: String, Sendable, CaseIterable {
+    package enum Operation: String, Sendable, CaseIterable {
         /// `SnapshotDevice.create`.
         case create
         /// `SnapshotDevice.restore`.
@@ -46,7 +46,7 @@ enum LibraryMetrics {
     }
 
     /// The `operation` dimension of the busy-retry counter: which `EBUSY` retry loop.
-    enum BusyRetry: String, Sendable, CaseIterable {
+    package enum BusyRetry: String, Sendable, CaseIterable {
         /// `DM_DEVICE_REMOVE` met an open device (`DeviceMapperControl.remove`'s `BusyRetryPolicy`).
         case deviceRemove = "dm_remove"
         /// `LOOP_CONFIGURE` met a loop device another process bound first (`attachLoopDevice`'s backoff).
@@ -54,7 +54,7 @@ enum LibraryMetrics {
     }
 
     /// The `result` dimension of the operation timer.
-    enum Outcome: String, Sendable {
+    package enum Outcome: String, Sendable {
         /// The call returned.
         case ok
         /// The call threw.
@@ -65,7 +65,7 @@ enum LibraryMetrics {
 
     /// Runs `body` as `operation`, then records its duration (`recordOperation`), and for a
     /// thrown error its failure. The error is rethrown unchanged.
-    static func measure<Value>(_ operation: Operation, _ body: () throws(DeviceMapperError) -> Value)
+    package static func measure<Value>(_ operation: Operation, _ body: () throws(DeviceMapperError) -> Value)
         throws(DeviceMapperError) -> Value
     {
         let start = MonotonicInstant.now()
@@ -81,7 +81,7 @@ enum LibraryMetrics {
     }
 
     /// Records how long `operation`, started at `start`, took, with its result.
-    static func recordOperation(_ operation: Operation, start: MonotonicInstant, result: Outcome) {
+    package static func recordOperation(_ operation: Operation, start: MonotonicInstant, result: Outcome) {
         let now = MonotonicInstant.now().nanoseconds
         let elapsed = now >= start.nanoseconds ? now - start.nanoseconds : 0
         Timer(
@@ -93,7 +93,7 @@ enum LibraryMetrics {
     /// Counts a failure of `operation` with `error`'s code (`DeviceMapperError.Code.metricKey`).
     /// A `.invalidCowStore` from restore or offline flatten also counts as an invalid store,
     /// unless the store's file is missing (`ENOENT`): a store must exist to be found invalid.
-    static func failure(operation: Operation, error: DeviceMapperError) {
+    package static func failure(operation: Operation, error: DeviceMapperError) {
         failure(operation: operation, code: error.code)
         if error.code == .invalidCowStore, error.errno != .noSuchFileOrDirectory,
             operation == .restore || operation == .flattenOffline
@@ -103,7 +103,7 @@ enum LibraryMetrics {
     }
 
     /// Counts a failure of `operation` with `code`.
-    static func failure(operation: Operation, code: DeviceMapperError.Code) {
+    package static func failure(operation: Operation, code: DeviceMapperError.Code) {
         Counter(
             label: operationFailuresLabel,
             dimensions: [("operation", operation.rawValue), ("code", code.metricKey)]
@@ -113,13 +113,13 @@ enum LibraryMetrics {
     // MARK: Busy retries and invalid stores
 
     /// Counts one `EBUSY` answer that `loop` is about to retry.
-    static func busyRetry(_ loop: BusyRetry) {
+    package static func busyRetry(_ loop: BusyRetry) {
         Counter(label: busyRetriesLabel, dimensions: [("operation", loop.rawValue)]).increment()
     }
 
     /// Counts a copy-on-write store found invalid by `operation`: a snapshot the kernel reports
     /// `Invalid` (status, cleanup), or a store restore or offline flatten refused as unusable.
-    static func storeInvalid(_ operation: Operation) {
+    package static func storeInvalid(_ operation: Operation) {
         Counter(label: storesInvalidLabel, dimensions: [("operation", operation.rawValue)]).increment()
     }
 
@@ -130,21 +130,21 @@ enum LibraryMetrics {
     private static let liveDeviceCount = Locked<Int>(0)
 
     /// The live devices this library made, as the gauge last reported them.
-    static var liveDevices: Int { liveDeviceCount.withLock { $0 } }
+    package static var liveDevices: Int { liveDeviceCount.withLock { $0 } }
 
     /// A create or restore made a device: the gauge goes up by one.
-    static func liveDeviceAdded() {
+    package static func liveDeviceAdded() {
         updateLiveDevices { $0 += 1 }
     }
 
     /// A device this library made was removed: the gauge goes down by one, never below zero
     /// (a device made by an earlier agent, removed before `listOwned` counted it, was never counted).
-    static func liveDeviceRemoved() {
+    package static func liveDeviceRemoved() {
         updateLiveDevices { $0 = max(0, $0 - 1) }
     }
 
     /// `listOwned` found `count` devices this library made: the gauge is set to it.
-    static func liveDevicesFound(_ count: Int) {
+    package static func liveDevicesFound(_ count: Int) {
         updateLiveDevices { $0 = max(0, count) }
     }
 
