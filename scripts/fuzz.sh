@@ -21,13 +21,13 @@ swift_build=(swift build --package-path "$root" --scratch-path "$scratch" -c rel
 
 echo "fuzz.sh: building dependencies"
 # Only the dependencies: the library's own sources are compiled below, instrumented.
-for target in SystemPackage Logging CDeviceMapperShims; do
+for target in SystemPackage Logging CoreMetrics CDeviceMapperShims; do
     "${swift_build[@]}" --target "$target" >/dev/null
 done
 bin=$("${swift_build[@]}" --show-bin-path)
 
 objects=()
-for target in SystemPackage CSystem Logging CDeviceMapperShims; do
+for target in SystemPackage CSystem Logging CoreMetrics CDeviceMapperShims; do
     shopt -s nullglob
     found=("$bin/$target.build"/*.o)
     shopt -u nullglob
