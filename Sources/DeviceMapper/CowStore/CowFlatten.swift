@@ -232,9 +232,10 @@ private struct ChangedChunks {
     }
 }
 
-/// Copies the origin into the new file: a clone where the filesystem can, else its data
-/// extents, then sets the full length so trailing holes stay holes.
-private func copyOrigin(
+/// Copies a whole file or block device into the new file: a clone where the filesystem can,
+/// else its data extents, then sets the full length so trailing holes stay holes. Offline
+/// flatten copies the origin with it; a fork, the store.
+func copyOrigin(
     _ originFile: FileDescriptor, origin: FilePath, sizeBytes: Int64, isRegularFile: Bool, to file: TemporaryOutputFile,
     meter: FlattenMeter
 ) throws(DeviceMapperError) {

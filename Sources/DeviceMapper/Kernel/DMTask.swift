@@ -7,7 +7,7 @@ import SystemPackage
 
 /// The device-mapper ioctls this library issues, with the names errors print.
 enum DMTaskType: Sendable {
-    case create, reload, resume, remove, info, list, table, status, version
+    case create, reload, suspend, resume, remove, info, list, table, status, version
 
     /// Whether `dm_task_run` may grow libdevmapper's process-wide ioctl buffer factor for
     /// this task (`DM_BUFFER_FULL_FLAG` on a list, table or status), so that it must run
@@ -15,7 +15,7 @@ enum DMTaskType: Sendable {
     var growsIoctlBuffer: Bool {
         switch self {
         case .list, .table, .status, .version: true
-        case .create, .reload, .resume, .remove, .info: false
+        case .create, .reload, .suspend, .resume, .remove, .info: false
         }
     }
 
@@ -23,6 +23,7 @@ enum DMTaskType: Sendable {
         switch self {
         case .create: CInt(DM_DEVICE_CREATE)
         case .reload: CInt(DM_DEVICE_RELOAD)
+        case .suspend: CInt(DM_DEVICE_SUSPEND)
         case .resume: CInt(DM_DEVICE_RESUME)
         case .remove: CInt(DM_DEVICE_REMOVE)
         case .info: CInt(DM_DEVICE_INFO)
@@ -37,6 +38,7 @@ enum DMTaskType: Sendable {
         switch self {
         case .create: "DM_DEVICE_CREATE"
         case .reload: "DM_DEVICE_RELOAD"
+        case .suspend: "DM_DEVICE_SUSPEND"
         case .resume: "DM_DEVICE_RESUME"
         case .remove: "DM_DEVICE_REMOVE"
         case .info: "DM_DEVICE_INFO"

@@ -1,5 +1,5 @@
 // Device-mapper devices by name: create with a table, remove (with bounded
-// retries on EBUSY), info, list, table and status. Each call is one or more
+// retries on EBUSY), suspend and resume, info, list, table and status. Each call is one or more
 // dm_task runs (DMTask.swift) under libdevmapper's shared or exclusive lock
 // (Libdevmapper.swift), with libdevmapper's log lines and the kernel's errno
 // turned into a DeviceMapperError. udev is waited for with a deadline.
@@ -263,6 +263,34 @@ public enum DeviceMapperControl {
                 usleep(retry.intervalMicroseconds)
             }
         }
+    }
+
+    /// Suspends device `name` with a flush: the kernel lets in-flight I/O finish, flushes
+    /// the targets (a snapshot commits its pending exceptions), and queues new I/O until
+    /// `resume`. A filesystem mounted on the device itself in this kernel is frozen too.
+    /// Suspending a suspended device changes nothing. A missing device fails with
+    /// `.deviceNotFound`.
+    /// The corresponding ioctl is `DM_DEV_SUSPEND` with `DM_SUSPEND_FLAG`, without `DM_NOFLUSH_FLAG`.
+    package static func suspend(name: DeviceName) throws(DeviceMapperError) {
+        try run(.suspend, subject: name.rawValue) { task in
+            task.setName(name) && task.skipOpenCount()
+        } result: { _ in
+            ()
+        }
+    }
+
+    /// Resumes device `name` after `suspend`, with its live table; the queued I/O proceeds.
+    /// Resuming a running device changes nothing. The udev cookie is completed in the
+    /// background, as `create`'s is; no node changes.
+    /// The corresponding ioctl is `DM_DEV_SUSPEND` without `DM_SUSPEND_FLAG`.
+    package static func resume(name: DeviceName, udevFlags: DMUdevFlags = .sandboxDevice) throws(DeviceMapperError) {
+        let (_, cookie) = try runWithCookie(.resume, subject: name.rawValue, udevFlags: udevFlags) { task in
+            task.setName(name) && task.skipOpenCount()
+        } result: { _ in
+            ()
+        }
+        UdevCookieReaper.shared.hand(
+            cookie, deadline: MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds))
     }
 
     /// The error for a node udev did not make or remove in time, with how to recover.

@@ -182,6 +182,21 @@ extension SnapshotDevice {
         }
     }
 
+    /// `fork`, run on the library's own threads.
+    ///
+    /// Parameters, calls, errors and rollback are those of the synchronous
+    /// `fork(cowPath:maximumPauseMilliseconds:)`. Cancelling the task does not stop a fork; its
+    /// deadline does, and the parent is resumed on every path.
+    ///
+    /// - Parameters:
+    ///   - cowPath: Where to write the new store; the file must not exist.
+    ///   - maximumPauseMilliseconds: The longest the parent may stay suspended.
+    public func fork(cowPath: FilePath, maximumPauseMilliseconds: UInt32 = 30_000) async throws(DeviceMapperError) {
+        try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in
+            try self.fork(cowPath: cowPath, maximumPauseMilliseconds: maximumPauseMilliseconds)
+        }
+    }
+
     /// `listOwned`, run on the library's own threads; calls and errors are those of the
     /// synchronous `listOwned()`.
     public static func listOwned() async throws(DeviceMapperError) -> [OwnedSnapshot] {

@@ -26,6 +26,8 @@ package enum LibraryMetrics {
     package static let storesInvalidLabel = "sandbox_disk_stores_invalid_total"
     /// Meter (gauge): live snapshot devices this library made, process-wide.
     package static let liveDevicesLabel = "sandbox_disk_live_devices"
+    /// Timer: how long a fork kept its parent suspended, suspend to resume complete.
+    package static let forkPauseLabel = "sandbox_disk_fork_pause_seconds"
 
     /// The `operation` dimension: which public call a measurement, failure or invalid store is from.
     package enum Operation: String, Sendable, CaseIterable {
@@ -39,6 +41,8 @@ package enum LibraryMetrics {
         case flattenLive = "flatten_live"
         /// `CowFile.flatten(origin:to:)`: a detached store and its origin, without the kernel.
         case flattenOffline = "flatten_offline"
+        /// `SnapshotDevice.fork(cowPath:maximumPauseMilliseconds:)`: a running device's store cloned.
+        case fork
         /// `SnapshotDevice.status` (and `adopt`/`listOwned`, which read it): only for invalid stores.
         case status
         /// `cleanupStaleDevices`: its failures and the invalid stores it removes; it has no timer.
@@ -108,6 +112,11 @@ package enum LibraryMetrics {
             label: operationFailuresLabel,
             dimensions: [("operation", operation.rawValue), ("code", code.metricKey)]
         ).increment()
+    }
+
+    /// Records how long a fork kept its parent suspended, whether or not the fork succeeded.
+    package static func forkPause(nanoseconds: UInt64) {
+        Timer(label: forkPauseLabel).recordNanoseconds(Int64(clamping: nanoseconds))
     }
 
     // MARK: Busy retries and invalid stores

@@ -13,6 +13,8 @@ package enum TestHookPoint: String, Sendable, CaseIterable {
     /// `attachLoopDevice`: a free loop device was found, about to be configured (called per
     /// attempt), so a test can hold two attaches in flight at once.
     case beforeLoopConfigure
+    /// `SnapshotDevice.fork`: the parent is suspended, its store not yet cloned.
+    case forkSuspended
 }
 
 #if DEBUG
