@@ -29,7 +29,7 @@ struct SandboxDisk: ParsableCommand {
               sandbox-disk cleanup --dry-run
             """,
         version: "1.0.0",
-        subcommands: [List.self, Status.self, Inspect.self, Verify.self, Cleanup.self, Flatten.self]
+        subcommands: [List.self, Status.self, Inspect.self, Verify.self, Cleanup.self, Flatten.self, Fork.self]
     )
 }
 
