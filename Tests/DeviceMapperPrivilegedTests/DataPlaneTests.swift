@@ -23,43 +23,17 @@ final class DataPlaneTests: PrivilegedTestCase {
         try super.tearDownWithError()
     }
 
-    /// An ext4 filesystem (mkfs.ext4 on a loop device over a file in the test's directory),
-    /// mounted in the test's directory: a filesystem with direct I/O, which the guest's tmpfs lacks.
+    /// An ext4 filesystem on a loop device, mounted in the test's directory
+    /// (`mountScratchFilesystem`): a filesystem with direct I/O, which the guest's tmpfs lacks.
     func mountExt4(_ name: String, sizeBytes: Int64) throws -> FilePath {
-        let image = path("\(name).img")
-        let fd = try FileDescriptor.open(
-            image, .readWrite, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
-        try fd.closeAfter { XCTAssertEqual(ftruncate(fd.rawValue, off_t(sizeBytes)), 0) }
-        let loop = try attachLoopDevice(backingFile: image, readOnly: false)
-        try run("mkfs.ext4", ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop.device.path.string])
-        let mountPoint = path(name)
-        XCTAssertEqual(mkdir(mountPoint.string, 0o700), 0)
-        guard mount(loop.device.path.string, mountPoint.string, "ext4", 0, nil) == 0 else {
-            throw DataPlaneTestError("mount \(loop.device) on \(mountPoint): \(Errno(rawValue: errno))")
-        }
+        let mountPoint = try mountScratchFilesystem("ext4", name: name, sizeBytes: sizeBytes)
         mountPoints.append(mountPoint)
-        loop.close()  // The mount holds the loop device; autoclear detaches it at umount.
         return mountPoint
     }
 
     func unmount(_ mountPoint: FilePath) {
         XCTAssertEqual(umount(mountPoint.string), 0, "umount \(mountPoint): \(Errno(rawValue: errno))")
         mountPoints.removeAll { $0 == mountPoint }
-    }
-
-    func run(_ tool: String, _ arguments: [String]) throws {
-        let candidates = ["/usr/sbin/\(tool)", "/sbin/\(tool)", "/usr/bin/\(tool)", "/bin/\(tool)"]
-        guard let executable = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            throw DataPlaneTestError("\(tool) is not installed (e2fsprogs)")
-        }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw DataPlaneTestError("\(tool) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
-        }
     }
 
     func sysfsDirectIO(_ loop: FilePath) -> String? {
@@ -254,9 +228,4 @@ final class DataPlaneTests: PrivilegedTestCase {
         XCTAssertEqual(try devices(withPrefix: prefix), [])
         registry.release(imagePath: image)
     }
-}
-
-struct DataPlaneTestError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
 }

@@ -377,24 +377,6 @@ final class StoreSafetyTests: PrivilegedTestCase {
     func listingOfDirectory() throws -> [String] {
         try FileManager.default.contentsOfDirectory(atPath: directory.string).sorted()
     }
-
-    /// Runs a system tool (the old agent's way) and returns its standard output.
-    func runTool(_ path: String, _ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        let bytes = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw HelperError(
-                description: "\(path) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
-        }
-        return String(decoding: bytes, as: UTF8.self)
-    }
 }
 
 /// Counts `DM_DEVICE_REMOVE` attempts from the test hook.
