@@ -23,8 +23,11 @@ enum Figure: String, CaseIterable, ExpressibleByArgument, Sendable {
     case stale
     case flatten
     case io
+    case fork
 
     static let runOrder: [Figure] = [.cycle, .restore, .live, .concurrency, .stale, .flatten, .io]
+    /// Run only when named: they need tools the default run does not (mkfs.xfs).
+    static let namedOnly: [Figure] = [.fork]
 }
 
 /// What the library is compared with.
@@ -106,6 +109,12 @@ struct DMBench: ParsableCommand {
                            against data changed. Files on an ext4 scratch
                            filesystem it makes (mkfs.ext4, tar). Short form in
                            the default run; --io-scale full when named.
+              fork         (only when named) SnapshotDevice.fork of a running
+                           snapshot on XFS (reflink) and ext4 (copy) scratch
+                           filesystems, with --fork-changed bytes changed: the
+                           parent's pause p50/p99 beside a create on the same
+                           filesystem, MiB/s against `cp --reflink=never` of
+                           the same store, and the child's allocated size.
 
             At the end a table of the issue's targets says which this run met.
 
@@ -120,6 +129,15 @@ struct DMBench: ParsableCommand {
 
     @Argument(help: "The figures to run (default: all).")
     var figures: [Figure] = []
+
+    @Option(help: "Bytes changed in the parent before the fork figure's forks (repeatable; default 0, 64M, 512M).")
+    var forkChanged: [ByteSize] = []
+
+    @Option(help: "Forks per row of the fork figure, and creates measured beside them.")
+    var forkRuns = 10
+
+    @Option(help: "Size of the fork figure's origin image (sparse); at least the largest --fork-changed.")
+    var forkImageSize = ByteSize(1 << 30)
 
     @Option(
         help: ArgumentHelp(
@@ -221,6 +239,11 @@ struct DMBench: ParsableCommand {
         guard concurrency.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--concurrency must be at least 1") }
         guard staleCount >= 1 else { throw ValidationError("--stale-count must be at least 1") }
         guard flattenRuns >= 1 else { throw ValidationError("--flatten-runs must be at least 1") }
+        guard forkRuns >= 1 else { throw ValidationError("--fork-runs must be at least 1") }
+        guard forkChanged.allSatisfy({ $0.bytes >= 0 && $0.bytes % (1 << 20) == 0 && $0.bytes <= forkImageSize.bytes })
+        else {
+            throw ValidationError("--fork-changed must be whole MiB, at most --fork-image-size")
+        }
         if let ioScale, ioScale != "short" && ioScale != "full" {
             throw ValidationError("--io-scale must be short or full")
         }
@@ -296,7 +319,8 @@ struct DMBench: ParsableCommand {
         var figures =
             self.figures.isEmpty || self.figures.contains(.all)
             ? Figure.runOrder : Figure.runOrder.filter { self.figures.contains($0) }
-        if figures.isEmpty { figures = Figure.runOrder }
+        if figures.isEmpty && Figure.namedOnly.allSatisfy({ !self.figures.contains($0) }) { figures = Figure.runOrder }
+        figures += Figure.namedOnly.filter { self.figures.contains($0) }
         let baselines = baseline.isEmpty ? [.subprocess, .c] : baseline.filter { $0 != .none }
         return BenchOptions(
             figures: figures,
@@ -316,6 +340,9 @@ struct DMBench: ParsableCommand {
             flattenWrittenSizeBytes: flattenWrittenSize.bytes,
             flattenChangedBytes: flattenChanged.bytes,
             flattenRuns: flattenRuns,
+            forkChangedBytes: forkChanged.isEmpty ? [0, 64 << 20, 512 << 20] : forkChanged.map(\.bytes),
+            forkRuns: forkRuns,
+            forkImageSizeBytes: forkImageSize.bytes,
             ioScale: (ioScale ?? (self.figures.contains(.io) ? "full" : "short")) == "full" ? .full : .short,
             profile: profile)
     }
@@ -339,6 +366,9 @@ struct BenchOptions: Sendable {
     var flattenWrittenSizeBytes: Int64
     var flattenChangedBytes: Int64
     var flattenRuns: Int
+    var forkChangedBytes: [Int64]
+    var forkRuns: Int
+    var forkImageSizeBytes: Int64
     var ioScale: IOScale
     var profile: Bool
 }
@@ -409,6 +439,7 @@ final class Bench {
         case .stale: try runStaleCleanup()
         case .flatten: try runFlatten()
         case .io: try runIO()
+        case .fork: try runFork()
         }
     }
 }

@@ -169,18 +169,22 @@ func runThreads(_ threads: Int, _ body: @escaping @Sendable (Int) -> Bool) -> (U
 
 // MARK: - The scratch filesystem
 
-/// ext4 (mkfs.ext4) on a loop device over a sparse file in the work directory, mounted in
-/// it: the host filesystem the disks' files live on. tmpfs would not do: the 6.1 guest's
+/// ext4 (or XFS, for the fork figure) on a loop device over a sparse file in the work
+/// directory, mounted in it: the host filesystem the disks' files live on. tmpfs would not do: the 6.1 guest's
 /// tmpfs has no direct I/O.
 final class ScratchFilesystem {
     let mountPoint: FilePath
     let imagePath: FilePath
     let loopName: String
+    /// `ext4` or `xfs`.
+    let type: String
     private var mounted = false
 
-    init(workspace: Workspace, sizeBytes: Int64, mkfs: Tool) throws(BenchError) {
-        imagePath = workspace.path("scratch-ext4.img")
-        mountPoint = workspace.path("scratch")
+    /// Makes and mounts `type` (`ext4`, or `xfs` with reflinks) with `mkfs` on a sparse image.
+    init(workspace: Workspace, sizeBytes: Int64, mkfs: Tool, type: String = "ext4") throws(BenchError) {
+        imagePath = workspace.path("scratch-\(type).img")
+        mountPoint = workspace.path(type == "ext4" ? "scratch" : "scratch-\(type)")
+        self.type = type
         let fd = open(imagePath.string, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw BenchError("cannot create \(imagePath): \(errnoText())") }
         let sized = ftruncate(fd, off_t(sizeBytes)) == 0
@@ -191,12 +195,16 @@ final class ScratchFilesystem {
             throw BenchError("cannot attach the scratch image", error)
         }
         loopName = "loop\(loop.device.index)"
-        // Few inodes and no lazy init: no ext4lazyinit thread writing during the figures.
-        try mkfs.run([
-            "-q", "-F", "-i", "1048576", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop.device.path.string,
-        ])
+        if type == "xfs" {
+            try mkfs.run(["-q", "-f", "-m", "reflink=1", loop.device.path.string])
+        } else {
+            // Few inodes and no lazy init: no ext4lazyinit thread writing during the figures.
+            try mkfs.run([
+                "-q", "-F", "-i", "1048576", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop.device.path.string,
+            ])
+        }
         guard mkdir(mountPoint.string, 0o700) == 0 else { throw BenchError("mkdir \(mountPoint): \(errnoText())") }
-        guard mount(loop.device.path.string, mountPoint.string, "ext4", 0, nil) == 0 else {
+        guard mount(loop.device.path.string, mountPoint.string, type, 0, nil) == 0 else {
             throw BenchError("mount \(loop.device) on \(mountPoint): \(errnoText())")
         }
         mounted = true
