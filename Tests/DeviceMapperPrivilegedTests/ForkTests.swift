@@ -1,5 +1,7 @@
+import CoreMetrics
 import DeviceMapper
 import Foundation
+import MetricsTestKit
 import SystemPackage
 import XCTest
 
@@ -83,17 +85,18 @@ final class ForkTests: PrivilegedTestCase {
     // MARK: - The exact instant, and independence
 
     func testForkOnXFSHoldsExactlyTheWritesAcknowledgedBeforeItAndDiverges() throws {
-        try checkExactInstant(on: scratch("xfs"))
+        try checkExactInstant(on: scratch("xfs"), reflinks: true)
     }
 
     func testForkOnExt4HoldsExactlyTheWritesAcknowledgedBeforeItAndDiverges() throws {
-        try checkExactInstant(on: scratch("ext4"))
+        try checkExactInstant(on: scratch("ext4"), reflinks: false)
     }
 
     /// A thread writes sequence-numbered blocks (block s-1 holds s) with O_DIRECT|O_DSYNC while
     /// the parent is forked. Every write acknowledged before the fork began must be in the
     /// child, none issued after it returned, and each block wholly written or wholly absent.
-    private func checkExactInstant(on filesystem: FilePath) throws {
+    /// With `reflinks`, the fork must clone: every call of the copy path fails meanwhile.
+    private func checkExactInstant(on filesystem: FilePath, reflinks: Bool) throws {
         let origin = try zeroOrigin()
         let parent = try SnapshotDevice.create(
             name: deviceName("parent"), origin: origin, cowPath: filesystem.appending("parent.cow"),
@@ -104,8 +107,18 @@ final class ForkTests: PrivilegedTestCase {
         XCTAssertTrue(eventually(30) { writer.acknowledgedCount >= 64 }, "the writer made no progress")
         let childCow = filesystem.appending("child.cow")
         let began = monotonicNanoseconds()
+        #if DEBUG
+            if reflinks {
+                for call in ["lseek", "copy_file_range", "pread", "pwrite"] {
+                    FaultInjection.inject(.ioError, into: call)
+                }
+            }
+        #endif
         try parent.fork(cowPath: childCow)
         let returned = monotonicNanoseconds()
+        #if DEBUG
+            FaultInjection.clear()
+        #endif
         let countAtReturn = writer.acknowledgedCount
         _ = eventually(30) { writer.acknowledgedCount >= countAtReturn + 32 }
         let log = writer.stop()
@@ -218,7 +231,15 @@ final class ForkTests: PrivilegedTestCase {
         let first = try SnapshotDevice.create(
             name: deviceName("g1"), origin: origin, cowPath: path("g1.cow"), originSizeBytes: size)
         try writeBlock(first.devicePath, 0, word: 1)
-        try first.fork(cowPath: path("g2.cow"))
+        let metrics = TestMetrics()
+        try withMetricsFactory(metrics) { try first.fork(cowPath: path("g2.cow")) }
+        let timed = try metrics.expectTimer(
+            "sandbox_disk_operation_duration_seconds", [("operation", "fork"), ("result", "ok")])
+        let pause = try metrics.expectTimer("sandbox_disk_fork_pause_seconds")
+        XCTAssertEqual(timed.values.count, 1)
+        XCTAssertEqual(pause.values.count, 1)
+        XCTAssertGreaterThan(pause.values.first ?? 0, 0)
+        XCTAssertLessThanOrEqual(pause.values.first ?? 0, timed.values.first ?? 0, "the pause is part of the fork")
         try writeBlock(first.devicePath, 1, word: 11)
         let second = try SnapshotDevice.restore(
             name: deviceName("g2"), origin: origin, cowPath: path("g2.cow"), originSizeBytes: size)

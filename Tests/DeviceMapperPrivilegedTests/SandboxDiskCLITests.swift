@@ -334,6 +334,32 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
+    // MARK: - fork
+
+    func testForkWritesTheLiveDiskToANewStoreAndRefusesAnExistingOne() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 21)
+        let origin = try registry.acquire(imagePath: image)
+        let snapshot = try create("k", origin: origin)
+        try write(snapshot.devicePath, offset: 8192, pseudoRandomBytes(count: 4096, seed: 22))
+        let store = path("k-fork.cow")
+        let run = try sandboxDisk(["fork", snapshot.name, store.string, "--json"])
+        XCTAssertEqual(run.status, 0, run.stderr)
+        let object = try jsonObject(run.stdout)
+        XCTAssertEqual(Set(object.keys), ["name", "parent_store", "store", "changed_bytes", "allocated_bytes"])
+        XCTAssertEqual(object["parent_store"] as? String, snapshot.cowPath.string)
+        XCTAssertEqual(integer(object["changed_bytes"]), 4096)
+        XCTAssertEqual(integer(object["allocated_bytes"]), Int(try allocatedBytes(store)))
+        let again = try sandboxDisk(["fork", snapshot.name, store.string])
+        XCTAssertEqual(again.status, 1)
+        XCTAssertTrue(again.stderr.contains("file exists"), again.stderr)
+        XCTAssertEqual(again.stdout, "")
+        try snapshot.remove()
+        let child = try SnapshotDevice.restore(
+            name: deviceName("k2"), origin: origin, cowPath: store, originSizeBytes: Int64(imageSize))
+        XCTAssertEqual(try read(child.devicePath, offset: 8192, count: 4096), pseudoRandomBytes(count: 4096, seed: 22))
+        try child.remove()
+    }
+
     // MARK: - flatten
 
     func testFlattenLiveAndOfflineWriteWhatTheDeviceReads() throws {
