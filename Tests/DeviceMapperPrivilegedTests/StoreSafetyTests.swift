@@ -1,3 +1,4 @@
+import CDeviceMapper  // removexattr, from <sys/xattr.h>
 import DeviceMapper
 import Foundation
 import Logging
@@ -145,6 +146,46 @@ final class StoreSafetyTests: PrivilegedTestCase {
         try CowFile(path: cow).flatten(origin: image, to: path("out.img"))
         XCTAssertEqual(try read(path("out.img"), offset: 1 << 20, count: data.count), data)
         registry.release(imagePath: image)
+        assertLoopDevices([])
+    }
+
+    /// Issue 17 #5: a base rebuilt in place (same file, new bytes) while the registry holds
+    /// its loop device is caught, though the registry fingerprinted it before.
+    func testRestoreRefusesABaseRebuiltInPlaceWhileTheRegistryHoldsIt() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 21)
+        let cow = path("s.cow")
+        let snapshot = try create("s", image: image, cow: cow)  // The registry keeps this reference.
+        try write(snapshot.devicePath, offset: 1 << 20, data)
+        try snapshot.remove()
+        try write(image, offset: 0, pseudoRandomBytes(count: 4096, seed: 22))  // Rebuilt in place.
+
+        assertFails(.originMismatch, saying: [image.string, "content differs"]) {
+            try restore("s", image: image, cow: cow)
+        }
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
+    /// Issue 17 #5: a store whose origin record was lost resumes by default (an older agent's
+    /// store), and is refused where the caller requires the record.
+    func testAStoreWithoutItsRecordIsRefusedWhenTheOptionsRequireIt() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 23)
+        let cow = path("s.cow")
+        try create("s", image: image, cow: cow).remove()
+        XCTAssertEqual(removexattr(cow.string, OriginRecord.attributeName), 0, "copied without its attributes")
+        let origin = try registry.acquire(imagePath: image)
+        var options = SnapshotOptions()
+        options.requireOriginRecord = true
+        assertFails(.invalidCowStore, saying: ["no origin record"]) {
+            try SnapshotDevice.restore(
+                name: deviceName("s"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize),
+                options: options)
+        }
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+        let resumed = try restore("s", image: image, cow: cow)
+        try resumed.remove()
+        registry.releaseAll()
         assertLoopDevices([])
     }
 

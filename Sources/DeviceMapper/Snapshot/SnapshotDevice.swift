@@ -169,7 +169,8 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// `.invalidCowStore` on a missing, corrupt or invalidated store. The chunk size is the
     /// header's (`options.chunkSizeSectors` is not used); `options.cowDirectIO` applies. It then checks the store's origin record against `origin`, and fails with
     /// `.originMismatch` if the store was made against another base image; a store without
-    /// a record (an older agent's) resumes, with a warning logged.
+    /// a record (an older agent's, or one copied without its extended attributes) resumes, with an
+    /// error logged and counted, unless `options.requireOriginRecord` is set (`.invalidCowStore`).
     ///
     /// A device already named `name` that this library made (left by a crashed agent) is
     /// removed first, unless it is open (`.deviceBusy`: a live sandbox uses it). A device of
@@ -243,9 +244,15 @@ public struct SnapshotDevice: Sendable, Hashable {
         if let record = try OriginRecord.read(from: cowFile, path: cowPath) {
             try record.check(
                 against: originDevice.record.fingerprint, origin: origin, cowPath: cowPath, operation: operation)
+        } else if options.requireOriginRecord {
+            throw invalidCowStore(
+                operation, cowPath,
+                "the store has no origin record (\(OriginRecord.attributeName)), and the options require one: "
+                    + "it may have been copied without its extended attributes, so its base cannot be checked")
         } else {
-            logger.warning(
-                "the store has no origin record (an older agent made it); resuming without the origin check",
+            LibraryMetrics.storeWithoutOriginRecord(.restore)
+            logger.error(
+                "the store has no origin record (an older agent's, or copied without its attributes); resuming it unchecked",
                 metadata: ["cow": "\(cowPath)", "origin": "\(origin)"])
         }
 
