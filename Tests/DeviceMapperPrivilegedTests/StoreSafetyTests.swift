@@ -189,6 +189,34 @@ final class StoreSafetyTests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
+    #if DEBUG
+        /// Issue 17 #12: a create that loses to a device of the same name (`EEXIST`) returns
+        /// only once its CoW loop device is detached, though something holds that device a
+        /// moment after the create lets it go (udev's probe of a new loop device; here the test).
+        func testACreateThatLosesToASameNamedDeviceReturnsWithItsLoopDeviceDetached() throws {
+            let image = try makeImage("base.img", sizeBytes: imageSize, seed: 51)
+            let winner = try create("r", image: image, cow: path("w.cow"))
+            let loser = path("l.cow")
+            TestHooks.install { point in
+                guard point == .afterCowLoopAttach,
+                    let loop = attachedLoopDevices().first(where: { $0.backingFile == loser })
+                else { return }
+                let fd = open(loop.device.path.string, O_RDONLY)  // As a udev worker's probe.
+                DispatchQueue.global().asyncAfter(deadline: .now() + 0.5) { close(fd) }
+            }
+            defer { TestHooks.install(nil) }
+            assertFails(.fileExists) { try create("r", image: image, cow: loser) }
+            TestHooks.install(nil)
+            XCTAssertEqual(
+                loopDevices(backedBy: directory).filter { $0.backingFile.string.hasPrefix(loser.string) }.map(\.device),
+                [], "the loser's CoW loop device is gone when its create returns")
+            XCTAssertFalse(fileExists(loser))
+            try winner.remove()
+            registry.releaseAll()
+            assertLoopDevices([])
+        }
+    #endif
+
     func testRestoreAgainstABaseOfAnotherSizeIsRefused() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 7)
         let bigger = try makeImage("bigger.img", sizeBytes: imageSize * 2, seed: 7)

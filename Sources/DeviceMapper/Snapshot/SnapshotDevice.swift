@@ -371,10 +371,33 @@ public struct SnapshotDevice: Sendable, Hashable {
         let target = DMTarget(
             startSector: 0, lengthSectors: UInt64(originSizeBytes / 512), type: "snapshot",
             parameters: "\(origin.number) \(cowLoop.device.number) P \(chunkSizeSectors)")
-        try DeviceMapperControl.create(name: name, uuid: .ownedSnapshot(store: identity), targets: [target])
+        do throws(DeviceMapperError) {
+            try DeviceMapperControl.create(name: name, uuid: .ownedSnapshot(store: identity), targets: [target])
+        } catch {
+            let device = cowLoop.device
+            cowLoop.close()
+            waitForDetach(device, of: identity)
+            throw error
+        }
         return SnapshotDevice(
             name: name.rawValue, devicePath: FilePath(name.devicePath), cowPath: cowPath,
             cowLoopDevice: cowLoop.device.path)
+    }
+
+    /// Waits, up to `storeLockWaitMicroseconds` (3 s, as `restore` waits for a store's loop
+    /// device), until `device` no longer holds the file `store`: autoclear detaches it at its
+    /// last close, and a udev worker probing it after its add event may hold it a moment
+    /// after ours. So a failed create or restore leaves no loop device behind when it returns.
+    /// The corresponding ioctl is `LOOP_GET_STATUS64` (`ENXIO` once detached).
+    private static func waitForDetach(_ device: LoopDevice, of store: FileIdentity) {
+        let detached = poll(until: MonotonicInstant.now().adding(milliseconds: storeLockWaitMicroseconds / 1000)) {
+            (try? loopDeviceStatus(device.path))?.backingFile != store
+        }
+        if !detached {
+            logger.warning(
+                "the failed call's CoW loop device is still attached; autoclear detaches it at its last close",
+                metadata: ["cowLoopDevice": "\(device)"])
+        }
     }
 
     func metadata(origin: FilePath) -> Logger.Metadata {
