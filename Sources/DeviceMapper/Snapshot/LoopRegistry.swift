@@ -146,7 +146,7 @@ public final class LoopRegistry: Sendable {
         }
     }
 
-    /// Drops one reference to the device `origin`, as ``acquire(imagePath:)`` returned it:
+    /// Drops one reference to the device `origin`, as ``acquire(imagePath:)-50sqy`` returned it:
     /// the image that was acquired, whatever file is at its path now. The last reference
     /// closes the registry's descriptor, and the kernel detaches the device once no snapshot
     /// uses it either. Releasing a device that holds no reference does nothing but log a
