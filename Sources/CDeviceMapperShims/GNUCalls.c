@@ -28,4 +28,14 @@ void CDeviceMapperShims_setThreadName(const char *name) {
     pthread_setname_np(pthread_self(), truncated);
 }
 
+int CDeviceMapperShims_rwlockInitPreferringWriters(pthread_rwlock_t *lock) {
+    pthread_rwlockattr_t attributes;
+    int result = pthread_rwlockattr_init(&attributes);
+    if (result != 0) return result;
+    result = pthread_rwlockattr_setkind_np(&attributes, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    if (result == 0) result = pthread_rwlock_init(lock, &attributes);
+    pthread_rwlockattr_destroy(&attributes);
+    return result;
+}
+
 const int CDeviceMapperShims_O_DIRECT = O_DIRECT;

@@ -20,7 +20,8 @@ struct Flatten: ParsableCommand {
             Two forms, told apart by --origin:
               sandbox-disk flatten NAME OUTPUT                    (live device)
               sandbox-disk flatten STORE --origin IMAGE OUTPUT    (offline)
-            The live form reads the device (stop the sandbox's writers first); the offline form \
+            The live form reads the device, and refuses one that is open (a guest may be writing \
+            it, so the copy would be torn) unless --force is given; the offline form \
             needs no device, refuses a store that is attached, and checks the store's origin \
             record against IMAGE. OUTPUT must not exist. It is written under a temporary name \
             beside it and appears only when complete; on failure or interruption nothing is left.
@@ -42,6 +43,9 @@ struct Flatten: ParsableCommand {
 
     @Option(help: ArgumentHelp("Flatten offline: SOURCE is a store file and this its base image.", valueName: "image"))
     var origin: String?
+
+    @Flag(help: "Flatten a live device even though it is open (its copy may be torn).")
+    var force = false
 
     @Flag(help: "Print no progress.")
     var noProgress = false
@@ -76,6 +80,12 @@ struct Flatten: ParsableCommand {
                 ]
             } else {
                 let device = try SnapshotDevice.adopt(name: source)
+                guard device.openCount == 0 || force else {
+                    throw DeviceMapperError(
+                        code: .deviceBusy, operation: "sandbox-disk flatten", subject: source,
+                        detail: "the device is open \(device.openCount) time(s): a running sandbox may be writing "
+                            + "it, so its copy could be torn. Stop the sandbox first, or pass --force")
+                }
                 try device.device.flatten(to: outputPath, progress: progress)
                 fields = [
                     "source": .string("device"), "name": .string(source),

@@ -207,6 +207,51 @@ final class ControlPlaneTests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
+    /// Issue 17 #7: long copies do not starve the control plane. While 4 async flattens are
+    /// held (in their progress handler), an async create and remove complete, and a fifth
+    /// flatten, queued behind them, is dropped as soon as its task is cancelled. Nothing is
+    /// timed: the flattens are let go after those complete, or, failing the test instead of
+    /// hanging it, after a 20 s deadline.
+    func testAsyncCreatesAndCancelledFlattensAreNotQueuedBehindLongFlattens() async throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 61)
+        let origin = try await registry.acquire(imagePath: image)
+        let stored = try await SnapshotDevice.create(
+            name: deviceName("s"), origin: origin, cowPath: path("s.cow"), originSizeBytes: Int64(imageSize))
+        try write(stored.devicePath, offset: 0, pseudoRandomBytes(count: 8192, seed: 62))
+        try await stored.remove()
+        let store = try CowFile(path: path("s.cow"))
+        let gate = Gate()
+        let held = 4
+        var flattens: [Task<Void, any Error>] = []
+        for index in 0..<held {
+            let output = path("f\(index).img")
+            flattens.append(
+                Task { try await store.flatten(origin: image, to: output) { _ in gate.hold(timeoutSeconds: 20) } })
+        }
+        while gate.holders < held && !gate.isOpen { try await Task.sleep(nanoseconds: 1_000_000) }
+        XCTAssertFalse(gate.isOpen, "the \(held) flattens were never all held at once")
+
+        let created = try await SnapshotDevice.create(
+            name: deviceName("c"), origin: origin, cowPath: path("c.cow"), originSizeBytes: Int64(imageSize))
+        try await created.remove()
+        XCTAssertFalse(gate.isOpen, "the create and remove completed while \(held) flattens were held")
+
+        let queuedOutput = path("queued.img")
+        let queued = Task { try await store.flatten(origin: image, to: queuedOutput) }
+        queued.cancel()
+        let result = await queued.result
+        XCTAssertFalse(gate.isOpen, "the cancelled flatten returned while the others were held")
+        XCTAssertThrowsError(try result.get()) { error in
+            XCTAssertEqual((error as? DeviceMapperError)?.code, .cancelled, "\(error)")
+        }
+        XCTAssertFalse(fileExists(queuedOutput))
+
+        gate.open()
+        for flatten in flattens { try await flatten.value }
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
     /// Cancelling the task of a flatten stops it between blocks: `.cancelled`, no output,
     /// no temporary file, and the device is untouched.
     func testCancellingAnAsyncFlattenRemovesItsPartialOutput() async throws {
@@ -353,6 +398,33 @@ final class Rendezvous: @unchecked Sendable {
         defer { condition.unlock() }
         return met
     }
+}
+
+/// Holds each caller until `open()`, or until its timeout passes, which opens it for all.
+final class Gate: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var opened = false
+    private var arrivals = 0
+
+    func hold(timeoutSeconds: Double) {
+        condition.lock()
+        defer { condition.unlock() }
+        arrivals += 1
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while !opened, condition.wait(until: deadline) {}
+        opened = true
+        condition.broadcast()
+    }
+
+    func open() {
+        condition.lock()
+        opened = true
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    var isOpen: Bool { condition.withLock { opened } }
+    var holders: Int { condition.withLock { arrivals } }
 }
 
 /// A one-shot flag an async test can wait for.

@@ -433,6 +433,32 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
+    /// Issue 17 #11: a live flatten of a device a guest has open copies a disk that is being
+    /// written; the tool refuses it, and `--force` overrides.
+    func testFlattenRefusesADeviceThatIsOpenUnlessForced() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 41)
+        let origin = try registry.acquire(imagePath: image)
+        let snapshot = try create("o", origin: origin)
+        try write(snapshot.devicePath, offset: 4096, pseudoRandomBytes(count: 4096, seed: 42))
+        let holder = try FileDescriptor.open(snapshot.devicePath, .readOnly)  // A running sandbox.
+        let output = path("open.img")
+
+        let refused = try sandboxDisk(["flatten", snapshot.name, output.string])
+        XCTAssertEqual(refused.status, 1, refused.stderr)
+        XCTAssertTrue(refused.stderr.contains("open 1 time"), refused.stderr)
+        XCTAssertTrue(refused.stderr.contains("--force"), refused.stderr)
+        XCTAssertFalse(fileExists(output), "nothing written")
+
+        let forced = try sandboxDisk(["flatten", snapshot.name, output.string, "--force", "--no-progress"])
+        XCTAssertEqual(forced.status, 0, forced.stderr)
+        XCTAssertEqual(try read(output, count: imageSize + 1), try read(snapshot.devicePath, count: imageSize))
+
+        try holder.close()
+        try snapshot.remove()
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
     /// Ctrl-C (and SIGTERM) during a flatten: the tool stops it through the progress
     /// handler, the library removes its temporary file, and the tool exits 130 (143).
     func testInterruptDuringAFlattenLeavesNoOutputAndNoTemporaryFile() throws {

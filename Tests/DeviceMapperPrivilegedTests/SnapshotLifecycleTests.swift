@@ -213,6 +213,38 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         registry.release(imagePath: link)  // Never acquired now: a logged no-op.
     }
 
+    /// Issue 17 #4: a template rebuilt by rename over its path while sandboxes run on the old
+    /// one. A release charges the image its sandbox was made on, not the file now at the path.
+    func testReleaseAfterARenameOverThePathChargesTheImageThatWasAcquired() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 31)
+        let originA = try registry.acquire(imagePath: image)
+        let sandboxA = try SnapshotDevice.create(
+            name: deviceName("a"), origin: originA, cowPath: path("a.cow"), originSizeBytes: Int64(imageSize))
+        let replacement = try makeImage("b.img", sizeBytes: imageSize, seed: 32)
+        XCTAssertEqual(Glibc.rename(replacement.string, image.string), 0)
+        let originB = try registry.acquire(imagePath: image)
+        XCTAssertNotEqual(originA, originB)
+        let sandboxB = try SnapshotDevice.create(
+            name: deviceName("b"), origin: originB, cowPath: path("b.cow"), originSizeBytes: Int64(imageSize))
+
+        // A's sandbox stops and gives back what it acquired.
+        try sandboxA.remove()
+        registry.release(origin: originA)
+        let attached = { Set(self.loopDevices(backedBy: self.directory).map(\.device.path)) }
+        XCTAssertTrue(eventually { !attached().contains(originA) }, "A's loop device is detached: \(attached())")
+        XCTAssertTrue(attached().contains(originB), "B's loop device stays: a sandbox runs on it")
+        XCTAssertEqual(registry.referenceCount(imagePath: image), 1, "B keeps its reference")
+        // A new sandbox on the template shares B's device, which the registry still holds.
+        XCTAssertEqual(try registry.acquire(imagePath: image), originB)
+        registry.release(imagePath: image)  // The simple case: the file now at the path.
+
+        try sandboxB.remove()
+        registry.release(origin: originB)
+        XCTAssertEqual(registry.referenceCount(imagePath: image), 0)
+        registry.release(origin: originB)  // Holds no reference now: a logged no-op.
+        assertLoopDevices([], "every device is detached")
+    }
+
     func testConcurrentCreateAndRemoveLeavesNothing() throws {
         let (_, origin) = try makeOrigin()
         let results = ResultSlots<Void>(count: 32)

@@ -1,3 +1,4 @@
+import CDeviceMapper  // removexattr, from <sys/xattr.h>
 import DeviceMapper
 import Foundation
 import Logging
@@ -147,6 +148,74 @@ final class StoreSafetyTests: PrivilegedTestCase {
         registry.release(imagePath: image)
         assertLoopDevices([])
     }
+
+    /// Issue 17 #5: a base rebuilt in place (same file, new bytes) while the registry holds
+    /// its loop device is caught, though the registry fingerprinted it before.
+    func testRestoreRefusesABaseRebuiltInPlaceWhileTheRegistryHoldsIt() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 21)
+        let cow = path("s.cow")
+        let snapshot = try create("s", image: image, cow: cow)  // The registry keeps this reference.
+        try write(snapshot.devicePath, offset: 1 << 20, data)
+        try snapshot.remove()
+        try write(image, offset: 0, pseudoRandomBytes(count: 4096, seed: 22))  // Rebuilt in place.
+
+        assertFails(.originMismatch, saying: [image.string, "content differs"]) {
+            try restore("s", image: image, cow: cow)
+        }
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
+    /// Issue 17 #5: a store whose origin record was lost resumes by default (an older agent's
+    /// store), and is refused where the caller requires the record.
+    func testAStoreWithoutItsRecordIsRefusedWhenTheOptionsRequireIt() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 23)
+        let cow = path("s.cow")
+        try create("s", image: image, cow: cow).remove()
+        XCTAssertEqual(removexattr(cow.string, OriginRecord.attributeName), 0, "copied without its attributes")
+        let origin = try registry.acquire(imagePath: image)
+        var options = SnapshotOptions()
+        options.requireOriginRecord = true
+        assertFails(.invalidCowStore, saying: ["no origin record"]) {
+            try SnapshotDevice.restore(
+                name: deviceName("s"), origin: origin, cowPath: cow, originSizeBytes: Int64(imageSize),
+                options: options)
+        }
+        XCTAssertEqual(try devices(withPrefix: prefix), [])
+        let resumed = try restore("s", image: image, cow: cow)
+        try resumed.remove()
+        registry.releaseAll()
+        assertLoopDevices([])
+    }
+
+    #if DEBUG
+        /// Issue 17 #12: a create that loses to a device of the same name (`EEXIST`) returns
+        /// only once its CoW loop device is detached, though something holds that device a
+        /// moment after the create lets it go (udev's probe of a new loop device; here the test).
+        func testACreateThatLosesToASameNamedDeviceReturnsWithItsLoopDeviceDetached() throws {
+            let image = try makeImage("base.img", sizeBytes: imageSize, seed: 51)
+            let winner = try create("r", image: image, cow: path("w.cow"))
+            let loser = path("l.cow")
+            TestHooks.install { point in
+                guard point == .afterCowLoopAttach,
+                    let loop = attachedLoopDevices().first(where: { $0.backingFile == loser })
+                else { return }
+                let fd = open(loop.device.path.string, O_RDONLY)  // As a udev worker's probe.
+                DispatchQueue.global().asyncAfter(deadline: .now() + 0.5) { close(fd) }
+            }
+            defer { TestHooks.install(nil) }
+            assertFails(.fileExists) { try create("r", image: image, cow: loser) }
+            TestHooks.install(nil)
+            XCTAssertEqual(
+                loopDevices(backedBy: directory).filter { $0.backingFile.string.hasPrefix(loser.string) }.map(\.device),
+                [], "the loser's CoW loop device is gone when its create returns")
+            XCTAssertFalse(fileExists(loser))
+            try winner.remove()
+            registry.releaseAll()
+            assertLoopDevices([])
+        }
+    #endif
 
     func testRestoreAgainstABaseOfAnotherSizeIsRefused() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 7)

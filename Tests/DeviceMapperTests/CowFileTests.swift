@@ -542,6 +542,23 @@ final class CowFileTests: XCTestCase {
         XCTAssertLessThan(Int(status.st_blocks) * 512, 1 << 20, "the holes were filled in")
     }
 
+    /// Issue 17 #10: the header is read again under the store's lock. A store the kernel
+    /// invalidated after it was opened (a snapshot still used it then) is refused.
+    func testFlattenReadsTheHeaderAgainUnderTheLock() throws {
+        let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
+        let store = try CowFile(path: flatten.store)
+        XCTAssertTrue(store.isValid)
+        let fd = open(flatten.store.string, O_WRONLY)
+        var invalid: UInt32 = 0  // The header's `valid` field, little-endian, at byte 4.
+        XCTAssertEqual(pwrite(fd, &invalid, 4, 4), 4)
+        close(fd)
+        let before = try directoryEntries()
+        assertThrows(.invalidCowStore, detail: "invalidated") {
+            try store.flatten(origin: flatten.origin, to: path("flat.img"))
+        }
+        XCTAssertEqual(try directoryEntries(), before, "nothing written")
+    }
+
     func testFlattenRefusesOriginChunkPastOriginEnd() throws {
         let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [3, 256])
         let before = try directoryEntries()

@@ -28,6 +28,12 @@ int CDeviceMapperShims_renameNoReplace(const char *from, const char *to);
 /// `pthread_setname_np`, which glibc declares only under `_GNU_SOURCE`.
 void CDeviceMapperShims_setThreadName(const char *name);
 
+/// Initialises `lock` so that a waiting writer goes before new readers
+/// (`pthread_rwlockattr_setkind_np` with `PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP`, which
+/// glibc declares only under `_GNU_SOURCE`); returns `pthread_rwlock_init`'s result. A reader
+/// must then never take the lock again while it holds it.
+int CDeviceMapperShims_rwlockInitPreferringWriters(pthread_rwlock_t *lock);
+
 /// `O_DIRECT`, which glibc defines only under `_GNU_SOURCE`.
 extern const int CDeviceMapperShims_O_DIRECT;
 

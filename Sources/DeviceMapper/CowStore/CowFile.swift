@@ -183,9 +183,13 @@ public struct CowFile: Sendable {
     /// - Throws: ``DeviceMapperError`` with the code `.invalidCowStore` (not a store, corrupt,
     ///   cut short), `.invalidArgument` (neither a file nor a block device), or `.systemCallFailed`.
     public init(path: FilePath) throws(DeviceMapperError) {
-        let operation = "CowFile(path:)"
         let fd = try system_open(path, O_RDONLY).get("open", subject: path.string)
-        let file = CowFileDescriptor(fd)
+        try self.init(file: CowFileDescriptor(fd), path: path, operation: "CowFile(path:)")
+    }
+
+    /// Reads and checks the store open at `file`: its header, then every exception.
+    init(file: CowFileDescriptor, path: FilePath, operation: String) throws(DeviceMapperError) {
+        let fd = file.descriptor
         let status = try system_fstat(fd).get("fstat", subject: path.string)
         guard status.type == .regular || status.type == .blockSpecial else {
             throw DeviceMapperError.invalidArgument(

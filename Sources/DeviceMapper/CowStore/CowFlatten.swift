@@ -26,7 +26,7 @@ extension CowFile {
     ///   writing to it) or an attach holds its in-use lock. The flatten holds a shared lock
     ///   on the store until it is done, so no `restore` can attach it meanwhile;
     /// - `.originMismatch` if the store's origin record names another base image than
-    ///   `origin` (a store without a record is flattened, with a warning logged);
+    ///   `origin` (a store without a record is flattened, with an error logged and counted);
     /// - `.invalidCowStore` if the kernel invalidated the store, or an exception names an
     ///   origin chunk past the origin's end or a CoW chunk past the store's end;
     /// - `.fileExists` if `output` exists; it is left untouched.
@@ -36,7 +36,8 @@ extension CowFile {
     /// `progress`, if given, is called every few MiB; returning false cancels the flatten
     /// (`.cancelled`) in the same way.
     ///
-    /// The calls: `flock` (`LOCK_SH | LOCK_NB` on the store), `fgetxattr` and `pread` (the
+    /// The calls: `flock` (`LOCK_SH | LOCK_NB` on the store), `pread` (the header and
+    /// metadata again, now under the lock), `fgetxattr` and `pread` (the
     /// origin record and its fingerprint), `ioctl(FICLONE)`, `lseek` (`SEEK_DATA`, `SEEK_HOLE`)
     /// and `copy_file_range`, or `pread` and `pwrite`; then `fsync` and `renameat2`
     /// (`RENAME_NOREPLACE`). No device-mapper call and no loop device, so it works on a host
@@ -66,7 +67,9 @@ extension CowFile {
         let guardFile = try openLockDescription()
         defer { system_close(guardFile) }
         try lockStore(guardFile, path: path, operation: operation, checkUnlockedAttachments: true, shared: true)
-        guard isValid else {
+        // Read again under the lock: a snapshot may have used the store since it was opened.
+        let store = try CowFile(file: file, path: path, operation: operation)
+        guard store.isValid else {
             throw invalidCowStore(
                 operation, path,
                 "the kernel invalidated this store (it overflowed or hit an I/O error); "
@@ -91,7 +94,7 @@ extension CowFile {
                 "the origin is neither a regular file nor a block device")
         }
         try checkOrigin(originFile, sizeBytes: originSize, origin: origin, operation: operation)
-        let changes = ChangedChunks(store: self, originSizeBytes: originSize, origin: origin, operation: operation)
+        let changes = ChangedChunks(store: store, originSizeBytes: originSize, origin: origin, operation: operation)
 
         // A cheap pass first, so a store that does not fit this origin fails before any copying.
         var changedBytes: Int64 = 0
@@ -104,7 +107,7 @@ extension CowFile {
                 originFile, origin: origin, sizeBytes: originSize, isRegularFile: originIsRegularFile, to: file,
                 meter: meter)
             let copier = RangeCopier(
-                source: self.file.descriptor, sourcePath: path, truncationCode: .invalidCowStore,
+                source: store.file.descriptor, sourcePath: path, truncationCode: .invalidCowStore,
                 output: file, meter: meter)
             try changes.forEachRun { run throws(DeviceMapperError) in
                 try copier.copy(from: run.cowOffset, to: run.originOffset, count: run.byteCount, skippingZeros: false)
@@ -128,7 +131,7 @@ extension CowFile {
 
     /// Checks that this store can be read over `origin` (a base image file or a block
     /// device): `.originMismatch` if its origin record names another image. A store without
-    /// a record passes, with a warning logged.
+    /// a record passes, with an error logged and counted.
     ///
     /// It reads about 1 MiB of `origin` for its fingerprint (see ``OriginFingerprint``). The
     /// C calls are `open`, `fstat`, `ioctl(BLKGETSIZE64)` for a block device, `fgetxattr` and `pread`.
@@ -149,8 +152,9 @@ extension CowFile {
         throws(DeviceMapperError)
     {
         guard let record = try originRecord() else {
-            Self.logger.warning(
-                "the store has no origin record (an older agent made it); reading it without the origin check",
+            LibraryMetrics.storeWithoutOriginRecord(.flattenOffline)
+            Self.logger.error(
+                "the store has no origin record (an older agent's, or copied without its attributes); reading it unchecked",
                 metadata: ["cow": "\(path)", "origin": "\(origin)"])
             return
         }

@@ -65,6 +65,13 @@ func system_open(_ path: FilePath, _ flags: CInt, permissions: mode_t = 0) -> Re
     }.map(FileDescriptor.init(rawValue:))
 }
 
+/// A second descriptor for the open file `fd`, close-on-exec.
+/// The corresponding C function is `fcntl` (`F_DUPFD_CLOEXEC`).
+func system_dup(_ fd: FileDescriptor) -> Result<FileDescriptor, Errno> {
+    if let fault = injectedFault("fcntl") { return .failure(fault) }
+    return valueOrErrno { fcntl(fd.rawValue, F_DUPFD_CLOEXEC, 0) }.map(FileDescriptor.init(rawValue:))
+}
+
 /// swift-system's `FileDescriptor.stat()`, behind the fault seam.
 /// The corresponding C function is `fstat`.
 func system_fstat(_ fd: FileDescriptor) -> Result<Stat, Errno> {

@@ -14,47 +14,102 @@ public import SystemPackage
 /// A fixed set of threads for the library's blocking calls (busy retries sleep for up to a
 /// second, udev waits up to its timeout, a flatten for minutes). Jobs run in the order they
 /// come; at most `threadCount` at once. The threads start with the first job and are named
-/// `dm-blocking-N`.
+/// `<threadPrefix>N`.
+///
+/// Two lanes: `shared` for the control plane (create, restore, remove, list, acquire, cleanup)
+/// and `flattens` for copies, so minutes-long flattens never hold up a millisecond create;
+/// at most `flattens.threadCount` copies are in flight, and the rest wait in their own queue.
 final class BlockingCallPool: Sendable {
-    static let shared = BlockingCallPool(threadCount: 4)
+    /// The control plane's lane.
+    static let shared = BlockingCallPool(threadCount: 4, threadPrefix: "dm-blocking-")
+    /// The flattens' lane: the bound on copies in flight.
+    static let flattens = BlockingCallPool(threadCount: 4, threadPrefix: "dm-blocking-f")
 
     let threadCount: Int
-    private let state = Locked<(jobs: [@Sendable () -> Void], started: Bool)>(([], false))
+    let threadPrefix: String
+    private let state = Locked<(jobs: [Job], started: Bool)>(([], false))
 
-    init(threadCount: Int) {
+    /// One queued call: `run` does it, `drop` answers it as cancelled without doing it.
+    /// Exactly one of them is called.
+    private struct Job {
+        let ticket: Ticket
+        let run: @Sendable () -> Void
+        let drop: @Sendable () -> Void
+    }
+
+    /// Whether a call's task was cancelled (perhaps before its job was submitted), guarded
+    /// by the pool's lock; its job is found in the queue by this ticket.
+    private final class Ticket: @unchecked Sendable {
+        var cancelled = false
+    }
+
+    init(threadCount: Int, threadPrefix: String) {
         self.threadCount = threadCount
+        self.threadPrefix = threadPrefix
     }
 
     /// Runs `body` on one of the pool's threads and returns its result; the calling task
     /// is suspended, not blocked, meanwhile. The caller's metrics factory, a task-local one
-    /// (`withMetricsFactory`) included, is the one `body`'s metrics go to.
-    func run<T: Sendable>(_ body: @escaping @Sendable () throws(DeviceMapperError) -> T) async throws(DeviceMapperError)
-        -> T
-    {
+    /// (`withMetricsFactory`) included, is the one `body`'s metrics go to. With `cancellable`,
+    /// cancelling the task while the job still waits for a thread drops it: it throws
+    /// `.cancelled` at once and `body` never runs.
+    func run<T: Sendable>(
+        cancellable: Bool = false, _ body: @escaping @Sendable () throws(DeviceMapperError) -> T
+    ) async throws(DeviceMapperError) -> T {
         let metricsFactory = MetricsSystem.factory
-        let result: Result<T, DeviceMapperError> = await withCheckedContinuation { continuation in
-            submit {
-                do throws(DeviceMapperError) {
-                    let value = try withMetricsFactory(metricsFactory) { () throws(DeviceMapperError) in try body() }
-                    continuation.resume(returning: .success(value))
-                } catch {
-                    continuation.resume(returning: .failure(error))
-                }
+        let ticket = Ticket()
+        let result: Result<T, DeviceMapperError> = await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                submit(
+                    Job(
+                        ticket: ticket,
+                        run: {
+                            do throws(DeviceMapperError) {
+                                let value = try withMetricsFactory(metricsFactory) { () throws(DeviceMapperError) in
+                                    try body()
+                                }
+                                continuation.resume(returning: .success(value))
+                            } catch {
+                                continuation.resume(returning: .failure(error))
+                            }
+                        },
+                        drop: {
+                            continuation.resume(
+                                returning: .failure(
+                                    DeviceMapperError(
+                                        code: .cancelled, operation: "BlockingCallPool.run",
+                                        detail: "the task was cancelled while the call waited for a thread; "
+                                            + "nothing was done")))
+                        }))
             }
+        } onCancel: {
+            if cancellable { cancel(ticket) }
         }
         return try result.get()
     }
 
-    private func submit(_ job: @escaping @Sendable () -> Void) {
-        let start = state.withLock { state -> Bool in
-            state.jobs.append(job)
+    private func submit(_ job: Job) {
+        let (start, dropped) = state.withLock { state -> (Bool, Bool) in
             defer { state.started = true }
-            return !state.started
+            if job.ticket.cancelled { return (!state.started, true) }
+            state.jobs.append(job)
+            return (!state.started, false)
         }
+        if dropped { return job.drop() }
         state.broadcast()
         if start {
             for index in 0..<threadCount { startThread(index) }
         }
+    }
+
+    /// Drops the ticket's job if it still waits in the queue; marks it cancelled either way.
+    private func cancel(_ ticket: Ticket) {
+        let dropped = state.withLock { state -> Job? in
+            ticket.cancelled = true
+            guard let index = state.jobs.firstIndex(where: { $0.ticket === ticket }) else { return nil }
+            return state.jobs.remove(at: index)
+        }
+        dropped?.drop()
     }
 
     private final class ThreadContext {
@@ -73,7 +128,7 @@ final class BlockingCallPool: Sendable {
             &thread, nil,
             { argument in
                 let context = Unmanaged<ThreadContext>.fromOpaque(argument!).takeRetainedValue()
-                CDeviceMapperShims_setThreadName("dm-blocking-\(context.index)")
+                CDeviceMapperShims_setThreadName("\(context.pool.threadPrefix)\(context.index)")
                 context.pool.work()
                 return nil
             }, context)
@@ -84,7 +139,7 @@ final class BlockingCallPool: Sendable {
     private func work() {
         while true {
             let job = state.waitForResult { state in state.jobs.isEmpty ? nil : state.jobs.removeFirst() }
-            job()
+            job.run()
         }
     }
 }
@@ -96,8 +151,8 @@ private final class CancellationFlag: Sendable {
     var isSet: Bool { value.withLock { $0 } }
 }
 
-/// Runs a flatten on the pool; cancelling the task stops it between blocks (`.cancelled`),
-/// and the flatten removes its partial output.
+/// Runs a flatten in the flattens' lane; cancelling the task drops it while it waits for a
+/// thread, or stops it between blocks (`.cancelled`), and the flatten removes its partial output.
 private func runCancellableFlatten(
     progress: (@Sendable (FlattenProgress) -> Void)?,
     _ flatten: @escaping @Sendable (@escaping FlattenProgressHandler) throws(DeviceMapperError) -> Void
@@ -105,7 +160,7 @@ private func runCancellableFlatten(
     let cancelled = CancellationFlag()
     let result: Result<Void, DeviceMapperError> = await withTaskCancellationHandler {
         do throws(DeviceMapperError) {
-            try await BlockingCallPool.shared.run { () throws(DeviceMapperError) in
+            try await BlockingCallPool.flattens.run(cancellable: true) { () throws(DeviceMapperError) in
                 try flatten { report in
                     progress?(report)
                     return !cancelled.isSet

@@ -28,11 +28,13 @@ public final class LoopRegistry: Sendable {
         /// The paths it was acquired by, so `release` finds it after its file was replaced.
         var paths: Set<FilePath>
 
-        init(loop: consuming OpenLoopDevice, path: FilePath) {
+        /// `image`: a descriptor of the attached file, which the fingerprint cache keeps (and
+        /// closes) so that it sees the file change in place.
+        init(loop: consuming OpenLoopDevice, path: FilePath, image: FileDescriptor) {
             self.loop = loop
             referenceCount = 1
             paths = [path]
-            OriginFingerprints.register(self.loop.device.number)
+            OriginFingerprints.register(self.loop.device.number, image: image)
         }
 
         deinit { OriginFingerprints.forget(loop.device.number) }
@@ -87,6 +89,7 @@ public final class LoopRegistry: Sendable {
         let status = try system_fstat(image).get("fstat", subject: imagePath.string)
         try Self.validateImage(status, path: imagePath)
         let identity = FileIdentity(status)
+        let kept = try system_dup(image).get("fcntl", subject: imagePath.string)  // For a new entry.
 
         // Reuse the attached device; wait while another thread attaches this image; or
         // claim the attach. The lock is never held across an attach and its backoff, so
@@ -107,7 +110,10 @@ public final class LoopRegistry: Sendable {
             state.attaching.insert(identity)
             return .some(nil)
         }
-        if let reused { return reused.path }
+        if let reused {
+            system_close(kept)
+            return reused.path
+        }
 
         let attached: Result<OpenLoopDevice, DeviceMapperError>
         do throws(DeviceMapperError) {
@@ -125,7 +131,7 @@ public final class LoopRegistry: Sendable {
                     "direct I/O refused by the image's filesystem; the origin loop device is buffered",
                     metadata: ["image": "\(imagePath)", "device": "\(loop.device)"])
             }
-            let entry = Entry(loop: loop, path: imagePath)
+            let entry = Entry(loop: loop, path: imagePath, image: kept)
             state.withLock { state in
                 state.attaching.remove(identity)
                 state.entries[identity] = entry
@@ -134,17 +140,35 @@ public final class LoopRegistry: Sendable {
                 "origin loop device attached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
             return entry.loop.device.path
         case .failure(let error):
+            system_close(kept)
             state.withLock { _ = $0.attaching.remove(identity) }
             throw error
         }
     }
 
-    /// Drops one reference to the image's device; the last one closes it, and the
-    /// kernel detaches it once no snapshot uses it either. The device is the one of
-    /// the file now at `imagePath`, or, if that holds no reference, the one of the
-    /// earlier file acquired by this path (a template rebuilt in place still releases
-    /// the old image's device). Releasing an image that holds no reference does
-    /// nothing but log a warning.
+    /// Drops one reference to the device `origin`, as ``acquire(imagePath:)-50sqy`` returned it:
+    /// the image that was acquired, whatever file is at its path now. The last reference
+    /// closes the registry's descriptor, and the kernel detaches the device once no snapshot
+    /// uses it either. Releasing a device that holds no reference does nothing but log a
+    /// warning.
+    ///
+    /// Prefer it to ``release(imagePath:)`` wherever a template may be replaced at its path
+    /// while sandboxes run on it. No ioctl, only `close`. Never throws.
+    ///
+    /// - Parameter origin: The loop device's path that `acquire(imagePath:)` returned.
+    public func release(origin: FilePath) {
+        state.withLock { state in
+            let key = state.entries.first { $0.value.loop.device.path == origin }?.key
+            releaseReference(key, in: &state, subject: ["origin": "\(origin)"])
+        }
+    }
+
+    /// Drops one reference to the device of the file now at `imagePath`, or, if that holds
+    /// none, of the earlier file acquired by this path (a template rebuilt in place still
+    /// releases the old image's device). Right while one file is acquired by a path; once a
+    /// new file has been renamed over the path and acquired, a release for a sandbox of the
+    /// old file would charge the new one: use ``release(origin:)``. Releasing an image that
+    /// holds no reference does nothing but log a warning.
     ///
     /// No ioctl: the last release closes the registry's descriptor (`close`), and autoclear
     /// detaches the device once no snapshot holds it. Never throws.
@@ -153,26 +177,26 @@ public final class LoopRegistry: Sendable {
     public func release(imagePath: FilePath) {
         let identity = currentIdentity(imagePath)
         state.withLock { state in
-            guard let key = Self.key(for: imagePath, identity: identity, in: state.entries),
-                let entry = state.entries[key]
-            else {
-                logger.warning("release of an image that holds no reference", metadata: ["image": "\(imagePath)"])
-                return
-            }
-            entry.referenceCount -= 1
-            if entry.referenceCount > 0 {
-                logger.debug(
-                    "origin loop device released",
-                    metadata: [
-                        "image": "\(imagePath)", "device": "\(entry.loop.device)",
-                        "references": "\(entry.referenceCount)",
-                    ])
-                return
-            }
-            state.entries[key] = nil  // The last reference to the entry: its descriptor closes here.
-            logger.info(
-                "origin loop device detached", metadata: ["image": "\(imagePath)", "device": "\(entry.loop.device)"])
+            let key = Self.key(for: imagePath, identity: identity, in: state.entries)
+            releaseReference(key, in: &state, subject: ["image": "\(imagePath)"])
         }
+    }
+
+    /// Drops one reference to the entry at `key`, under the registry's lock.
+    private func releaseReference(_ key: FileIdentity?, in state: inout State, subject: Logger.Metadata) {
+        guard let key, let entry = state.entries[key] else {
+            logger.warning("release of an image that holds no reference", metadata: subject)
+            return
+        }
+        entry.referenceCount -= 1
+        let metadata = subject.merging(
+            ["device": "\(entry.loop.device)", "references": "\(entry.referenceCount)"]) { first, _ in first }
+        if entry.referenceCount > 0 {
+            logger.debug("origin loop device released", metadata: metadata)
+            return
+        }
+        state.entries[key] = nil  // The last reference to the entry: its descriptor closes here.
+        logger.info("origin loop device detached", metadata: metadata)
     }
 
     /// Releases every device, whatever its count: for the agent's shutdown.

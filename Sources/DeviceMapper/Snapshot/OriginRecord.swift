@@ -203,49 +203,95 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// Fingerprints of the origin loop devices that `LoopRegistry` instances hold, each
-/// computed once, on first use, and forgotten when the registry lets the device go.
+/// computed on first use and again whenever the image file's size, mtime or ctime has changed
+/// since (a template rebuilt in place), and forgotten when the registry lets the device go.
 /// Origins no registry holds are fingerprinted on every call.
 enum OriginFingerprints {
+    /// What a fingerprint was taken of: the image file's size and change times. A write in
+    /// place moves mtime and ctime, so a fingerprint taken before it is not used again.
+    private struct ImageStamp: Equatable {
+        var sizeBytes: Int64
+        var modified: [Int]
+        var changed: [Int]
+
+        init(_ status: Stat) {
+            sizeBytes = status.size
+            modified = [Int(status.st_mtim.tv_sec), Int(status.st_mtim.tv_nsec)]
+            changed = [Int(status.st_ctim.tv_sec), Int(status.st_ctim.tv_nsec)]
+        }
+    }
+
+    private struct Identity {
+        var fingerprint: OriginFingerprint
+        var imagePath: String?
+        var stamp: ImageStamp
+    }
+
     private struct Entry {
         var generation: UInt64
+        /// The attached image file, kept open by this cache; closed by `forget`.
+        var image: FileDescriptor
         /// The fingerprint and backing image path, once read.
-        var identity: (fingerprint: OriginFingerprint, imagePath: String?)?
+        var identity: Identity?
     }
     private static let entries = Locked<(next: UInt64, byDevice: [DeviceNumber: Entry])>((1, [:]))
 
-    /// A registry attached `number`: fingerprints of it may be kept from now on.
-    static func register(_ number: DeviceNumber) {
-        entries.withLock { state in
-            state.byDevice[number] = Entry(generation: state.next, identity: nil)
+    /// A registry attached `number` over the open `image`, which this cache now owns:
+    /// fingerprints of it may be kept from now on.
+    static func register(_ number: DeviceNumber, image: FileDescriptor) {
+        let replaced = entries.withLock { state -> FileDescriptor? in
+            let previous = state.byDevice[number]?.image
+            state.byDevice[number] = Entry(generation: state.next, image: image, identity: nil)
             state.next += 1
+            return previous
         }
+        if let replaced { system_close(replaced) }
     }
 
     /// The registry let `number` go: another image may be attached there next.
     static func forget(_ number: DeviceNumber) {
-        entries.withLock { _ = $0.byDevice.removeValue(forKey: number) }
+        if let removed = entries.withLock({ $0.byDevice.removeValue(forKey: number) }) {
+            system_close(removed.image)
+        }
     }
 
     /// The fingerprint of the origin open at `fd`, whose device number is `number`, and the
     /// path of the image behind it when it is a loop device (from sysfs `loop/backing_file`).
-    /// Both are kept while a registry holds the device, so a create reads neither again.
+    /// For a device a registry holds, both are kept, and used again while the image file's
+    /// size and times stay as they were when the fingerprint was taken; the fingerprint is
+    /// then read from the image file itself, whose page cache a write in place updates (the
+    /// loop device's own cache may still hold the old bytes). The C calls are `fcntl`
+    /// (`F_DUPFD_CLOEXEC`), `fstat` and `pread`.
     static func identify(
         _ fd: FileDescriptor, number: DeviceNumber, sizeBytes: Int64, subject: String
     ) throws(DeviceMapperError) -> (fingerprint: OriginFingerprint, imagePath: String?) {
-        let known = entries.withLock { $0.byDevice[number] }
-        if let identity = known?.identity, identity.fingerprint.sizeBytes == sizeBytes { return identity }
-        let fingerprint = try OriginFingerprint.compute(fd, sizeBytes: sizeBytes, subject: subject)
-        let imagePath = loopIndex(of: number).flatMap {
-            readSmallFile(FilePath("/sys/block/loop\($0)/loop/backing_file"))
+        // A descriptor of our own: the registry may let the device go (and this cache close
+        // its descriptor) while the fingerprint is read.
+        let known = entries.withLock { state -> (generation: UInt64, image: FileDescriptor?, identity: Identity?)? in
+            guard let entry = state.byDevice[number] else { return nil }
+            return (entry.generation, try? system_dup(entry.image).get(), entry.identity)
         }
-        if let known {
-            entries.withLock { state in
-                // Only if the registry still holds the same attachment.
-                if state.byDevice[number]?.generation == known.generation {
-                    state.byDevice[number]?.identity = (fingerprint, imagePath)
-                }
+        let imagePath = {
+            loopIndex(of: number).flatMap { readSmallFile(FilePath("/sys/block/loop\($0)/loop/backing_file")) }
+        }
+        guard let known, let image = known.image else {
+            let fingerprint = try OriginFingerprint.compute(fd, sizeBytes: sizeBytes, subject: subject)
+            return (fingerprint, imagePath())
+        }
+        defer { system_close(image) }
+        let stamp = ImageStamp(try system_fstat(image).get("fstat", subject: subject))
+        if let identity = known.identity, identity.stamp == stamp, identity.fingerprint.sizeBytes == sizeBytes {
+            return (identity.fingerprint, identity.imagePath)
+        }
+        let identity = Identity(
+            fingerprint: try OriginFingerprint.compute(image, sizeBytes: sizeBytes, subject: subject),
+            imagePath: imagePath(), stamp: stamp)
+        entries.withLock { state in
+            // Only if the registry still holds the same attachment.
+            if state.byDevice[number]?.generation == known.generation {
+                state.byDevice[number]?.identity = identity
             }
         }
-        return (fingerprint, imagePath)
+        return (identity.fingerprint, identity.imagePath)
     }
 }

@@ -169,7 +169,8 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// `.invalidCowStore` on a missing, corrupt or invalidated store. The chunk size is the
     /// header's (`options.chunkSizeSectors` is not used); `options.cowDirectIO` applies. It then checks the store's origin record against `origin`, and fails with
     /// `.originMismatch` if the store was made against another base image; a store without
-    /// a record (an older agent's) resumes, with a warning logged.
+    /// a record (an older agent's, or one copied without its extended attributes) resumes, with an
+    /// error logged and counted, unless `options.requireOriginRecord` is set (`.invalidCowStore`).
     ///
     /// A device already named `name` that this library made (left by a crashed agent) is
     /// removed first, unless it is open (`.deviceBusy`: a live sandbox uses it). A device of
@@ -243,9 +244,15 @@ public struct SnapshotDevice: Sendable, Hashable {
         if let record = try OriginRecord.read(from: cowFile, path: cowPath) {
             try record.check(
                 against: originDevice.record.fingerprint, origin: origin, cowPath: cowPath, operation: operation)
+        } else if options.requireOriginRecord {
+            throw invalidCowStore(
+                operation, cowPath,
+                "the store has no origin record (\(OriginRecord.attributeName)), and the options require one: "
+                    + "it may have been copied without its extended attributes, so its base cannot be checked")
         } else {
-            logger.warning(
-                "the store has no origin record (an older agent made it); resuming without the origin check",
+            LibraryMetrics.storeWithoutOriginRecord(.restore)
+            logger.error(
+                "the store has no origin record (an older agent's, or copied without its attributes); resuming it unchecked",
                 metadata: ["cow": "\(cowPath)", "origin": "\(origin)"])
         }
 
@@ -364,10 +371,33 @@ public struct SnapshotDevice: Sendable, Hashable {
         let target = DMTarget(
             startSector: 0, lengthSectors: UInt64(originSizeBytes / 512), type: "snapshot",
             parameters: "\(origin.number) \(cowLoop.device.number) P \(chunkSizeSectors)")
-        try DeviceMapperControl.create(name: name, uuid: .ownedSnapshot(store: identity), targets: [target])
+        do throws(DeviceMapperError) {
+            try DeviceMapperControl.create(name: name, uuid: .ownedSnapshot(store: identity), targets: [target])
+        } catch {
+            let device = cowLoop.device
+            cowLoop.close()
+            waitForDetach(device, of: identity)
+            throw error
+        }
         return SnapshotDevice(
             name: name.rawValue, devicePath: FilePath(name.devicePath), cowPath: cowPath,
             cowLoopDevice: cowLoop.device.path)
+    }
+
+    /// Waits, up to `storeLockWaitMicroseconds` (3 s, as `restore` waits for a store's loop
+    /// device), until `device` no longer holds the file `store`: autoclear detaches it at its
+    /// last close, and a udev worker probing it after its add event may hold it a moment
+    /// after ours. So a failed create or restore leaves no loop device behind when it returns.
+    /// The corresponding ioctl is `LOOP_GET_STATUS64` (`ENXIO` once detached).
+    private static func waitForDetach(_ device: LoopDevice, of store: FileIdentity) {
+        let detached = poll(until: MonotonicInstant.now().adding(milliseconds: storeLockWaitMicroseconds / 1000)) {
+            (try? loopDeviceStatus(device.path))?.backingFile != store
+        }
+        if !detached {
+            logger.warning(
+                "the failed call's CoW loop device is still attached; autoclear detaches it at its last close",
+                metadata: ["cowLoopDevice": "\(device)"])
+        }
     }
 
     func metadata(origin: FilePath) -> Logger.Metadata {

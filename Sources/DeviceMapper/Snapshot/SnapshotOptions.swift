@@ -22,6 +22,13 @@ public struct SnapshotOptions: Sendable {
     /// `SnapshotDevice.cowLoopUsesDirectIO` says which it got.
     public var cowDirectIO: Bool
 
+    /// Whether `restore` refuses a store that has no origin record (`.invalidCowStore`).
+    /// Default `false`: such a store resumes without the origin check, with an error logged
+    /// and counted (`sandbox_disk_stores_without_origin_record_total`), since an older agent's
+    /// store has none. Set it once every store was made by this library: a store copied
+    /// without its extended attributes then cannot be resumed over the wrong base.
+    public var requireOriginRecord: Bool
+
     /// Where the data-plane warnings (a direct I/O fallback) and the create and restore
     /// lines go. Default: the library's `DeviceMapper.SnapshotDevice` logger.
     public var logger: Logger
@@ -37,13 +44,16 @@ public struct SnapshotOptions: Sendable {
     ///   - chunkSizeSectors: The chunk size in 512-byte sectors; default 8 (4 KiB).
     ///   - cowDirectIO: Direct I/O on the CoW loop device; default `true`.
     ///   - logger: Where the data-plane lines go; `nil` for the library's logger.
+    ///   - requireOriginRecord: `restore` refuses a store without an origin record; default `false`.
     public init(
         chunkSizeSectors: UInt32 = SnapshotDevice.chunkSizeSectors,
         cowDirectIO: Bool = true,
-        logger: Logger? = nil
+        logger: Logger? = nil,
+        requireOriginRecord: Bool = false
     ) {
         self.chunkSizeSectors = chunkSizeSectors
         self.cowDirectIO = cowDirectIO
+        self.requireOriginRecord = requireOriginRecord
         self.logger = logger ?? SnapshotDevice.logger
     }
 }

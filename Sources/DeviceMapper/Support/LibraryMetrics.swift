@@ -24,6 +24,8 @@ package enum LibraryMetrics {
     package static let busyRetriesLabel = "sandbox_disk_busy_retries_total"
     /// Counter: copy-on-write stores found invalid, by where they were found.
     package static let storesInvalidLabel = "sandbox_disk_stores_invalid_total"
+    /// Counter: stores read without their origin record, so without the origin check.
+    package static let storesWithoutOriginRecordLabel = "sandbox_disk_stores_without_origin_record_total"
     /// Meter (gauge): live snapshot devices this library made, process-wide.
     package static let liveDevicesLabel = "sandbox_disk_live_devices"
     /// Timer: how long a fork kept its parent suspended, suspend to resume complete.
@@ -130,6 +132,11 @@ package enum LibraryMetrics {
     /// `Invalid` (status, cleanup), or a store restore or offline flatten refused as unusable.
     package static func storeInvalid(_ operation: Operation) {
         Counter(label: storesInvalidLabel, dimensions: [("operation", operation.rawValue)]).increment()
+    }
+
+    /// Counts a store that `operation` (restore, offline flatten) read without an origin record.
+    package static func storeWithoutOriginRecord(_ operation: Operation) {
+        Counter(label: storesWithoutOriginRecordLabel, dimensions: [("operation", operation.rawValue)]).increment()
     }
 
     // MARK: Live devices

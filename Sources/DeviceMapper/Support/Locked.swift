@@ -1,5 +1,7 @@
 // The library's one lock type: a value guarded by a pthread mutex.
 
+import CDeviceMapperShims
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
@@ -75,13 +77,17 @@ extension Locked {
 
 /// A reader-writer lock: many holders in shared mode, or one in exclusive mode. A
 /// `pthread_rwlock_t`, which ThreadSanitizer sees, like `Locked`'s mutex.
+///
+/// A waiting writer goes before readers that come after it (glibc's default prefers readers,
+/// so a steady stream of them could keep a writer out for good). So a holder must never take
+/// the shared lock again while it holds it: with a writer waiting in between, that deadlocks.
 final class ReadWriteLock: @unchecked Sendable {
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
     init() {
         lock = .allocate(capacity: 1)
         lock.initialize(to: pthread_rwlock_t())
-        let result = pthread_rwlock_init(lock, nil)
+        let result = CDeviceMapperShims_rwlockInitPreferringWriters(lock)
         precondition(result == 0, "pthread_rwlock_init failed with \(result)")
     }
 
