@@ -257,13 +257,17 @@ final class CrashHelper {
         return URL(fileURLWithPath: bundle).deletingLastPathComponent().appendingPathComponent("dm-crash-helper")
     }
 
-    init(_ arguments: [String]) throws {
+    /// Starts the helper with `arguments`, and `environment` added to this process's.
+    init(_ arguments: [String], environment: [String: String] = [:]) throws {
         let executable = Self.executable
         guard FileManager.default.isExecutableFile(atPath: executable.path) else {
             throw HelperError(description: "no \(executable.path): build it with `swift build --build-tests`")
         }
         process.executableURL = executable
         process.arguments = arguments
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         process.standardOutput = output
         process.standardInput = FileHandle.nullDevice
         try process.run()
@@ -271,8 +275,8 @@ final class CrashHelper {
 
     /// Runs the helper to the end (`list-owned`, `remove`) and returns what it printed;
     /// throws if it exits with another status than 0.
-    static func run(_ arguments: [String]) throws -> String {
-        let helper = try CrashHelper(arguments)
+    static func run(_ arguments: [String], environment: [String: String] = [:]) throws -> String {
+        let helper = try CrashHelper(arguments, environment: environment)
         let bytes = helper.output.fileHandleForReading.readDataToEndOfFile()
         helper.process.waitUntilExit()
         guard helper.process.terminationStatus == 0 else {
