@@ -332,12 +332,20 @@ public enum DeviceMapperControl {
 
     /// The device's status lines, one per target.
     /// The corresponding ioctl is `DM_TABLE_STATUS`.
+    /// A vanished device fails with `.deviceNotFound`: libdevmapper turns the kernel's `ENXIO`
+    /// for this ioctl into success with no device (`exists = 0`).
     package static func status(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
-        try run(.status, subject: name.rawValue) { task in
+        let lines = try run(.status, subject: name.rawValue) { task in
             task.setName(name) && task.skipOpenCount()
         } result: { task in
-            task.targets()
+            task.info() == nil ? nil : task.targets()
         }
+        guard let lines else {
+            throw DeviceMapperError(
+                code: .deviceNotFound, operation: "dm_task_run(\(DMTaskType.status.name))", subject: name.rawValue,
+                errno: .noSuchAddressOrDevice, detail: "no device-mapper device has this name")
+        }
+        return lines
     }
 
     /// Runs one task: create it, let `configure` set it up, run it, and read `result` from
@@ -354,7 +362,8 @@ public enum DeviceMapperControl {
     }
 
     /// `run`, with a udev cookie when `udevFlags` is given. The cookie carries
-    /// `DM_UDEV_DISABLE_LIBRARY_FALLBACK`, so libdevmapper queues no node operation: the
+    /// `DM_UDEV_DISABLE_LIBRARY_FALLBACK` (put back after `dm_task_set_cookie`, which drops it
+    /// under `DM_DISABLE_UDEV`), so libdevmapper queues no node operation: the
     /// caller waits for what it needs and hands the cookie (0 when udev does not run) to
     /// `UdevCookieReaper`. A failed run's cookie is handed over here.
     private static func runWithCookie<T>(
@@ -402,8 +411,12 @@ public enum DeviceMapperControl {
             }
             var cookie: UInt32 = 0
             if let udevFlags {
-                let flags = udevFlags.rawValue | UInt16(DM_UDEV_DISABLE_LIBRARY_FALLBACK)
-                guard task.setCookie(&cookie, flags: flags) else {
+                var flags = udevFlags.rawValue | UInt16(DM_UDEV_DISABLE_LIBRARY_FALLBACK)
+                if !Libdevmapper.syncsWithUdev {
+                    // The library makes the node: udev must not (what libdevmapper does under DM_DISABLE_UDEV).
+                    flags |= DMUdevFlags.disableDeviceMapperRules.rawValue | DMUdevFlags.disableSubsystemRules.rawValue
+                }
+                guard task.setCookie(&cookie, flags: flags), task.setUdevFlags(flags, cookie: cookie) else {
                     return .failure(
                         DeviceMapperError(
                             code: .deviceMapperCallFailed, operation: "dm_task_set_cookie(\(type.name))",
