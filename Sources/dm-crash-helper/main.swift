@@ -1,7 +1,8 @@
 // dm-crash-helper: runs one lifecycle call and stops it at a test hook, so that a
 // crash test can SIGKILL the process exactly there and check what a crash leaves.
 //
-//   dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
+//   dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH
+//                           --stop-at afterCowLoopAttach|afterDeviceCreate|afterTableLoad|afterSnapshotCreate
 //   dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
 //   dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock
 //                           [--block N] [--write DATA_FILE@OFFSET]...
@@ -40,11 +41,10 @@
 // only), 1 if the call failed or returned without reaching the hook.
 
 import DeviceMapper
-import SystemPackage
-import ToolSupport
-
 import Dispatch
 import Synchronization
+import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc
@@ -61,7 +61,7 @@ func usage() -> Never {
     fail(
         """
         usage:
-          dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
+          dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterDeviceCreate|afterTableLoad|afterSnapshotCreate
           dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
           dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock [--block N] [--write FILE@OFFSET]...
           dm-crash-helper list-owned PREFIX
@@ -224,7 +224,7 @@ if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove
     /// Runs the command and stops at the hook; returns only on failure.
     func run(_ arguments: Arguments) -> Never {
         let allowed: [String: [TestHookPoint]] = [
-            "create": [.afterCowLoopAttach, .afterSnapshotCreate],
+            "create": [.afterCowLoopAttach, .afterDeviceCreate, .afterTableLoad, .afterSnapshotCreate],
             "restore": [.afterCowLoopAttach],
             "flatten": [.afterFlattenBlock],
         ]

@@ -39,7 +39,9 @@ final class FlattenTailTests: PrivilegedTestCase {
                 XCTAssertTrue(
                     sameBytes(bytes.suffix(512), expected.suffix(512)),
                     "\(kind) flatten of \(sizeBytes) bytes (chunk \(chunkSizeSectors) sectors) lost its last 512 bytes")
-                XCTAssertTrue(sameBytes(bytes[...], expected[...]), "\(kind) flatten of \(sizeBytes) bytes differs from the device")
+                XCTAssertTrue(
+                    sameBytes(bytes[...], expected[...]),
+                    "\(kind) flatten of \(sizeBytes) bytes differs from the device")
             }
         }
     }
@@ -49,5 +51,7 @@ final class FlattenTailTests: PrivilegedTestCase {
 /// slow in a debug build under emulation).
 func sameBytes(_ left: ArraySlice<UInt8>, _ right: ArraySlice<UInt8>) -> Bool {
     left.count == right.count
-        && left.withUnsafeBytes { a in right.withUnsafeBytes { b in memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 } }
+        && left.withUnsafeBytes { a in
+            right.withUnsafeBytes { b in memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 }
+        }
 }

@@ -135,6 +135,10 @@ struct DMTask: ~Copyable {
     /// The corresponding C function is `dm_task_no_open_count`.
     func skipOpenCount() -> Bool { dm_task_no_open_count(handle) != 0 }
 
+    /// Makes a table or status task read the inactive table instead of the live one.
+    /// The corresponding C function is `dm_task_query_inactive_table`.
+    func queryInactiveTable() -> Bool { dm_task_query_inactive_table(handle) != 0 }
+
     /// The corresponding C function is `dm_task_set_ro`.
     func setReadOnly() -> Bool { dm_task_set_ro(handle) != 0 }
 

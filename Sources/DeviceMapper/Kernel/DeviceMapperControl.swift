@@ -167,6 +167,7 @@ public enum DeviceMapperControl {
                 libdevmapperMessages: error.libdevmapperMessages)
         }
         do throws(DeviceMapperError) {
+            testHook(.afterDeviceCreate)
             try run(.reload, subject: name.rawValue) { task in
                 guard task.setName(name), task.skipOpenCount() else { return false }
                 if readOnly && !task.setReadOnly() { return false }
@@ -175,6 +176,7 @@ public enum DeviceMapperControl {
             } result: { _ in
                 ()
             }
+            testHook(.afterTableLoad)
             // "Add the node on create" on a resume: it queues no node operation either.
             let (resumed, cookie) = try runWithCookie(.resume, subject: name.rawValue, udevFlags: udevFlags) { task in
                 task.setName(name) && task.skipOpenCount() && task.addNodeOnCreate()
@@ -322,9 +324,10 @@ public enum DeviceMapperControl {
 
     /// The device's live table.
     /// The corresponding ioctl is `DM_TABLE_STATUS` (table form).
-    package static func table(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
+    /// With `inactive`, the table loaded but not yet resumed (`dm_task_query_inactive_table`).
+    package static func table(name: DeviceName, inactive: Bool = false) throws(DeviceMapperError) -> [DMTarget] {
         try run(.table, subject: name.rawValue) { task in
-            task.setName(name) && task.skipOpenCount()
+            task.setName(name) && task.skipOpenCount() && (!inactive || task.queryInactiveTable())
         } result: { task in
             task.targets()
         }
@@ -382,6 +385,10 @@ public enum DeviceMapperControl {
                     detail: "libdevmapper cannot reach the kernel's device-mapper driver")
             error.subject = subject
             throw error
+        }
+        if udevFlags != nil, Libdevmapper.syncsWithUdev {
+            // The cookie's thread, before the call changes anything.
+            try UdevCookieReaper.shared.startIfNeeded()
         }
         let body = { () -> Result<(value: T, cookie: UInt32), DeviceMapperError> in
             LibdevmapperLog.beginCapture()

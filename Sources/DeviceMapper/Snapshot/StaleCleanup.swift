@@ -46,7 +46,9 @@ private let cleanupLogger = Logger(label: "DeviceMapper.cleanupStaleDevices")
 
 /// Removes the snapshot devices a crashed agent left behind: every device-mapper device
 /// whose name starts with `prefix`, whose table is a `snapshot` target, and whose UUID
-/// starts with `SnapshotDevice.uuidPrefix` (this library made it).
+/// starts with `SnapshotDevice.uuidPrefix` (this library made it). An owned device with no
+/// live table (a call died between `DM_DEVICE_CREATE` and the resume) is removed too, with
+/// the inactive snapshot table it may hold.
 ///
 /// A device that is open (open count above 0) is a sandbox still running: it is skipped
 /// at once, with no remove attempt and no retry, and reported in `inUse`. A remove that
@@ -100,15 +102,18 @@ public func cleanupStaleDevices(
                 }
                 continue
             }
-            let table = try DeviceMapperControl.table(name: name)
-            guard isSnapshot(table) else { continue }
+            // No live table: a create or restore died between DM_DEVICE_CREATE and its resume.
+            // Its inactive table (if loaded) holds the CoW loop device, and so the store's lock.
+            let isIncomplete = owned && !info.hasLiveTable
+            let table = try DeviceMapperControl.table(name: name, inactive: isIncomplete)
+            guard isSnapshot(table) || (isIncomplete && table.isEmpty) else { continue }
             guard info.openCount == 0 else {
                 report.inUse.append(.init(name: device.name, openCount: Int(info.openCount)))
                 cleanupLogger.info(
                     "device in use left alone", metadata: ["name": "\(name)", "openCount": "\(info.openCount)"])
                 continue
             }
-            if isInvalidated(name) {
+            if !isIncomplete, isInvalidated(name) {
                 LibraryMetrics.storeInvalid(.cleanup)
                 cleanupLogger.info("stale device's store is invalid", metadata: ["name": "\(name)"])
             }
@@ -122,7 +127,9 @@ public func cleanupStaleDevices(
             try DeviceMapperControl.remove(name: name, retry: .none)
             report.removed.append(device.name)
             if owned { LibraryMetrics.liveDeviceRemoved() }
-            cleanupLogger.info("stale device removed", metadata: ["name": "\(name)", "owned": "\(owned)"])
+            cleanupLogger.info(
+                "stale device removed",
+                metadata: ["name": "\(name)", "owned": "\(owned)", "incomplete": "\(isIncomplete)"])
             if let cowLoop { removedLoops.append(cowLoop) }
         } catch  where error.code == .deviceNotFound {
             report.removed.append(device.name)

@@ -3,6 +3,10 @@
 package enum TestHookPoint: String, Sendable, CaseIterable {
     /// `SnapshotDevice.create`/`restore`: the CoW loop device is attached, the dm device not yet made.
     case afterCowLoopAttach
+    /// `DeviceMapperControl.create`: `DM_DEVICE_CREATE` made the device; it has no table yet.
+    case afterDeviceCreate
+    /// `DeviceMapperControl.create`: the table is loaded (inactive); the device is not resumed.
+    case afterTableLoad
     /// `SnapshotDevice.create`: the dm device exists, the call has not returned.
     case afterSnapshotCreate
     /// `SnapshotDevice.flatten`: one block of the output was written (called per block).
