@@ -246,6 +246,7 @@ public enum DeviceMapperControl {
                 }
                 let deadline = MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds)
                 UdevCookieReaper.shared.hand(cookie, deadline: deadline)
+                testHook(.afterDeviceRemove)
                 guard let number else { return }  // No node to wait for or remove.
                 if !udevFlags.udevMakesNode {
                     DeviceNodes.remove(name, number: number)

@@ -32,6 +32,10 @@ public struct StaleCleanupReport: Sendable {
     /// Snapshot devices with the prefix that this library did not make (no
     /// `SnapshotDevice.uuidPrefix` UUID), left alone.
     public var notOwned: [String] = []
+    /// Nodes under `/dev/mapper` with the prefix that no live device of their name backed
+    /// (left by a process that died between a remove and its unlink), and temporary
+    /// `.<name>.node-*` entries of dead processes, removed.
+    public var removedNodes: [FilePath] = []
     /// Devices that could not be removed for another reason.
     public var failures: [Failure] = []
     /// CoW loop devices of removed snapshots that are still attached to the same file.
@@ -142,6 +146,9 @@ public func cleanupStaleDevices(
             LibraryMetrics.failure(operation: .cleanup, code: error.code)
             cleanupLogger.error("stale device not removed", metadata: ["name": "\(name)", "error": "\(error)"])
         }
+    }
+    if !dryRun {
+        for path in DeviceNodes.removeStale(prefix: prefix) { report.removedNodes.append(path) }
     }
     for (loop, before) in removedLoops {
         if let now = try? loopDeviceStatus(loop.path), now.backingFile == before.backingFile {

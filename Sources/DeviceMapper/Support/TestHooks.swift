@@ -14,6 +14,8 @@ package enum TestHookPoint: String, Sendable, CaseIterable {
     /// `DeviceMapperControl.remove`: about to issue one `DM_DEVICE_REMOVE` (called per attempt,
     /// so a test can count busy retries without a clock).
     case beforeDeviceRemove
+    /// `DeviceMapperControl.remove`: the device is removed, its node not yet.
+    case afterDeviceRemove
     /// `attachLoopDevice`: a free loop device was found, about to be configured (called per
     /// attempt), so a test can hold two attaches in flight at once.
     case beforeLoopConfigure
