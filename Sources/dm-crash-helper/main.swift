@@ -1,13 +1,15 @@
 // dm-crash-helper: runs one lifecycle call and stops it at a test hook, so that a
 // crash test can SIGKILL the process exactly there and check what a crash leaves.
 //
-//   dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
+//   dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH
+//                           --stop-at afterCowLoopAttach|afterDeviceCreate|afterTableLoad|afterSnapshotCreate
 //   dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
 //   dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock
 //                           [--block N] [--write DATA_FILE@OFFSET]...
 //   dm-crash-helper list-owned PREFIX
 //   dm-crash-helper remove NAME
 //   dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS (library-node|udev-node)
+//   dm-crash-helper node-churn PREFIX THREADS ROUNDS
 //
 // `list-owned` and `remove` play an agent that restarted: a fresh process that adopts the
 // live devices the library made. `list-owned` prints one line per owned device whose name
@@ -22,6 +24,13 @@
 // prints `result=ok` or `result=<error code>`, `exists=0|1`, `node=0|1` (whether
 // /dev/mapper/NAME is there) and `pending_cookies=N`, one per line. Exit 0.
 //
+// `node-churn` plays an agent that creates and removes devices in parallel, then exits
+// normally (so libdevmapper's exit handler runs): THREADS threads each create and remove an
+// 8-sector `zero` device PREFIXi (i = 0..<THREADS) ROUNDS times, then each name is created
+// once more and left. It prints `NAME MAJOR:MINOR` for each, one per line, and exits 0
+// (1 with the error on stderr). Run with DM_DISABLE_UDEV=1 it shows whether a node survives
+// the process's exit.
+//
 // Each command acquires ORIGIN_IMAGE through a LoopRegistry, as the agent does.
 // `flatten` creates a snapshot with a new CoW file, writes each DATA_FILE's bytes to the
 // snapshot at OFFSET (flushed), and flattens it to OUTPUT, stopping after the Nth block
@@ -32,12 +41,10 @@
 // only), 1 if the call failed or returned without reaching the hook.
 
 import DeviceMapper
+import Dispatch
+import Synchronization
 import SystemPackage
 import ToolSupport
-
-#if DEBUG
-    import Synchronization
-#endif
 
 #if canImport(Glibc)
     import Glibc
@@ -54,12 +61,13 @@ func usage() -> Never {
     fail(
         """
         usage:
-          dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterSnapshotCreate
+          dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterDeviceCreate|afterTableLoad|afterSnapshotCreate
           dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
           dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock [--block N] [--write FILE@OFFSET]...
           dm-crash-helper list-owned PREFIX
           dm-crash-helper remove NAME
           dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS (library-node|udev-node)
+          dm-crash-helper node-churn PREFIX THREADS ROUNDS
         """, status: 2)
 }
 
@@ -165,6 +173,45 @@ func runUdevProbe(_ arguments: [String]) -> Never {
     exit(0)
 }
 
+/// `node-churn`: parallel create/remove cycles, then every name created again; exits normally.
+func runNodeChurn(_ arguments: [String]) -> Never {
+    guard arguments.count == 4, let threads = Int(arguments[2]), threads > 0, let rounds = Int(arguments[3]),
+        rounds >= 0
+    else { usage() }
+    let names: [DeviceName]
+    do {
+        names = try (0..<threads).map { index throws(DeviceMapperError) in try DeviceName("\(arguments[1])\(index)") }
+    } catch {
+        fail("node-churn: \(error)", status: 2)
+    }
+    let zero = [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")]
+    let failures = Mutex<[String]>([])
+    DispatchQueue.concurrentPerform(iterations: threads) { index in
+        do {
+            for _ in 0..<rounds {
+                try DeviceMapperControl.create(name: names[index], targets: zero)
+                try DeviceMapperControl.remove(name: names[index])
+            }
+        } catch {
+            failures.withLock { $0.append("\(names[index]): \(error)") }
+        }
+    }
+    if let failure = failures.withLock({ $0.first }) { fail("node-churn failed: \(failure)", status: 1) }
+    for name in names {
+        do {
+            let info = try DeviceMapperControl.create(name: name, targets: zero)
+            emit("\(name) \(info.number.major):\(info.number.minor)\n", to: STDOUT_FILENO)
+        } catch {
+            fail("node-churn failed: \(name): \(error)", status: 1)
+        }
+    }
+    exit(0)
+}
+
+if let command = CommandLine.arguments.dropFirst().first, command == "node-churn" {
+    runNodeChurn(Array(CommandLine.arguments.dropFirst()))
+}
+
 if let command = CommandLine.arguments.dropFirst().first, command == "udev-probe" {
     runUdevProbe(Array(CommandLine.arguments.dropFirst()))
 }
@@ -177,7 +224,7 @@ if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove
     /// Runs the command and stops at the hook; returns only on failure.
     func run(_ arguments: Arguments) -> Never {
         let allowed: [String: [TestHookPoint]] = [
-            "create": [.afterCowLoopAttach, .afterSnapshotCreate],
+            "create": [.afterCowLoopAttach, .afterDeviceCreate, .afterTableLoad, .afterSnapshotCreate],
             "restore": [.afterCowLoopAttach],
             "flatten": [.afterFlattenBlock],
         ]

@@ -58,6 +58,38 @@ final class CrashTests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
+    /// Killed between `DM_DEVICE_CREATE` and the resume: a device with no table, or with an
+    /// inactive table that holds the CoW loop device (and so the store's lock). `listOwned`
+    /// reports both as incomplete, and cleanup removes them and what they hold.
+    func testKillBetweenDeviceCreateAndResumeLeavesADeviceThatCleanupRemoves() throws {
+        let image = try makeImage("base.img", sizeBytes: 1 << 20, seed: 5)
+        var names: [String] = []
+        for point in ["afterDeviceCreate", "afterTableLoad"] {
+            let name = deviceName(point)
+            let helper = try CrashHelper([
+                "create", name, image.string, path("\(point).cow").string, "--stop-at", point,
+            ])
+            defer { helper.killIfRunning() }
+            try helper.waitUntilReady(at: point)
+            try helper.kill()
+            names.append(name)
+        }
+        XCTAssertEqual(try devices(withPrefix: prefix), names.sorted())
+        // The inactive table holds its CoW loop device (and the origin's) past the process.
+        XCTAssertTrue(loopDevices(backedBy: directory).map(\.backingFile).contains(path("afterTableLoad.cow")))
+
+        let owned = try SnapshotDevice.listOwned().filter { $0.device.name.hasPrefix(prefix) }
+        XCTAssertEqual(owned.map(\.device.name), names.sorted())
+        XCTAssertEqual(owned.map(\.isIncomplete), [true, true])
+        XCTAssertEqual(
+            owned.first { $0.device.name == deviceName("afterTableLoad") }?.device.cowPath, path("afterTableLoad.cow"))
+
+        let dryRun = cleanupStaleDevices(prefix: prefix, dryRun: true)
+        XCTAssertEqual(dryRun.removed.sorted(), names.sorted())
+        let registry = try recoverAsARestartedAgent(expectRemoved: names, image: image)
+        registry.releaseAll()
+    }
+
     func testKillAfterSnapshotCreateLeavesAStaleDeviceThatCleanupRemoves() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 2)
         let cow = path("b.cow")
@@ -257,13 +289,17 @@ final class CrashHelper {
         return URL(fileURLWithPath: bundle).deletingLastPathComponent().appendingPathComponent("dm-crash-helper")
     }
 
-    init(_ arguments: [String]) throws {
+    /// Starts the helper with `arguments`, and `environment` added to this process's.
+    init(_ arguments: [String], environment: [String: String] = [:]) throws {
         let executable = Self.executable
         guard FileManager.default.isExecutableFile(atPath: executable.path) else {
             throw HelperError(description: "no \(executable.path): build it with `swift build --build-tests`")
         }
         process.executableURL = executable
         process.arguments = arguments
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         process.standardOutput = output
         process.standardInput = FileHandle.nullDevice
         try process.run()
@@ -271,8 +307,8 @@ final class CrashHelper {
 
     /// Runs the helper to the end (`list-owned`, `remove`) and returns what it printed;
     /// throws if it exits with another status than 0.
-    static func run(_ arguments: [String]) throws -> String {
-        let helper = try CrashHelper(arguments)
+    static func run(_ arguments: [String], environment: [String: String] = [:]) throws -> String {
+        let helper = try CrashHelper(arguments, environment: environment)
         let bytes = helper.output.fileHandleForReading.readDataToEndOfFile()
         helper.process.waitUntilExit()
         guard helper.process.terminationStatus == 0 else {

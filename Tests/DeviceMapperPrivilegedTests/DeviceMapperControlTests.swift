@@ -49,6 +49,26 @@ final class DeviceMapperControlTests: PrivilegedTestCase {
         assertLoopDevices([], "autoclear loop devices go with the snapshot")
     }
 
+    /// libdevmapper answers `ENXIO` on `DM_DEVICE_STATUS` with success and `exists = 0`:
+    /// status of a vanished device must still be `.deviceNotFound`, as documented.
+    func testStatusOfAVanishedDeviceIsDeviceNotFound() throws {
+        let image = try makeImage("base.img", sizeBytes: 1 << 20)
+        let origin = try registry.acquire(imagePath: image)
+        let snapshot = try SnapshotDevice.create(
+            name: deviceName("gone"), origin: origin, cowPath: path("gone.cow"), originSizeBytes: 1 << 20)
+        XCTAssertEqual(try snapshot.status().state, .active)
+        try DeviceMapperControl.remove(name: DeviceName(snapshot.name))
+        XCTAssertThrowsError(try snapshot.status()) { error in
+            XCTAssertEqual((error as? DeviceMapperError)?.code, .deviceNotFound, "\(error)")
+        }
+        XCTAssertThrowsError(try DeviceMapperControl.status(name: DeviceName(snapshot.name))) { error in
+            XCTAssertEqual((error as? DeviceMapperError)?.code, .deviceNotFound, "\(error)")
+        }
+        XCTAssertThrowsError(try DeviceMapperControl.table(name: DeviceName(snapshot.name))) { error in
+            XCTAssertEqual((error as? DeviceMapperError)?.code, .deviceNotFound, "\(error)")
+        }
+    }
+
     func testCreateOfExistingNameGivesEEXIST() throws {
         let name = try DeviceName(deviceName("dup"))
         let zero = DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")

@@ -94,13 +94,13 @@ private func copySparsely(
                 code: .systemCallFailed, operation: "pread", subject: subject, errno: .ioError,
                 detail: "the device ended at byte \(offset + Int64(read)) of \(sizeBytes)")
         }
-        // Write each run of blocks that hold data; leave the zero blocks as holes.
+        // Write each run of blocks that hold data; leave the zero blocks as holes. The last
+        // block of a disk whose size is not a multiple of the granule is shorter.
         var runStart: Int? = nil
         var position = 0
-        while position <= wanted {
-            let isData =
-                position < wanted
-                && !isAllZero(UnsafeRawBufferPointer(rebasing: buffer[position..<min(position + granule, wanted)]))
+        while position < wanted {
+            let end = min(position + granule, wanted)
+            let isData = !isAllZero(UnsafeRawBufferPointer(rebasing: buffer[position..<end]))
             if isData, runStart == nil { runStart = position }
             if !isData, let start = runStart {
                 try writeFully(
@@ -108,7 +108,12 @@ private func copySparsely(
                     at: offset + Int64(start), subject: file.temporaryPath.string)
                 runStart = nil
             }
-            position += granule
+            position = end
+        }
+        if let start = runStart {
+            try writeFully(
+                file.descriptor, from: UnsafeRawBufferPointer(rebasing: buffer[start..<wanted]),
+                at: offset + Int64(start), subject: file.temporaryPath.string)
         }
         offset += Int64(wanted)
         testHook(.afterFlattenBlock)

@@ -123,9 +123,23 @@ struct DMTask: ~Copyable {
     /// The corresponding C function is `dm_task_set_cookie`.
     func setCookie(_ cookie: inout UInt32, flags: UInt16) -> Bool { dm_task_set_cookie(handle, &cookie, flags) != 0 }
 
+    /// Sets the udev flags a task carries to exactly `flags`, beside `cookie`'s low half, after
+    /// `setCookie`: with `DM_DISABLE_UDEV` set, `dm_task_set_cookie` drops
+    /// `DM_UDEV_DISABLE_LIBRARY_FALLBACK`, and a remove would then queue an unlink of its name
+    /// on libdevmapper's process-wide node list, run at exit even if the name is live again.
+    /// The corresponding C function is `dm_task_set_event_nr`.
+    func setUdevFlags(_ flags: UInt16, cookie: UInt32) -> Bool {
+        let eventNumber = UInt32(flags) << DM_UDEV_FLAGS_SHIFT | cookie & ~UInt32(DM_UDEV_FLAGS_MASK)
+        return dm_task_set_event_nr(handle, eventNumber) != 0
+    }
+
     /// Skips the open-count query that libdevmapper would otherwise add.
     /// The corresponding C function is `dm_task_no_open_count`.
     func skipOpenCount() -> Bool { dm_task_no_open_count(handle) != 0 }
+
+    /// Makes a table or status task read the inactive table instead of the live one.
+    /// The corresponding C function is `dm_task_query_inactive_table`.
+    func queryInactiveTable() -> Bool { dm_task_query_inactive_table(handle) != 0 }
 
     /// The corresponding C function is `dm_task_set_ro`.
     func setReadOnly() -> Bool { dm_task_set_ro(handle) != 0 }

@@ -167,6 +167,7 @@ public enum DeviceMapperControl {
                 libdevmapperMessages: error.libdevmapperMessages)
         }
         do throws(DeviceMapperError) {
+            testHook(.afterDeviceCreate)
             try run(.reload, subject: name.rawValue) { task in
                 guard task.setName(name), task.skipOpenCount() else { return false }
                 if readOnly && !task.setReadOnly() { return false }
@@ -175,6 +176,7 @@ public enum DeviceMapperControl {
             } result: { _ in
                 ()
             }
+            testHook(.afterTableLoad)
             // "Add the node on create" on a resume: it queues no node operation either.
             let (resumed, cookie) = try runWithCookie(.resume, subject: name.rawValue, udevFlags: udevFlags) { task in
                 task.setName(name) && task.skipOpenCount() && task.addNodeOnCreate()
@@ -244,6 +246,7 @@ public enum DeviceMapperControl {
                 }
                 let deadline = MonotonicInstant.now().adding(milliseconds: udevTimeoutMilliseconds)
                 UdevCookieReaper.shared.hand(cookie, deadline: deadline)
+                testHook(.afterDeviceRemove)
                 guard let number else { return }  // No node to wait for or remove.
                 if !udevFlags.udevMakesNode {
                     DeviceNodes.remove(name, number: number)
@@ -350,9 +353,10 @@ public enum DeviceMapperControl {
 
     /// The device's live table.
     /// The corresponding ioctl is `DM_TABLE_STATUS` (table form).
-    package static func table(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
+    /// With `inactive`, the table loaded but not yet resumed (`dm_task_query_inactive_table`).
+    package static func table(name: DeviceName, inactive: Bool = false) throws(DeviceMapperError) -> [DMTarget] {
         try run(.table, subject: name.rawValue) { task in
-            task.setName(name) && task.skipOpenCount()
+            task.setName(name) && task.skipOpenCount() && (!inactive || task.queryInactiveTable())
         } result: { task in
             task.targets()
         }
@@ -360,12 +364,20 @@ public enum DeviceMapperControl {
 
     /// The device's status lines, one per target.
     /// The corresponding ioctl is `DM_TABLE_STATUS`.
+    /// A vanished device fails with `.deviceNotFound`: libdevmapper turns the kernel's `ENXIO`
+    /// for this ioctl into success with no device (`exists = 0`).
     package static func status(name: DeviceName) throws(DeviceMapperError) -> [DMTarget] {
-        try run(.status, subject: name.rawValue) { task in
+        let lines = try run(.status, subject: name.rawValue) { task in
             task.setName(name) && task.skipOpenCount()
         } result: { task in
-            task.targets()
+            task.info() == nil ? nil : task.targets()
         }
+        guard let lines else {
+            throw DeviceMapperError(
+                code: .deviceNotFound, operation: "dm_task_run(\(DMTaskType.status.name))", subject: name.rawValue,
+                errno: .noSuchAddressOrDevice, detail: "no device-mapper device has this name")
+        }
+        return lines
     }
 
     /// Runs one task: create it, let `configure` set it up, run it, and read `result` from
@@ -382,7 +394,8 @@ public enum DeviceMapperControl {
     }
 
     /// `run`, with a udev cookie when `udevFlags` is given. The cookie carries
-    /// `DM_UDEV_DISABLE_LIBRARY_FALLBACK`, so libdevmapper queues no node operation: the
+    /// `DM_UDEV_DISABLE_LIBRARY_FALLBACK` (put back after `dm_task_set_cookie`, which drops it
+    /// under `DM_DISABLE_UDEV`), so libdevmapper queues no node operation: the
     /// caller waits for what it needs and hands the cookie (0 when udev does not run) to
     /// `UdevCookieReaper`. A failed run's cookie is handed over here.
     private static func runWithCookie<T>(
@@ -401,6 +414,10 @@ public enum DeviceMapperControl {
                     detail: "libdevmapper cannot reach the kernel's device-mapper driver")
             error.subject = subject
             throw error
+        }
+        if udevFlags != nil, Libdevmapper.syncsWithUdev {
+            // The cookie's thread, before the call changes anything.
+            try UdevCookieReaper.shared.startIfNeeded()
         }
         let body = { () -> Result<(value: T, cookie: UInt32), DeviceMapperError> in
             LibdevmapperLog.beginCapture()
@@ -430,8 +447,12 @@ public enum DeviceMapperControl {
             }
             var cookie: UInt32 = 0
             if let udevFlags {
-                let flags = udevFlags.rawValue | UInt16(DM_UDEV_DISABLE_LIBRARY_FALLBACK)
-                guard task.setCookie(&cookie, flags: flags) else {
+                var flags = udevFlags.rawValue | UInt16(DM_UDEV_DISABLE_LIBRARY_FALLBACK)
+                if !Libdevmapper.syncsWithUdev {
+                    // The library makes the node: udev must not (what libdevmapper does under DM_DISABLE_UDEV).
+                    flags |= DMUdevFlags.disableDeviceMapperRules.rawValue | DMUdevFlags.disableSubsystemRules.rawValue
+                }
+                guard task.setCookie(&cookie, flags: flags), task.setUdevFlags(flags, cookie: cookie) else {
                     return .failure(
                         DeviceMapperError(
                             code: .deviceMapperCallFailed, operation: "dm_task_set_cookie(\(type.name))",

@@ -68,10 +68,65 @@ enum DeviceNodes {
             } else {
                 return
             }
-            if target == number {
+            // The kernel hands a freed minor out again at once: if the name is live again
+            // (re-created by this or another process), a node of `number` may be the new device's.
+            if target == number, (try? DeviceMapperControl.info(name: name)) ?? nil == nil {
                 _ = system_unlink(path)
             }
         }
+        repair(name)
+    }
+
+    /// Makes `/dev/mapper/<name>` again if a live device has the name and the node does not
+    /// resolve to it: a remove that raced a create of the same name elsewhere unlinked it.
+    /// The corresponding C functions are `stat`, `mknod` and `rename`, and `DM_DEV_STATUS`.
+    private static func repair(_ name: DeviceName) {
+        guard let live = (try? DeviceMapperControl.info(name: name)) ?? nil, !isPresent(name, number: live.number)
+        else { return }
+        do {
+            try make(name, number: live.number)
+            logger.info("node of a re-created device made again", metadata: ["name": "\(name)"])
+        } catch {
+            logger.error("cannot make the node of a live device", metadata: ["name": "\(name)", "error": "\(error)"])
+        }
+    }
+
+    /// Removes the nodes under `/dev/mapper` whose name starts with `prefix` that no live
+    /// device of that name backs (left by a process that died between the remove ioctl and
+    /// the unlink; the minor may already be another device's), and the temporary
+    /// `.<name>.node-<pid>-<n>` entries of processes that are gone. Returns what it removed.
+    /// The corresponding C functions are `readdir`, `lstat`, `kill(pid, 0)` and `unlink`, and
+    /// `DM_DEV_STATUS` per name.
+    static func removeStale(prefix: String) -> [FilePath] {
+        guard !prefix.isEmpty else { return [] }
+        var removed: [FilePath] = []
+        for entry in directoryEntries(directory) {
+            let path = directory.appending(entry)
+            if entry.hasPrefix("." + prefix), let marker = entry.ranges(of: ".node-").last {
+                let parts = entry[marker.upperBound...].split(separator: "-")
+                guard parts.count == 2, let pid = pid_t(parts[0]), kill(pid, 0) == -1, Glibc.errno == ESRCH,
+                    case .success = system_unlink(path)
+                else { continue }
+                removed.append(path)
+                continue
+            }
+            guard entry.hasPrefix(prefix), let name = try? DeviceName(entry) else { continue }
+            lock(for: name).withLock { _ in
+                guard case .success(let link) = system_lstat(path), link.type == .blockSpecial else { return }
+                let nodeNumber = DeviceNumber(link.specialDeviceID)
+                let live: DMDeviceInfo?
+                do {
+                    live = try DeviceMapperControl.info(name: name)
+                } catch {
+                    return  // A failed look-up proves nothing: leave the node.
+                }
+                guard live?.number != nodeNumber, case .success = system_unlink(path) else { return }
+                removed.append(path)
+                logger.info("stale node removed", metadata: ["path": "\(path)", "device": "\(nodeNumber)"])
+            }
+            repair(name)
+        }
+        return removed
     }
 
     /// The device `/dev/mapper/<name>` resolves to, if it is a block device.

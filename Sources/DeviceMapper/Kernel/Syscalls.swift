@@ -56,6 +56,21 @@ func system_ioctl(_ fd: FileDescriptor, _ request: UInt, _ pointer: UnsafeMutabl
     return valueOrErrno { ioctl(fd.rawValue, request, pointer) }
 }
 
+/// Starts a detached thread that runs `body(argument)`. pthread functions return the
+/// error number rather than setting `errno`.
+/// The corresponding C functions are `pthread_create` and `pthread_detach`.
+func system_pthread_create_detached(
+    _ body: @escaping @convention(c) (UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer?,
+    _ argument: UnsafeMutableRawPointer?
+) -> Result<Void, Errno> {
+    if let fault = injectedFault("pthread_create") { return .failure(fault) }
+    var thread = pthread_t()
+    let result = pthread_create(&thread, nil, body, argument)
+    guard result == 0 else { return .failure(Errno(rawValue: result)) }
+    pthread_detach(thread)
+    return .success(())
+}
+
 /// Opens `path`, always with `O_CLOEXEC`.
 /// The corresponding C function is `open`.
 func system_open(_ path: FilePath, _ flags: CInt, permissions: mode_t = 0) -> Result<FileDescriptor, Errno> {

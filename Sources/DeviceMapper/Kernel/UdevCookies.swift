@@ -19,35 +19,75 @@ import Logging
 /// `dm_udev_wait_immediate`, which destroys it once udev is done. A cookie udev has not
 /// completed by its deadline (udev died or hangs) is completed here (`dm_udev_complete`,
 /// as `dmsetup udevcomplete` would) and destroyed, so no semaphore is left behind.
-final class UdevCookieReaper: Sendable {
-    static let shared = UdevCookieReaper()
+package final class UdevCookieReaper: Sendable {
+    static let shared = UdevCookieReaper(reap: UdevCookieReaper.reapWithLibdevmapper)
 
+    /// A cookie handed over; `id` tells apart two entries with the same cookie value (libdevmapper
+    /// picks values at random, and may pick one again as soon as the old semaphore is gone).
     private struct Pending {
+        var id: UInt64
         var cookie: UInt32
         var deadline: MonotonicInstant
     }
 
-    private let pending = Locked<(cookies: [Pending], started: Bool)>(([], false))
+    private struct State {
+        var cookies: [Pending] = []
+        var nextID: UInt64 = 0
+        var started = false
+    }
+
+    private let pending = Locked<State>(State())
+    /// Whether `cookie` is gone: completed by udev and destroyed, or forced past `deadline`.
+    private let reap: @Sendable (_ cookie: UInt32, _ deadline: MonotonicInstant) -> Bool
     private static let logger = Logger(label: "DeviceMapper.UdevCookieReaper")
     /// The pause between sweeps of the pending cookies: short while udev keeps completing
     /// them, longer while it does not.
     static let shortestPauseMicroseconds: UInt32 = 1_000
     static let longestPauseMicroseconds: UInt32 = 25_000
 
-    /// Takes over `cookie`; it is destroyed once udev completes it, or at `deadline`.
-    func hand(_ cookie: UInt32, deadline: MonotonicInstant) {
+    /// A reaper that finishes each cookie with `reap`; the shared one uses libdevmapper, tests their own.
+    package init(reap: @escaping @Sendable (_ cookie: UInt32, _ deadline: MonotonicInstant) -> Bool) {
+        self.reap = reap
+    }
+
+    /// Starts the reaper's thread if it is not running, so that a call that will make a
+    /// cookie fails before it changes anything when no thread can be made (a pids cgroup
+    /// limit: `EAGAIN`). The corresponding C function is `pthread_create`.
+    package func startIfNeeded() throws(DeviceMapperError) {
+        try pending.withLock { state throws(DeviceMapperError) in
+            guard !state.started else { return }
+            let retained = Unmanaged.passRetained(self)
+            switch system_pthread_create_detached(
+                { argument in
+                    Unmanaged<UdevCookieReaper>.fromOpaque(argument!).takeUnretainedValue().run()
+                    return nil
+                }, retained.toOpaque())
+            {
+            case .success:
+                state.started = true
+            case .failure(let errno):
+                retained.release()
+                throw DeviceMapperError.syscall(
+                    "pthread_create", errno, subject: "udev cookie reaper",
+                    detail: "could not start the thread that completes udev cookies; "
+                        + "check the process's thread limit (the pids cgroup, ulimit -u)")
+            }
+        }
+    }
+
+    /// Takes over `cookie`; it is destroyed once udev completes it, or at `deadline`. The
+    /// caller started the thread (`startIfNeeded`) before it made the cookie.
+    package func hand(_ cookie: UInt32, deadline: MonotonicInstant) {
         guard cookie != 0 else { return }
-        let start = pending.withLock { state -> Bool in
-            state.cookies.append(Pending(cookie: cookie, deadline: deadline))
-            defer { state.started = true }
-            return !state.started
+        pending.withLock { state in
+            state.cookies.append(Pending(id: state.nextID, cookie: cookie, deadline: deadline))
+            state.nextID += 1
         }
         pending.broadcast()
-        if start { startThread() }
     }
 
     /// How many cookies are still waiting.
-    var pendingCount: Int { pending.withLock { $0.cookies.count } }
+    package var pendingCount: Int { pending.withLock { $0.cookies.count } }
 
     /// Waits until no cookie is pending, or `deadline`; returns whether none is. For tests
     /// and for an agent's orderly shutdown.
@@ -55,56 +95,52 @@ final class UdevCookieReaper: Sendable {
         poll(until: MonotonicInstant.now().adding(milliseconds: timeoutMilliseconds)) { pendingCount == 0 }
     }
 
-    private func startThread() {
-        var thread = pthread_t()
-        let result = pthread_create(
-            &thread, nil,
-            { _ in
-                UdevCookieReaper.shared.run()
-                return nil
-            }, nil)
-        precondition(result == 0, "pthread_create failed with \(result)")
-        pthread_detach(thread)
-    }
-
-    /// Sweeps the pending cookies, then sleeps: 1 ms after a sweep that finished one,
-    /// twice as long as last time (up to 25 ms) after one that finished none, so that a
-    /// slow udev with many events queued is not also robbed of CPU by the polling.
+    /// Sleeps between sweeps: 1 ms after a sweep that finished a cookie, twice as long as
+    /// last time (up to 25 ms) after one that finished none, so that a slow udev with many
+    /// events queued is not also robbed of CPU by the polling.
     private func run() {
         var pauseMicroseconds = Self.shortestPauseMicroseconds
         while true {
-            let cookies = pending.waitForResult { state in state.cookies.isEmpty ? nil : state.cookies }
-            var finished: Set<UInt32> = []
-            for entry in cookies {
-                if reap(entry) { finished.insert(entry.cookie) }
-            }
-            pending.withLock { state in state.cookies.removeAll { finished.contains($0.cookie) } }
+            pending.waitForResult { state in state.cookies.isEmpty ? nil : () }
             pauseMicroseconds =
-                finished.isEmpty
-                ? min(pauseMicroseconds * 2, Self.longestPauseMicroseconds) : Self.shortestPauseMicroseconds
+                sweep() ? Self.shortestPauseMicroseconds : min(pauseMicroseconds * 2, Self.longestPauseMicroseconds)
             usleep(pauseMicroseconds)
         }
     }
 
+    /// Tries each pending cookie once and drops the entries that are finished, by entry (a
+    /// cookie value handed again meanwhile stays); returns whether any was.
+    @discardableResult
+    package func sweep() -> Bool {
+        let cookies = pending.withLock { $0.cookies }
+        var finished: Set<UInt64> = []
+        for entry in cookies where reap(entry.cookie, entry.deadline) {
+            finished.insert(entry.id)
+        }
+        pending.withLock { state in state.cookies.removeAll { finished.contains($0.id) } }
+        return !finished.isEmpty
+    }
+
     /// Whether the cookie is gone: completed by udev and destroyed, or forced past its deadline.
-    private func reap(_ entry: Pending) -> Bool {
+    /// The corresponding C functions are `dm_udev_wait_immediate` and `dm_udev_complete`.
+    private static func reapWithLibdevmapper(_ cookie: UInt32, deadline: MonotonicInstant) -> Bool {
         var ready: CInt = 0
         let answered = Libdevmapper.withSharedLock {
-            dm_udev_wait_immediate(entry.cookie, &ready)
+            dm_udev_wait_immediate(cookie, &ready)
         }
         if answered == 0 { return true }  // libdevmapper destroyed it on the error path.
         if ready != 0 { return true }
-        guard MonotonicInstant.now() >= entry.deadline else { return false }
-        Self.logger.error(
+        guard MonotonicInstant.now() >= deadline else { return false }
+        logger.error(
             "udev did not complete a device-mapper event in time; completing its cookie here",
             metadata: [
-                "cookie": "\(entry.cookie)",
+                "cookie": "\(cookie)",
                 "recovery":
                     "check that systemd-udevd runs (udevadm control --ping); `dmsetup udevcookies` lists stuck cookies",
             ])
         Libdevmapper.withSharedLock {
-            _ = dm_udev_complete(entry.cookie)
-            _ = dm_udev_wait_immediate(entry.cookie, &ready)
+            _ = dm_udev_complete(cookie)
+            _ = dm_udev_wait_immediate(cookie, &ready)
         }
         return true
     }

@@ -23,6 +23,11 @@ public struct OwnedSnapshot: Sendable, Hashable {
     public var originImage: FilePath?
     /// The chunk size in 512-byte sectors, from the table.
     public var chunkSizeSectors: UInt32
+    /// The device was left between `DM_DEVICE_CREATE` and its resume by a call that died: it
+    /// has no live table, and serves no sandbox. What its inactive table names is filled in;
+    /// with no table, `cowPath` and `cowLoopDevice` are empty and the numbers 0.
+    /// `cleanupStaleDevices` removes it.
+    public var isIncomplete: Bool = false
 }
 
 extension SnapshotDevice {
@@ -31,7 +36,8 @@ extension SnapshotDevice {
     ///
     /// Fails with `.deviceNotFound` if there is no such device, `.deviceNotOwned` if its UUID
     /// lacks `uuidPrefix`, and `.unexpectedKernelOutput` if its table is not a snapshot over
-    /// a loop device.
+    /// a loop device. A device a crashed call left before its resume comes back with
+    /// `isIncomplete` set (read from its inactive table, if any): remove it.
     /// The `dm_task` types are `DM_DEVICE_INFO`, `DM_DEVICE_TABLE` and `DM_DEVICE_STATUS`
     /// (ioctls `DM_DEV_STATUS` and `DM_TABLE_STATUS`); the store and the origin image are read
     /// from sysfs (`/sys/block/loopN/loop/backing_file`). It changes nothing.
@@ -53,13 +59,25 @@ extension SnapshotDevice {
                 code: .deviceNotOwned, operation: operation, subject: name,
                 detail: "the device's UUID (\(info.uuid ?? "none")) does not start with \(uuidPrefix)")
         }
-        let table = try DeviceMapperControl.table(name: deviceName)
+        // No live table: a create or restore died before its resume; its inactive table, if
+        // any, tells what it holds.
+        let isIncomplete = !info.hasLiveTable
+        let table = try DeviceMapperControl.table(name: deviceName, inactive: isIncomplete)
         guard table.count == 1, let target = table.first, target.type == "snapshot",
             let parameters = SnapshotTableParameters(target.parameters)
         else {
+            if isIncomplete && table.isEmpty {
+                return OwnedSnapshot(
+                    device: SnapshotDevice(
+                        name: name, devicePath: FilePath(deviceName.devicePath), cowPath: "", cowLoopDevice: ""),
+                    uuid: uuid, openCount: Int(info.openCount), status: nil,
+                    originDevice: DeviceNumber(major: 0, minor: 0), originLoopDevice: nil, originImage: nil,
+                    chunkSizeSectors: 0, isIncomplete: true)
+            }
             throw DeviceMapperError(
                 code: .unexpectedKernelOutput, operation: operation, subject: name,
-                detail: "the device's table is not one snapshot target: \(table.map(\.description))")
+                detail: "the device's \(isIncomplete ? "inactive " : "")table is not one snapshot target: "
+                    + "\(table.map(\.description))")
         }
         guard let cowIndex = loopIndex(of: parameters.cow),
             let cowPath = readSmallFile(FilePath("/sys/block/loop\(cowIndex)/loop/backing_file"))
@@ -74,15 +92,17 @@ extension SnapshotDevice {
             name: name, devicePath: FilePath(deviceName.devicePath), cowPath: FilePath(cowPath),
             cowLoopDevice: LoopDevice(index: cowIndex, number: parameters.cow).path)
         return OwnedSnapshot(
-            device: device, uuid: uuid, openCount: Int(info.openCount), status: try? device.status(),
+            device: device, uuid: uuid, openCount: Int(info.openCount),
+            status: isIncomplete ? nil : try? device.status(),
             originDevice: parameters.origin, originLoopDevice: originLoop,
             originImage: originImage.map { FilePath($0) },
-            chunkSizeSectors: parameters.chunkSizeSectors)
+            chunkSizeSectors: parameters.chunkSizeSectors, isIncomplete: isIncomplete)
     }
 
     /// Every live device this library made (its UUID starts with `uuidPrefix`), by name.
     /// Devices removed while the list is taken are left out, and so are devices another
-    /// tool made. It changes nothing.
+    /// tool made. Devices a crashed call left before their resume are listed with
+    /// `isIncomplete` set. It changes nothing.
     /// The `dm_task` type is `DM_DEVICE_LIST` (ioctl `DM_LIST_DEVICES`), then those of
     /// ``adopt(name:)`` per device.
     ///

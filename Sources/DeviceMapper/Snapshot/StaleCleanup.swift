@@ -32,6 +32,10 @@ public struct StaleCleanupReport: Sendable {
     /// Snapshot devices with the prefix that this library did not make (no
     /// `SnapshotDevice.uuidPrefix` UUID), left alone.
     public var notOwned: [String] = []
+    /// Nodes under `/dev/mapper` with the prefix that no live device of their name backed
+    /// (left by a process that died between a remove and its unlink), and temporary
+    /// `.<name>.node-*` entries of dead processes, removed.
+    public var removedNodes: [FilePath] = []
     /// Devices that could not be removed for another reason.
     public var failures: [Failure] = []
     /// CoW loop devices of removed snapshots that are still attached to the same file.
@@ -46,7 +50,9 @@ private let cleanupLogger = Logger(label: "DeviceMapper.cleanupStaleDevices")
 
 /// Removes the snapshot devices a crashed agent left behind: every device-mapper device
 /// whose name starts with `prefix`, whose table is a `snapshot` target, and whose UUID
-/// starts with `SnapshotDevice.uuidPrefix` (this library made it).
+/// starts with `SnapshotDevice.uuidPrefix` (this library made it). An owned device with no
+/// live table (a call died between `DM_DEVICE_CREATE` and the resume) is removed too, with
+/// the inactive snapshot table it may hold.
 ///
 /// A device that is open (open count above 0) is a sandbox still running: it is skipped
 /// at once, with no remove attempt and no retry, and reported in `inUse`. A remove that
@@ -100,15 +106,18 @@ public func cleanupStaleDevices(
                 }
                 continue
             }
-            let table = try DeviceMapperControl.table(name: name)
-            guard isSnapshot(table) else { continue }
+            // No live table: a create or restore died between DM_DEVICE_CREATE and its resume.
+            // Its inactive table (if loaded) holds the CoW loop device, and so the store's lock.
+            let isIncomplete = owned && !info.hasLiveTable
+            let table = try DeviceMapperControl.table(name: name, inactive: isIncomplete)
+            guard isSnapshot(table) || (isIncomplete && table.isEmpty) else { continue }
             guard info.openCount == 0 else {
                 report.inUse.append(.init(name: device.name, openCount: Int(info.openCount)))
                 cleanupLogger.info(
                     "device in use left alone", metadata: ["name": "\(name)", "openCount": "\(info.openCount)"])
                 continue
             }
-            if isInvalidated(name) {
+            if !isIncomplete, isInvalidated(name) {
                 LibraryMetrics.storeInvalid(.cleanup)
                 cleanupLogger.info("stale device's store is invalid", metadata: ["name": "\(name)"])
             }
@@ -122,7 +131,9 @@ public func cleanupStaleDevices(
             try DeviceMapperControl.remove(name: name, retry: .none)
             report.removed.append(device.name)
             if owned { LibraryMetrics.liveDeviceRemoved() }
-            cleanupLogger.info("stale device removed", metadata: ["name": "\(name)", "owned": "\(owned)"])
+            cleanupLogger.info(
+                "stale device removed",
+                metadata: ["name": "\(name)", "owned": "\(owned)", "incomplete": "\(isIncomplete)"])
             if let cowLoop { removedLoops.append(cowLoop) }
         } catch  where error.code == .deviceNotFound {
             report.removed.append(device.name)
@@ -135,6 +146,9 @@ public func cleanupStaleDevices(
             LibraryMetrics.failure(operation: .cleanup, code: error.code)
             cleanupLogger.error("stale device not removed", metadata: ["name": "\(name)", "error": "\(error)"])
         }
+    }
+    if !dryRun {
+        for path in DeviceNodes.removeStale(prefix: prefix) { report.removedNodes.append(path) }
     }
     for (loop, before) in removedLoops {
         if let now = try? loopDeviceStatus(loop.path), now.backingFile == before.backingFile {

@@ -3,6 +3,10 @@
 package enum TestHookPoint: String, Sendable, CaseIterable {
     /// `SnapshotDevice.create`/`restore`: the CoW loop device is attached, the dm device not yet made.
     case afterCowLoopAttach
+    /// `DeviceMapperControl.create`: `DM_DEVICE_CREATE` made the device; it has no table yet.
+    case afterDeviceCreate
+    /// `DeviceMapperControl.create`: the table is loaded (inactive); the device is not resumed.
+    case afterTableLoad
     /// `SnapshotDevice.create`: the dm device exists, the call has not returned.
     case afterSnapshotCreate
     /// `SnapshotDevice.flatten`: one block of the output was written (called per block).
@@ -10,6 +14,8 @@ package enum TestHookPoint: String, Sendable, CaseIterable {
     /// `DeviceMapperControl.remove`: about to issue one `DM_DEVICE_REMOVE` (called per attempt,
     /// so a test can count busy retries without a clock).
     case beforeDeviceRemove
+    /// `DeviceMapperControl.remove`: the device is removed, its node not yet.
+    case afterDeviceRemove
     /// `attachLoopDevice`: a free loop device was found, about to be configured (called per
     /// attempt), so a test can hold two attaches in flight at once.
     case beforeLoopConfigure
