@@ -17,6 +17,12 @@ struct KernelCounts {
     var slabBytes: Int64
     var unreclaimableSlabBytes: Int64
     var vmallocBytes: Int64
+    /// What else the kernel holds: MemTotal - MemFree less the page cache, anonymous
+    /// memory, slab, vmalloc, kernel stacks and page tables. Pages taken straight from the
+    /// page allocator land here, e.g. a `kvmalloc` over a page that `kmalloc` served (dm-snapshot's
+    /// exception hash tables, up to 2 MiB + 256 KiB each).
+    var otherKernelBytes: Int64
+    var kernelStackBytes: Int64
     /// Kernel threads (children of kthreadd) by kind: the name before any `/`, digits
     /// dropped (`kworker`, `kdmflush`, `kcopyd`, `ksnaphd`, `loop`, `dm-thin`, ...).
     var kernelThreads: [String: Int]
@@ -46,9 +52,14 @@ struct KernelCounts {
             loops += 1
             if access("/sys/block/\(name)/loop/backing_file", F_OK) == 0 { attached += 1 }
         }
+        let used = memory["MemTotal"] - memory["MemFree"]
+        let accounted =
+            memory["Buffers"] + memory["Cached"] + memory["AnonPages"] + memory.slabBytes + memory.vmallocBytes
+            + memory["KernelStack"] + memory["PageTables"]
         return KernelCounts(
             slabBytes: memory.slabBytes, unreclaimableSlabBytes: memory["SUnreclaim"],
-            vmallocBytes: memory.vmallocBytes, kernelThreads: threads, loopDevices: loops,
+            vmallocBytes: memory.vmallocBytes, otherKernelBytes: used - accounted,
+            kernelStackBytes: memory["KernelStack"], kernelThreads: threads, loopDevices: loops,
             attachedLoopDevices: attached)
     }
 
@@ -69,7 +80,8 @@ struct KernelCounts {
         let threadGrowth = totalKernelThreads - base.totalKernelThreads
         return [
             per(slabBytes - base.slabBytes), per(unreclaimableSlabBytes - base.unreclaimableSlabBytes),
-            per(vmallocBytes - base.vmallocBytes),
+            per(vmallocBytes - base.vmallocBytes), per(otherKernelBytes - base.otherKernelBytes),
+            per(kernelStackBytes - base.kernelStackBytes),
             "\(totalKernelThreads) (\(threadGrowth >= 0 ? "+" : "")\(threadGrowth))",
             threadSummary(from: base), "\(attachedLoopDevices)/\(loopDevices)",
         ]
@@ -91,7 +103,8 @@ struct KernelCounts {
     func json(from base: KernelCounts, per count: Int) -> [(String, JSON)] {
         [
             ("slab_bytes", .int(Int(slabBytes))), ("sunreclaim_bytes", .int(Int(unreclaimableSlabBytes))),
-            ("vmalloc_used_bytes", .int(Int(vmallocBytes))),
+            ("vmalloc_used_bytes", .int(Int(vmallocBytes))), ("other_kernel_bytes", .int(Int(otherKernelBytes))),
+            ("kernel_stack_bytes", .int(Int(kernelStackBytes))),
             (
                 "slab_growth_per_device_bytes",
                 count > 0 ? .int(Int((slabBytes - base.slabBytes) / Int64(count))) : .null
@@ -185,7 +198,8 @@ extension Bench {
             title: "Density anchor: dm-thin volumes in one pool (\(formatBytes(options.imageSizeBytes)) each, "
                 + "nothing written); kernel counts against the empty pool",
             header: [
-                "volumes", "dm create p50 ms", "slab/vol", "unreclaimable/vol", "vmalloc/vol", "kernel threads",
+                "volumes", "dm create p50 ms", "slab/vol", "unreclaimable/vol", "vmalloc/vol", "other/vol",
+                "stacks/vol", "kernel threads",
                 "thread kinds", "loops attached/all",
             ])
         let base = KernelCounts.read()
@@ -226,6 +240,7 @@ extension Bench {
             let counts = KernelCounts.read()
             let p50 = LatencySummary(nanoseconds: levelTimes).map { formatMilliseconds($0.p50Milliseconds) } ?? "-"
             section.rows.append(["\(level)", p50] + counts.growthCells(from: base, per: level))
+            progress.note("thin \(level): " + section.rows.last!.joined(separator: " | "))
             report.add(
                 record: [("figure", .string("density-thin")), ("volumes", .int(level))]
                     + counts.json(from: base, per: level))

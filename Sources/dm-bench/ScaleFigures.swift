@@ -25,7 +25,8 @@ extension Bench {
             title: "Density (kernel cost per live sandbox: growth over live 0 divided by N; the agent's "
                 + "whole-host calls at each N)",
             header: [
-                "live N", "slab/sbx", "unreclaimable/sbx", "vmalloc/sbx", "kernel threads", "thread kinds",
+                "live N", "slab/sbx", "unreclaimable/sbx", "vmalloc/sbx", "other/sbx", "stacks/sbx", "kernel threads",
+                "thread kinds",
                 "loops attached/all", "listOwned ms", "cleanup dry run ms", "in-use scan ms", "opening scan ms",
             ])
         var baseCounts: KernelCounts?
@@ -107,6 +108,12 @@ extension Bench {
                         ("opening_scan_ms", .double(calls.openingScan)),
                         ("restore_p50_ms", restoreP50[level].map(JSON.double) ?? .null),
                     ])
+            // Each level's figures as they come, so a run cut short still shows them.
+            progress.note(
+                "live \(level): "
+                    + section.rows.suffix(levelSection.rows.count + restoreSection.rows.count)
+                    .map { $0.prefix(5).joined(separator: " ") }.joined(separator: "; ") + "; density: "
+                    + density.rows.last!.joined(separator: " | "))
             for method in measured {
                 createP50[level, default: [:]][method] =
                     samples[method].flatMap { LatencySummary(nanoseconds: $0.create) }?.p50Milliseconds
@@ -147,8 +154,10 @@ extension Bench {
         }
         report.add(section)
         density.notes.append(
-            "slab, unreclaimable, vmalloc: /proc/meminfo Slab, SUnreclaim and VmallocUsed growth over live 0, per "
-                + "sandbox (each: a snapshot device, its CoW loop device and a sparse CoW file; noisy: other "
+            "slab, unreclaimable, vmalloc, stacks: /proc/meminfo Slab, SUnreclaim, VmallocUsed and KernelStack growth "
+                + "over live 0, per sandbox; other: the growth of MemTotal - MemFree that no meminfo field accounts "
+                + "for (page cache, anon, slab, vmalloc, stacks and page tables left out): pages the kernel took straight "
+                + "from the page allocator, such as dm-snapshot's exception hash tables. A sandbox: a snapshot device, its CoW loop device and a sparse CoW file (noisy: other "
                 + "kernel work allocates too). kernel threads: children of kthreadd, by name before any '/', "
                 + "digits dropped, with the change from live 0. loops: /sys/block/loop* with a backing file, and all.")
         density.notes.append(
