@@ -205,6 +205,9 @@ struct DMBench: ParsableCommand {
                 + "and print where they wait."))
     var profile = false
 
+    @Flag(help: "With live named: only the dm-thin density anchor, at the --live levels, no snapshots.")
+    var thinAnchorOnly = false
+
     @Flag(help: "No progress line on stderr.")
     var quiet = false
 
@@ -315,6 +318,7 @@ struct DMBench: ParsableCommand {
             },
             live: live.isEmpty ? (self.figures.contains(.live) ? [250, 500, 1000] : [500]) : live,
             thinAnchor: self.figures.contains(.live),
+            thinAnchorOnly: thinAnchorOnly,
             concurrency: concurrency.isEmpty ? [4] : concurrency,
             concurrencyCycles: concurrencyCycles ?? 40,
             staleCount: staleCount,
@@ -340,6 +344,8 @@ struct BenchOptions: Sendable {
     var live: [Int]
     /// The dm-thin density anchor beside the live figure: when `live` is named.
     var thinAnchor: Bool
+    /// Only the dm-thin anchor, at the live levels (`--thin-anchor-only`).
+    var thinAnchorOnly: Bool
     var concurrency: [Int]
     var concurrencyCycles: Int
     var staleCount: Int
@@ -413,7 +419,7 @@ final class Bench {
         case .cycle: try runCreateRemove()
         case .restore: try runRestore()
         case .live:
-            try runLiveScale()
+            if !options.thinAnchorOnly { try runLiveScale() }
             if options.thinAnchor { try runThinAnchor(levels: Array(Set(options.live)).sorted()) }
         case .concurrency: try runConcurrency()
         case .stale: try runStaleCleanup()
