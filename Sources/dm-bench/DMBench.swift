@@ -90,7 +90,12 @@ struct DMBench: ParsableCommand {
                            interleaved round by round, with ratios.
               restore      reattach a kept CoW file and recreate the device.
               live         create/remove with N other snapshots of the same
-                           origin alive (--live), against live 0; library and C.
+                           origin alive (--live), against live 0; library and C;
+                           restore, listOwned, a dry-run cleanup, and the
+                           kernel's cost per sandbox (slab, vmalloc, kernel
+                           threads, loop devices). Named, it runs to 1000 and
+                           adds as many dm-thin volumes in one pool as the
+                           density anchor.
               concurrency  K threads creating and removing at once: cycles/s
                            and latency (--concurrency), against 1 thread; the
                            library and, without udev, the dm ioctls issued
@@ -218,6 +223,9 @@ struct DMBench: ParsableCommand {
                 + "and print where they wait."))
     var profile = false
 
+    @Flag(help: "With live named: only the dm-thin density anchor, at the --live levels, no snapshots.")
+    var thinAnchorOnly = false
+
     @Flag(help: "No progress line on stderr.")
     var quiet = false
 
@@ -332,7 +340,9 @@ struct DMBench: ParsableCommand {
             restoreBaselines: Baseline.allCases.filter {
                 baseline.isEmpty ? $0 == .c : baselines.contains($0)
             },
-            live: live.isEmpty ? [500] : live,
+            live: live.isEmpty ? (self.figures.contains(.live) ? [250, 500, 1000] : [500]) : live,
+            thinAnchor: self.figures.contains(.live),
+            thinAnchorOnly: thinAnchorOnly,
             concurrency: concurrency.isEmpty ? [4] : concurrency,
             concurrencyCycles: concurrencyCycles ?? 40,
             staleCount: staleCount,
@@ -359,6 +369,10 @@ struct BenchOptions: Sendable {
     /// The restore figure's: the subprocess baseline only when named on the command line.
     var restoreBaselines: [Baseline]
     var live: [Int]
+    /// The dm-thin density anchor beside the live figure: when `live` is named.
+    var thinAnchor: Bool
+    /// Only the dm-thin anchor, at the live levels (`--thin-anchor-only`).
+    var thinAnchorOnly: Bool
     var concurrency: [Int]
     var concurrencyCycles: Int
     var staleCount: Int
@@ -434,7 +448,9 @@ final class Bench {
         case .all: for figure in Figure.runOrder { try run(figure) }
         case .cycle: try runCreateRemove()
         case .restore: try runRestore()
-        case .live: try runLiveScale()
+        case .live:
+            if !options.thinAnchorOnly { try runLiveScale() }
+            if options.thinAnchor { try runThinAnchor(levels: Array(Set(options.live)).sorted()) }
         case .concurrency: try runConcurrency()
         case .stale: try runStaleCleanup()
         case .flatten: try runFlatten()

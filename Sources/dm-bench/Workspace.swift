@@ -134,7 +134,11 @@ final class Workspace: Sendable {
         var problems: [String] = []
         // Snapshots first: they hold the CoW loop devices (autoclear) and the origins. The
         // subprocess baseline's devices carry no UUID: take those too.
-        let report = cleanupStaleDevices(prefix: prefix, includingUnownedDevices: true)
+        // A device held by another of ours (the thin pool under its volumes) goes on a later pass.
+        var report = cleanupStaleDevices(prefix: prefix, includingUnownedDevices: true)
+        for _ in 0..<3 where !report.removed.isEmpty && !report.inUse.isEmpty {
+            report = cleanupStaleDevices(prefix: prefix, includingUnownedDevices: true)
+        }
         for failure in report.failures {
             problems.append("device \(failure.name) not removed: \(failure.error)")
         }

@@ -113,6 +113,31 @@ final class StoreSafetyTests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
+    /// The scan matches through sysfs's path and `stat`, not by opening every loop device:
+    /// a store attached under another name (a hard link), then with that name deleted, is still found.
+    func testRestoreRefusesAStoreAttachedByOtherCodeUnderAnotherName() throws {
+        let image = try makeImage("base.img", sizeBytes: imageSize, seed: 3)
+        let cow = path("named.cow")
+        let alias = path("alias.cow")
+        try create("named", image: image, cow: cow).remove()
+        XCTAssertEqual(link(cow.string, alias.string), 0, "link: \(String(cString: strerror(errno)))")
+        let loop = try attachLoopDevice(backingFile: alias, readOnly: false)
+        var status = stat()
+        XCTAssertEqual(stat(cow.string, &status), 0)
+        let identity = FileIdentity(device: UInt64(status.st_dev), inode: UInt64(status.st_ino))
+        XCTAssertEqual(storeHolder(identity)?.loop, loop.device, "found through the other name")
+        XCTAssertEqual(unlink(alias.string), 0)  // sysfs now shows "<alias> (deleted)"
+        XCTAssertEqual(storeHolder(identity)?.loop, loop.device, "found with that name deleted")
+        assertFails(.cowStoreInUse, saying: [loop.device.path.string, "without this library's lock"]) {
+            try restore("named", image: image, cow: cow)
+        }
+        loop.close()
+        assertLoopDevices([image])
+        try restore("named", image: image, cow: cow).remove()
+        registry.release(imagePath: image)
+        assertLoopDevices([])
+    }
+
     // MARK: - The origin record
 
     func testRestoreAgainstAnotherBaseIsRefusedAndAgainstItsOwnAccepted() throws {

@@ -82,27 +82,40 @@ package struct StoreHolder: Sendable, Hashable {
 }
 
 /// The loop device attached to the file `identity` (a store's device and inode), if any,
-/// and what holds it. Matched by device and inode (`LOOP_GET_STATUS64`), or by the path
-/// sysfs lists where the loop device cannot be opened. A snapshot of the loop devices at
-/// the time of the call: the in-use guard itself is the store's lock (see `restore`).
+/// and what holds it. A snapshot of the loop devices at the time of the call: the in-use
+/// guard itself is the store's lock (see `restore`).
+///
+/// Each attached loop device is matched by the path sysfs shows for its file
+/// (`/sys/block/loopN/loop/backing_file`) and a `stat` of that path, which opens no loop
+/// device; `LOOP_GET_STATUS64` is asked only to confirm a match, and where the path no
+/// longer names the file (` (deleted)`, or gone). A path that names another file in this
+/// mount namespace than in the attacher's is not seen.
 package func storeHolder(_ identity: FileIdentity) -> StoreHolder? {
-    for attachment in attachedLoopDevices() {
-        let backing: FileIdentity?
-        if let status = try? loopDeviceStatus(attachment.device.path) {
-            backing = status.backingFile
-        } else if case .success(let status) = system_stat(attachment.backingFile) {
-            backing = FileIdentity(status)
-        } else {
-            backing = nil  // Detached meanwhile, or its file was deleted.
-        }
-        guard backing == identity else { continue }
-        let holders = directoryEntries(FilePath("/sys/block/loop\(attachment.device.index)/holders")).map {
-            kernelName in
+    for name in directoryEntries("/sys/block") {
+        guard name.hasPrefix("loop"), let index = Int(name.dropFirst(4)),
+            let backing = readSmallFile(FilePath("/sys/block/\(name)/loop/backing_file"))
+        else { continue }  // Not a loop device, or nothing attached (no loop/ directory).
+        guard loopDevice(index, backingFile: backing, isAttachedTo: identity),
+            let dev = readSmallFile(FilePath("/sys/block/\(name)/dev")), let number = parseDeviceNumber(dev)
+        else { continue }
+        let holders = directoryEntries(FilePath("/sys/block/\(name)/holders")).map { kernelName in
             readSmallFile(FilePath("/sys/block/\(kernelName)/dm/name")) ?? kernelName
         }
-        return StoreHolder(loop: attachment.device, deviceMapperHolders: holders.sorted())
+        return StoreHolder(loop: LoopDevice(index: index, number: number), deviceMapperHolders: holders.sorted())
     }
     return nil
+}
+
+/// Whether `/dev/loopN`, whose file sysfs shows as `backingFile`, is attached to the file `identity`.
+private func loopDevice(_ index: Int, backingFile: String, isAttachedTo identity: FileIdentity) -> Bool {
+    let device = FilePath("/dev/loop\(index)")
+    guard !backingFile.hasSuffix(" (deleted)"), case .success(let status) = system_stat(FilePath(backingFile)) else {
+        return (try? loopDeviceStatus(device).backingFile) == identity  // Detached meanwhile: false.
+    }
+    guard FileIdentity(status) == identity else { return false }
+    // The path may have been renamed over since sysfs was read: the kernel has the last word.
+    guard let byKernel = try? loopDeviceStatus(device).backingFile else { return true }
+    return byKernel == identity
 }
 
 private func storeInUse(_ operation: String, _ path: FilePath, holder: StoreHolder?, locked: Bool) -> DeviceMapperError
