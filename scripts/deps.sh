@@ -7,6 +7,7 @@
 #         busybox-static                  virtme-ng builds its initramfs from busybox
 #         udev kmod                       systemd-udevd/udevadm and modprobe in the guest
 #         python3 python3-venv            to install virtme-ng into its own venv
+#         e2fsprogs xfsprogs              mkfs and fsck for the power-cut rig (scripts/powercut.sh)
 #   PyPI: virtme-ng==$VNG_VERSION (pinned) in $VNG_VENV; vng, virtme-run & co.
 #         are symlinked into /usr/local/bin
 #
@@ -17,7 +18,7 @@ set -euo pipefail
 VNG_VERSION=${VNG_VERSION:-1.42}
 VNG_VENV=${VNG_VENV:-/opt/virtme-ng}
 APT_PACKAGES=(libdevmapper-dev dmsetup qemu-system-x86 linux-image-amd64
-              busybox-static udev kmod python3 python3-venv)
+              busybox-static udev kmod python3 python3-venv e2fsprogs xfsprogs)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 did=()
