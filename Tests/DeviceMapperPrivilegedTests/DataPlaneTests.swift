@@ -47,21 +47,6 @@ final class DataPlaneTests: PrivilegedTestCase {
         mountPoints.removeAll { $0 == mountPoint }
     }
 
-    func run(_ tool: String, _ arguments: [String]) throws {
-        let candidates = ["/usr/sbin/\(tool)", "/sbin/\(tool)", "/usr/bin/\(tool)", "/bin/\(tool)"]
-        guard let executable = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            throw DataPlaneTestError("\(tool) is not installed (e2fsprogs)")
-        }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw DataPlaneTestError("\(tool) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
-        }
-    }
-
     func sysfsDirectIO(_ loop: FilePath) -> String? {
         let name = loop.lastComponent?.string ?? ""
         return try? String(contentsOfFile: "/sys/block/\(name)/loop/dio", encoding: .utf8)
