@@ -97,6 +97,7 @@ let package = Package(
                 "DeviceMapper",
                 "ToolSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
         ),

@@ -10,6 +10,7 @@
 //   dm-powercut agent BASE NAME STORE
 //       (for the workload) creates one sandbox, prints READY, waits to be SIGKILLed.
 
+import Logging
 import ToolSupport
 
 #if canImport(Glibc)
@@ -40,6 +41,14 @@ func parse(_ arguments: ArraySlice<String>, options: [String: Int]) -> ([String]
         }
     }
     return (positional, values)
+}
+
+// The library's logs: warnings and worse, on stderr (its info lines, one per device, would
+// drown the rig's own output).
+LoggingSystem.bootstrap { label in
+    var handler = StreamLogHandler.standardError(label: label)
+    handler.logLevel = .warning
+    return handler
 }
 
 let arguments = CommandLine.arguments.dropFirst()
