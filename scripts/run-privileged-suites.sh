@@ -138,7 +138,7 @@ for stage in "${stages[@]}"; do
             ;;
         powercut)
             run_stage powercut '^powercut: ext4' \
-                bash -c 'bash "$0"/powercut.sh --points "$1" --files 4 ext4 2>&1 | tee .build/powercut.log; exit "${PIPESTATUS[0]}"' \
+                env DM_POWERCUT="${DM_POWERCUT:-$(dirname "$bundle")/dm-powercut}" bash -c 'bash "$0"/powercut.sh --points "$1" --files 4 ext4 2>&1 | tee .build/powercut.log; exit "${PIPESTATUS[0]}"' \
                 "$here" "${DM_POWERCUT_POINTS:-100}"
             ;;
     esac
