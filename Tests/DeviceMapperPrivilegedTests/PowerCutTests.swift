@@ -44,17 +44,19 @@ final class PowerCutTests: PrivilegedTestCase {
         loop.close()  // The table holds it; autoclear detaches it with the disk.
         try run(
             "mkfs.ext4", ["-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", "/dev/mapper/\(disk)"])
-        let mountPoint = try mountExt4("/dev/mapper/\(disk)", at: "host")
+        // commit=300: the journal commits only when something asks for it (fsync, sync), not
+        // on its 5-second timer, so the test does not depend on how fast it runs.
+        let mountPoint = try mountExt4("/dev/mapper/\(disk)", at: "host", options: "commit=300")
         let base = mountPoint.appending("base.img")
         try Data(pseudoRandomBytes(count: 4 << 20, seed: 20)).write(to: URL(fileURLWithPath: base.string))
         sync()
         return (disk, image, mountPoint, base)
     }
 
-    private func mountExt4(_ device: String, at name: String) throws -> FilePath {
+    private func mountExt4(_ device: String, at name: String, options: String? = nil) throws -> FilePath {
         let mountPoint = path(name)
         XCTAssertEqual(mkdir(mountPoint.string, 0o700), 0)
-        guard mount(device, mountPoint.string, "ext4", 0, nil) == 0 else {
+        guard mount(device, mountPoint.string, "ext4", 0, options) == 0 else {
             throw DataPlaneTestError("mount \(device) on \(mountPoint): \(Errno(rawValue: errno))")
         }
         mounted.append(mountPoint)
