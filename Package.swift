@@ -89,6 +89,18 @@ let package = Package(
             ],
             swiftSettings: strictSwift
         ),
+        // The power-cut rig: a workload on a log-writes device and a replayer that checks
+        // every point (scripts/powercut.sh, docs/reliability.md).
+        .executableTarget(
+            name: "dm-powercut",
+            dependencies: [
+                "DeviceMapper",
+                "ToolSupport",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift
+        ),
         .testTarget(
             name: "DeviceMapperTests",
             dependencies: [

@@ -7,7 +7,7 @@
 #         busybox-static                  virtme-ng builds its initramfs from busybox
 #         udev kmod                       systemd-udevd/udevadm and modprobe in the guest
 #         python3 python3-venv            to install virtme-ng into its own venv
-#         xfsprogs e2fsprogs              XFS (reflink) and ext4 images for the fork tests
+#         xfsprogs e2fsprogs              XFS (reflink) and ext4 images for the fork tests and the power-cut rig
 #   PyPI: virtme-ng==$VNG_VERSION (pinned) in $VNG_VENV; vng, virtme-run & co.
 #         are symlinked into /usr/local/bin
 #

@@ -2,7 +2,7 @@
 # The privileged part of `make test`: three runs against a real kernel, in ONE
 # VM boot when the host has no device-mapper.
 #
-#   scripts/run-privileged-suites.sh [STAGE...]     default: plain tsan udev
+#   scripts/run-privileged-suites.sh [STAGE...]     default: plain tsan powercut udev
 #
 #   plain  the privileged suite, udev-less:
 #          scripts/run-privileged-tests.sh BUNDLE          -> .build/privileged-tests.log
@@ -10,6 +10,8 @@
 #          scripts/sanitize.sh tsan-privileged             -> .build-tsan/sanitize-tsan-privileged.log
 #   udev   the privileged suite with systemd-udevd running:
 #          scripts/run-privileged-tests.sh BUNDLE --udev   -> .build/privileged-tests-udev.log
+#   powercut  the power-cut rig on ext4, DM_POWERCUT_POINTS (default 100) points:
+#          scripts/powercut.sh --points N --files 4 ext4    -> .build/powercut.log
 #
 # Where: if we are root and the kernel has device-mapper
 # (scripts/has-device-mapper.sh), every stage runs here, directly. Otherwise this
@@ -42,11 +44,11 @@ cd "$root"
 SWIFT=${SWIFT:-swift}
 
 stages=("$@")
-((${#stages[@]})) || stages=(plain tsan udev)
+((${#stages[@]})) || stages=(plain tsan powercut udev)
 for stage in "${stages[@]}"; do
     case "$stage" in
-        plain | tsan | udev) ;;
-        *) echo "run-privileged-suites: unknown stage $stage (plain, tsan, udev)" >&2; exit 2 ;;
+        plain | tsan | udev | powercut) ;;
+        *) echo "run-privileged-suites: unknown stage $stage (plain, tsan, udev, powercut)" >&2; exit 2 ;;
     esac
 done
 has_stage() { [[ " ${stages[*]} " == *" $1 "* ]]; }
@@ -133,6 +135,11 @@ for stage in "${stages[@]}"; do
                 env DM_PRIVILEGED_LOG=.build/privileged-tests-udev.log \
                 DM_STRESS_THREADS="${DM_UDEV_STRESS_THREADS:-16}" DM_STRESS_CYCLES="${DM_UDEV_STRESS_CYCLES:-10}" \
                 bash "$here/run-privileged-tests.sh" "$bundle" --udev
+            ;;
+        powercut)
+            run_stage powercut '^powercut: ext4' \
+                env DM_POWERCUT="${DM_POWERCUT:-$(dirname "$bundle")/dm-powercut}" bash -c 'bash "$0"/powercut.sh --points "$1" --files 4 ext4 2>&1 | tee .build/powercut.log; exit "${PIPESTATUS[0]}"' \
+                "$here" "${DM_POWERCUT_POINTS:-100}"
             ;;
     esac
 done

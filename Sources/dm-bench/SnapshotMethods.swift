@@ -5,6 +5,7 @@
 import CBenchBaseline
 import DeviceMapper
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc

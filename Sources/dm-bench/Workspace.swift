@@ -5,6 +5,7 @@
 import DeviceMapper
 import Synchronization
 import SystemPackage
+import ToolSupport
 
 #if canImport(Glibc)
     import Glibc

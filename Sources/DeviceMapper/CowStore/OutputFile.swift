@@ -50,10 +50,7 @@ final class TemporaryOutputFile {
         }
         closeDescriptor()
         // Makes the rename itself durable.
-        if case .success(let directory) = system_open(destination.removingLastComponent(), O_RDONLY | O_DIRECTORY) {
-            _ = system_fsync(directory)
-            system_close(directory)
-        }
+        _ = system_fsyncDirectory(containing: destination)
     }
 
     /// Removes and closes the temporary file.

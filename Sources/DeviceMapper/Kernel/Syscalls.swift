@@ -113,6 +113,15 @@ func system_fsync(_ fd: FileDescriptor) -> Result<Void, Errno> {
     return valueOrErrno { fsync(fd.rawValue) }.map { _ in () }
 }
 
+/// `fsync` of the directory that holds `path`, which makes a new or renamed entry in it
+/// durable. The corresponding C functions are `open` (`O_DIRECTORY`) and `fsync`.
+func system_fsyncDirectory(containing path: FilePath) -> Result<Void, Errno> {
+    system_open(path.removingLastComponent(), O_RDONLY | O_DIRECTORY).flatMap { directory in
+        defer { system_close(directory) }
+        return system_fsync(directory)
+    }
+}
+
 /// The corresponding C function is `rename`.
 func system_rename(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
     if let fault = injectedFault("rename") { return .failure(fault) }

@@ -76,11 +76,14 @@ public struct SnapshotDevice: Sendable, Hashable {
     /// CoW file is kept, never unlinked under a device that may still use it, and the error's
     /// `rollbackErrors` says what could not be undone.
     ///
+    /// When it returns, the store is durable: its directory entry, header and origin record
+    /// survive a power cut (docs/reliability.md, "Power cuts").
+    ///
     /// The calls, in order: `open` (`O_CREAT | O_EXCL`), `flock`, `ftruncate`, `fsetxattr`,
     /// the loop ioctls `LOOP_CTL_GET_FREE` and `LOOP_CONFIGURE`, the `dm_task` types
     /// `DM_DEVICE_CREATE`, `DM_DEVICE_RELOAD` and `DM_DEVICE_RESUME` (ioctls `DM_DEV_CREATE`,
-    /// `DM_TABLE_LOAD`, `DM_DEV_SUSPEND`), then `mknod` and `rename` for the node.
-    /// No call waits for udev.
+    /// `DM_TABLE_LOAD`, `DM_DEV_SUSPEND`), then `mknod` and `rename` for the node, then `fsync`
+    /// of the store and of its directory. No call waits for udev.
     ///
     /// - Parameters:
     ///   - name: The device-mapper name, e.g. `wrenn-sbx-42`; the node is `/dev/mapper/<name>`.
@@ -142,6 +145,7 @@ public struct SnapshotDevice: Sendable, Hashable {
                 name: deviceName, origin: originDevice, originSizeBytes: originSizeBytes, cowFile: cowFile,
                 cowPath: cowPath,
                 chunkSizeSectors: options.chunkSizeSectors, options: options)
+            try makeStoreDurable(cowFile, cowPath: cowPath, device: deviceName)
             testHook(.afterSnapshotCreate)
             logger.info("snapshot device created", metadata: snapshot.metadata(origin: origin))
             return snapshot
@@ -397,6 +401,26 @@ public struct SnapshotDevice: Sendable, Hashable {
             logger.warning(
                 "the failed call's CoW loop device is still attached; autoclear detaches it at its last close",
                 metadata: ["cowLoopDevice": "\(device)"])
+        }
+    }
+
+    /// Makes a new store durable before `create` returns, so that a power cut cannot lose a
+    /// sandbox whose create returned: `fsync` of the store (its size, its origin record and
+    /// the header the kernel wrote through the CoW loop device) and of its directory (its
+    /// entry). On failure it removes the device `create` made; what it cannot remove is in
+    /// the error's `rollbackErrors`. The C calls are `fsync` and `open` (`O_DIRECTORY`).
+    private static func makeStoreDurable(
+        _ cowFile: FileDescriptor, cowPath: FilePath, device: DeviceName
+    ) throws(DeviceMapperError) {
+        do throws(DeviceMapperError) {
+            try system_fsync(cowFile).get("fsync", subject: cowPath.string)
+            try system_fsyncDirectory(containing: cowPath).get("fsync", subject: cowPath.removingLastComponent().string)
+        } catch {
+            var failed = error
+            do { try DeviceMapperControl.remove(name: device) } catch let removeError {
+                failed.rollbackErrors.append(removeError)
+            }
+            throw failed
         }
     }
 

@@ -1,0 +1,251 @@
+// The checker: replays the log point by point onto a copy of the scratch device and, at
+// each point, checks what an agent checks after a reboot (docs/reliability.md).
+
+import DeviceMapper
+import SystemPackage
+import ToolSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// A point of the log to check: after applying entries 0 through `entry`.
+struct CheckPoint {
+    let entry: Int
+    /// `mark`, or `flush in STEP` (between STEP's begin and done marks), or `flush between steps`.
+    let kind: String
+}
+
+struct Checker {
+    let log: WriteLog
+    /// The replay file (a copy of the scratch device as it was before the run: zeros).
+    let replayFile: String
+    /// A loop device over `replayFile`: the origin of each point's throwaway snapshot.
+    let replayLoop: String
+    /// A loop device for the throwaway snapshot's (non-persistent) exception store.
+    let cowLoop: String
+    let fileSystem: String
+    /// Where the workload had the host filesystem mounted (its paths are in the state).
+    let root: String
+    let work: String
+    /// The state file, in order.
+    let state: [StateEvent]
+
+    static let checkDevice = "pc-check"
+
+    /// The events acknowledged before the mark named `mark`.
+    func expected(before mark: String) -> ArraySlice<StateEvent>? {
+        state.firstIndex(of: .mark(mark)).map { state[..<$0] }
+    }
+
+    /// Every mark, and `flushPoints` flush/FUA entries spread over each kind of step.
+    func choosePoints(total: Int) -> [CheckPoint] {
+        var points: [CheckPoint] = []
+        var flushes: [String: [Int]] = [:]
+        var region: String?
+        for entry in log.entries {
+            if let text = entry.markText {
+                guard expected(before: text) != nil else { continue }
+                points.append(CheckPoint(entry: entry.index, kind: "mark"))
+                let fields = text.split(separator: ":")
+                if fields.count >= 3 { region = fields[1] == "begin" ? String(fields[2]) : nil }
+            } else if entry.isFlushOrFUA {
+                flushes[region.map { "flush in \($0)" } ?? "flush between steps", default: []].append(entry.index)
+            }
+        }
+        // Spread the rest of the budget: every kind gets an equal share (or all it has).
+        var remaining = max(0, total - points.count)
+        var quota: [String: Int] = [:]
+        var open = flushes.keys.filter { !(flushes[$0]?.isEmpty ?? true) }
+        while remaining > 0 && !open.isEmpty {
+            let share = max(1, remaining / open.count)
+            for kind in open where remaining > 0 {
+                let take = min(share, flushes[kind]!.count - quota[kind, default: 0], remaining)
+                quota[kind, default: 0] += take
+                remaining -= take
+            }
+            open = open.filter { quota[$0, default: 0] < flushes[$0]!.count }
+        }
+        for (kind, entries) in flushes {
+            let count = quota[kind, default: 0]
+            guard count > 0 else { continue }
+            for pick in 0..<count {
+                // Evenly spaced, the last one included.
+                let position = count == 1 ? entries.count - 1 : pick * (entries.count - 1) / (count - 1)
+                points.append(CheckPoint(entry: entries[position], kind: kind))
+            }
+        }
+        var seen = Set<Int>()
+        return points.sorted { $0.entry < $1.entry }.filter { seen.insert($0.entry).inserted }
+    }
+
+    /// Replays and checks each point in order; prints a line per failing point and a summary.
+    /// Returns the number of failing points.
+    func run(points: [CheckPoint]) throws(PowercutError) -> Int {
+        let target = open(replayFile, O_RDWR | O_CLOEXEC)
+        guard target >= 0 else { throw PowercutError("open \(replayFile): \(errnoText())") }
+        defer { close(target) }
+        let sectors: Int64
+        do { sectors = try originSizeBytes(of: FilePath(replayLoop)) / 512 } catch {
+            throw PowercutError("size of \(replayLoop): \(error)")
+        }
+        var buffer: [UInt8] = []
+        var applied = 0
+        var lastMark: String?
+        var failures = 0
+        var byKind: [String: (points: Int, failures: Int)] = [:]
+        let start = monotonicSeconds()
+        for (number, point) in points.enumerated() {
+            while applied <= point.entry {
+                let entry = log.entries[applied]
+                try log.apply(entry, to: target, buffer: &buffer)
+                if let text = entry.markText, expected(before: text) != nil { lastMark = text }
+                applied += 1
+            }
+            let acknowledged = lastMark.flatMap { expected(before: $0) } ?? []
+            let problems = check(expected: acknowledged, sectors: sectors)
+            byKind[point.kind, default: (0, 0)].points += 1
+            if !problems.isEmpty {
+                failures += 1
+                byKind[point.kind, default: (0, 0)].failures += 1
+                emit(
+                    "dm-powercut: FAIL point \(number + 1) of \(points.count): entry \(point.entry) (\(point.kind), "
+                        + "after mark \(lastMark ?? "none")):\n" + problems.map { "  - \($0)\n" }.joined(),
+                    to: STDOUT_FILENO)
+            } else if (number + 1) % 25 == 0 {
+                emit("dm-powercut: \(number + 1) of \(points.count) points checked\n", to: STDOUT_FILENO)
+            }
+        }
+        let seconds = monotonicSeconds() - start
+        emit("dm-powercut: points by kind (points, failures):\n", to: STDOUT_FILENO)
+        for kind in byKind.keys.sorted() {
+            emit("  \(kind): \(byKind[kind]!.points), \(byKind[kind]!.failures)\n", to: STDOUT_FILENO)
+        }
+        emit(
+            "dm-powercut: \(fileSystem): \(points.count) points checked of \(log.entries.count) log entries, "
+                + "\(failures) failed, \(fixed(seconds / Double(max(1, points.count)), 2)) s per point\n",
+            to: STDOUT_FILENO)
+        return failures
+    }
+
+    /// One point: a throwaway snapshot of the replayed device, mounted where the workload
+    /// had it, then an agent's start-up and every acknowledged thing checked.
+    private func check(expected: ArraySlice<StateEvent>, sectors: Int64) -> [String] {
+        let name: DeviceName
+        do {
+            name = try DeviceName(Self.checkDevice)
+            try DeviceMapperControl.create(
+                name: name,
+                targets: [
+                    DMTarget(
+                        startSector: 0, lengthSectors: UInt64(sectors), type: "snapshot",
+                        parameters: "\(replayLoop) \(cowLoop) N 8")
+                ])
+        } catch { return ["cannot make the point's snapshot: \(error)"] }
+        defer { _ = try? DeviceMapperControl.remove(name: name) }
+        let device = name.devicePath
+        do { try mountFilesystem(device, on: root, type: fileSystem) } catch {
+            return ["the host filesystem does not mount: \(error)"]
+        }
+        defer { _ = try? unmountFilesystem(root) }
+        return checkMounted(expected: expected)
+    }
+
+    private func checkMounted(expected: ArraySlice<StateEvent>) -> [String] {
+        var problems: [String] = []
+        let cleanup = cleanupStaleDevices(prefix: sandboxPrefix)
+        if !cleanup.failures.isEmpty { problems.append("cleanup failed: \(cleanup.failures)") }
+
+        // Templates: an acknowledged one is complete; any file at a template's name is.
+        var finalSums: [String: String] = [:]
+        for case .template(let path, let sum) in state { finalSums[path] = sum }
+        let present = finalSums.keys.filter { access($0, F_OK) == 0 }.sorted()
+        let sums = checksums(present)
+        for path in present where sums[path] != finalSums[path] {
+            problems.append("\(path): checksum \(sums[path] ?? "unreadable"), not the flatten's \(finalSums[path]!)")
+        }
+        for case .template(let path, _) in expected where !present.contains(path) {
+            problems.append("\(path): its flatten returned, the file is missing")
+        }
+        _ = removeStalePartialFiles(in: FilePath("\(root)/templates"))
+
+        // Sandboxes: every acknowledged create resumes, and its files are there.
+        var basePath: String?
+        var stores: [(name: String, store: String)] = []
+        var formatted = Set<String>()
+        var files: [String: [(path: String, sum: String)]] = [:]
+        for event in expected {
+            switch event {
+            case .base(let path): basePath = path
+            case .created(let name, let store): stores.append((name, store))
+            case .formatted(let name): formatted.insert(name)
+            case .file(let name, let relative, let sum): files[name, default: []].append((relative, sum))
+            default: break
+            }
+        }
+        guard let basePath else { return problems }
+        let registry = LoopRegistry()
+        defer { registry.releaseAll() }
+        let origin: FilePath
+        let size: Int64
+        do {
+            origin = try registry.acquire(imagePath: FilePath(basePath))
+            size = try originSizeBytes(of: origin)
+        } catch { return problems + ["the base image cannot be acquired: \(error)"] }
+        for (name, store) in stores {
+            let storeProblems = checkStore(store)
+            problems += storeProblems
+            guard storeProblems.isEmpty else { continue }
+            let device: SnapshotDevice
+            do {
+                device = try SnapshotDevice.restore(
+                    name: name, origin: origin, cowPath: FilePath(store), originSizeBytes: size)
+            } catch {
+                problems.append("\(name): restore failed: \(error)")
+                continue
+            }
+            if formatted.contains(name) {
+                problems += checkSandboxFilesystem(name, device: device.devicePath.string, files: files[name] ?? [])
+            }
+            do { try device.remove() } catch { problems.append("\(name): remove failed: \(error)") }
+        }
+        return problems
+    }
+
+    /// The store's header is valid and its origin record is there (`CowFile` is closed
+    /// again before `restore` takes the store's lock).
+    private func checkStore(_ store: String) -> [String] {
+        do {
+            let cow = try CowFile(path: FilePath(store))
+            var problems: [String] = []
+            if !cow.isValid { problems.append("\(store): the store is invalid") }
+            if try cow.originRecord() == nil { problems.append("\(store): no origin record") }
+            return problems
+        } catch { return ["\(store): \(error)"] }
+    }
+
+    /// Mounts the sandbox's ext4 (its journal replays), checks each acknowledged file's
+    /// checksum, unmounts, and runs `e2fsck -f -n`.
+    private func checkSandboxFilesystem(_ name: String, device: String, files: [(path: String, sum: String)])
+        -> [String]
+    {
+        var problems: [String] = []
+        let mountPoint = "\(work)/chk-\(name)"
+        do { try mountFilesystem(device, on: mountPoint, type: "ext4") } catch {
+            return ["\(name): its ext4 does not mount: \(error)"]
+        }
+        let paths = files.map { "\(mountPoint)/\($0.path)" }
+        let sums = checksums(paths)
+        for (file, path) in zip(files, paths) where sums[path] != file.sum {
+            problems.append(
+                "\(name): \(file.path): \(sums[path].map { "checksum \($0)" } ?? "missing"), acknowledged \(file.sum)")
+        }
+        do { try unmountFilesystem(mountPoint) } catch { return problems + ["\(name): \(error)"] }
+        do { try runProgram("e2fsck", ["-f", "-n", device]) } catch {
+            problems.append("\(name): e2fsck -f -n: \(error)")
+        }
+        return problems
+    }
+}
