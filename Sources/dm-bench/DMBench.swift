@@ -23,8 +23,9 @@ enum Figure: String, CaseIterable, ExpressibleByArgument, Sendable {
     case stale
     case flatten
     case io
+    case transfer
 
-    static let runOrder: [Figure] = [.cycle, .restore, .live, .concurrency, .stale, .flatten, .io]
+    static let runOrder: [Figure] = [.cycle, .restore, .live, .concurrency, .stale, .flatten, .io, .transfer]
 }
 
 /// What the library is compared with.
@@ -182,6 +183,12 @@ struct DMBench: ParsableCommand {
     @Option(help: "Runs of each flatten method per image.")
     var flattenRuns = 1
 
+    @Option(help: "Size of the transfer figure's base image (every block holds data).")
+    var transferImageSize = ByteSize(256 << 20)
+
+    @Option(help: "Bytes the transfer figure's sandbox changes (incompressible, then text).")
+    var transferChanged = ByteSize(32 << 20)
+
     @Option(
         help: ArgumentHelp(
             "The io figure's size: short (the default run's) or full (the default when io is named).",
@@ -221,6 +228,13 @@ struct DMBench: ParsableCommand {
         guard concurrency.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--concurrency must be at least 1") }
         guard staleCount >= 1 else { throw ValidationError("--stale-count must be at least 1") }
         guard flattenRuns >= 1 else { throw ValidationError("--flatten-runs must be at least 1") }
+        guard transferImageSize.bytes % (1 << 20) == 0, transferChanged.bytes % 4096 == 0,
+            transferChanged.bytes >= 1 << 20, transferChanged.bytes <= transferImageSize.bytes / 4
+        else {
+            throw ValidationError(
+                "--transfer-image-size must be whole MiB, and --transfer-changed whole 4 KiB, "
+                    + "at least 1 MiB and at most a quarter of the image")
+        }
         if let ioScale, ioScale != "short" && ioScale != "full" {
             throw ValidationError("--io-scale must be short or full")
         }
@@ -316,6 +330,8 @@ struct DMBench: ParsableCommand {
             flattenWrittenSizeBytes: flattenWrittenSize.bytes,
             flattenChangedBytes: flattenChanged.bytes,
             flattenRuns: flattenRuns,
+            transferImageSizeBytes: transferImageSize.bytes,
+            transferChangedBytes: transferChanged.bytes,
             ioScale: (ioScale ?? (self.figures.contains(.io) ? "full" : "short")) == "full" ? .full : .short,
             profile: profile)
     }
@@ -339,6 +355,8 @@ struct BenchOptions: Sendable {
     var flattenWrittenSizeBytes: Int64
     var flattenChangedBytes: Int64
     var flattenRuns: Int
+    var transferImageSizeBytes: Int64
+    var transferChangedBytes: Int64
     var ioScale: IOScale
     var profile: Bool
 }
@@ -409,6 +427,7 @@ final class Bench {
         case .stale: try runStaleCleanup()
         case .flatten: try runFlatten()
         case .io: try runIO()
+        case .transfer: try runTransfer()
         }
     }
 }

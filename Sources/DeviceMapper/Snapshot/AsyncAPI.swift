@@ -15,27 +15,27 @@ public import SystemPackage
 /// second, udev waits up to its timeout, a flatten for minutes). Jobs run in the order they
 /// come; at most `threadCount` at once. The threads start with the first job and are named
 /// `dm-blocking-N`.
-final class BlockingCallPool: Sendable {
-    static let shared = BlockingCallPool(threadCount: 4)
+package final class BlockingCallPool: Sendable {
+    package static let shared = BlockingCallPool(threadCount: 4)
 
     let threadCount: Int
     private let state = Locked<(jobs: [@Sendable () -> Void], started: Bool)>(([], false))
 
-    init(threadCount: Int) {
+    package init(threadCount: Int) {
         self.threadCount = threadCount
     }
 
     /// Runs `body` on one of the pool's threads and returns its result; the calling task
     /// is suspended, not blocked, meanwhile. The caller's metrics factory, a task-local one
     /// (`withMetricsFactory`) included, is the one `body`'s metrics go to.
-    func run<T: Sendable>(_ body: @escaping @Sendable () throws(DeviceMapperError) -> T) async throws(DeviceMapperError)
-        -> T
+    package func run<T: Sendable, Failure: Error>(_ body: @escaping @Sendable () throws(Failure) -> T)
+        async throws(Failure) -> T
     {
         let metricsFactory = MetricsSystem.factory
-        let result: Result<T, DeviceMapperError> = await withCheckedContinuation { continuation in
+        let result: Result<T, Failure> = await withCheckedContinuation { continuation in
             submit {
-                do throws(DeviceMapperError) {
-                    let value = try withMetricsFactory(metricsFactory) { () throws(DeviceMapperError) in try body() }
+                do throws(Failure) {
+                    let value = try withMetricsFactory(metricsFactory) { () throws(Failure) in try body() }
                     continuation.resume(returning: .success(value))
                 } catch {
                     continuation.resume(returning: .failure(error))
