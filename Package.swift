@@ -1,17 +1,18 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
-let strictSwift: [SwiftSetting] = [
-    .enableUpcomingFeature("ExistentialAny"),
-    .enableUpcomingFeature("MemberImportVisibility"),
-    .enableUpcomingFeature("InternalImportsByDefault"),
-]
-
 // The repository (issue 18; its targets are at the end): DM_WITHOUT_REPOSITORY=1 leaves them
 // out, so the sanitizer builds compile neither the repository nor its HTTP stack, and
-// sandbox-disk builds without its push/pull commands (`#if canImport(SandboxRepository)`).
+// sandbox-disk builds without its push/pull commands (`#if SANDBOX_REPOSITORY`).
 let withRepository = Context.environment["DM_WITHOUT_REPOSITORY"] == nil
 let repositoryDependencies: [Target.Dependency] = withRepository ? ["SandboxRepository"] : []
+
+let strictSwift: [SwiftSetting] =
+    [
+        .enableUpcomingFeature("ExistentialAny"),
+        .enableUpcomingFeature("MemberImportVisibility"),
+        .enableUpcomingFeature("InternalImportsByDefault"),
+    ] + (withRepository ? [.define("SANDBOX_REPOSITORY")] : [])
 
 let package = Package(
     name: "DeviceMapper",

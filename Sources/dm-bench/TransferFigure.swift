@@ -14,7 +14,7 @@ import ToolSupport
     import Musl
 #endif
 
-#if canImport(SandboxRepository)
+#if SANDBOX_REPOSITORY
     import SandboxRepository
 
     extension Bench {

@@ -1,7 +1,7 @@
 // push, pull, push-image, pull-image and repo ls/rm/gc: stores and images through a
 // repository (a directory or an object store), on SandboxRepository's public API.
 
-#if canImport(SandboxRepository)
+#if SANDBOX_REPOSITORY
     import ArgumentParser
     import DeviceMapper
     import Dispatch

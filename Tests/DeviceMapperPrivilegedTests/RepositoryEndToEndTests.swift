@@ -1,7 +1,7 @@
 // A paused sandbox moves to a second "host" through a directory repository: the
 // repository's end-to-end test on a real kernel (docs/repository-format.md).
 
-#if canImport(SandboxRepository)
+#if SANDBOX_REPOSITORY
     import DeviceMapper
     import Foundation
     import SandboxRepository
