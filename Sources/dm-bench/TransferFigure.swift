@@ -35,7 +35,7 @@ import ToolSupport
             defer { unlink(store.string) }
             progress.begin("transfer: a sandbox writes \(formatBytes(changed)) of incompressible data")
             try sandboxWrites(name: name, origin: origin, store: store, restore: false) { device throws(BenchError) in
-                try writeBytes(device, at: size / 4, count: changed) { buffer, _ in fillNoise(buffer, seed: 1) }
+                try writeBytes(device, at: size / 4, count: changed) { buffer, offset in fillNoise(buffer, seed: 1 &+ UInt64(bitPattern: offset)) }
             }
             progress.end()
             let before = try repositoryBytes(repositoryDirectory)
@@ -45,7 +45,7 @@ import ToolSupport
             // 2. 1% more, pushed again.
             progress.begin("transfer: the sandbox writes 1% more and is pushed again")
             try sandboxWrites(name: name, origin: origin, store: store, restore: true) { device throws(BenchError) in
-                try writeBytes(device, at: size / 2, count: changed / 100) { buffer, _ in fillNoise(buffer, seed: 2) }
+                try writeBytes(device, at: size / 2, count: changed / 100) { buffer, offset in fillNoise(buffer, seed: 1 << 40 &+ UInt64(bitPattern: offset)) }
             }
             progress.end()
             let beforeSecond = try repositoryBytes(repositoryDirectory)
@@ -278,9 +278,9 @@ import ToolSupport
         guard fsync(fd) == 0 else { throw BenchError("cannot flush \(device): \(errnoText())") }
     }
 
-    /// Fills `buffer` with pseudo-random bytes zstd cannot shrink; a new stream each call.
+    /// Fills `buffer` with pseudo-random bytes zstd cannot shrink; callers seed each piece by its offset.
     private func fillNoise(_ buffer: UnsafeMutableRawBufferPointer, seed: UInt64) {
-        nonisolated(unsafe) var generator = SplitMix64(seed: seed &+ UInt64(UInt(bitPattern: buffer.baseAddress)))
+        var generator = SplitMix64(seed: seed &* 0x9E37_79B9)
         for index in stride(from: 0, to: buffer.count - 7, by: 8) {
             buffer.storeBytes(of: generator.next(), toByteOffset: index, as: UInt64.self)
         }
