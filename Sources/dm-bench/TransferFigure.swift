@@ -35,7 +35,9 @@ import ToolSupport
             defer { unlink(store.string) }
             progress.begin("transfer: a sandbox writes \(formatBytes(changed)) of incompressible data")
             try sandboxWrites(name: name, origin: origin, store: store, restore: false) { device throws(BenchError) in
-                try writeBytes(device, at: size / 4, count: changed) { buffer, offset in fillNoise(buffer, seed: 1 &+ UInt64(bitPattern: offset)) }
+                try writeBytes(device, at: size / 4, count: changed) { buffer, offset in
+                    fillNoise(buffer, seed: 1 &+ UInt64(bitPattern: offset))
+                }
             }
             progress.end()
             let before = try repositoryBytes(repositoryDirectory)
@@ -45,7 +47,9 @@ import ToolSupport
             // 2. 1% more, pushed again.
             progress.begin("transfer: the sandbox writes 1% more and is pushed again")
             try sandboxWrites(name: name, origin: origin, store: store, restore: true) { device throws(BenchError) in
-                try writeBytes(device, at: size / 2, count: changed / 100) { buffer, offset in fillNoise(buffer, seed: 1 << 40 &+ UInt64(bitPattern: offset)) }
+                try writeBytes(device, at: size / 2, count: changed / 100) { buffer, offset in
+                    fillNoise(buffer, seed: 1 << 40 &+ UInt64(bitPattern: offset))
+                }
             }
             progress.end()
             let beforeSecond = try repositoryBytes(repositoryDirectory)
