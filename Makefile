@@ -71,7 +71,7 @@ test-stages:
 	@$(STAGE) build $(SWIFT) build --build-tests
 	@$(STAGE) unit $(MAKE) --no-print-directory unit-test
 	@$(STAGE) tsan-build bash -o pipefail -c \
-		'$(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan 2>&1 | tail -n 3'
+		'DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan 2>&1 | tail -n 3'
 	@if [[ "$(TEST_PARALLEL)" == 1 ]]; then \
 		echo "== host-checks: running in the background while the privileged suites run; log .build/host-checks.log"; \
 		$(STAGE) host-checks $(MAKE) --no-print-directory host-checks >.build/host-checks.log 2>&1 & hc=$$!; \

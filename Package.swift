@@ -1,11 +1,18 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
-let strictSwift: [SwiftSetting] = [
-    .enableUpcomingFeature("ExistentialAny"),
-    .enableUpcomingFeature("MemberImportVisibility"),
-    .enableUpcomingFeature("InternalImportsByDefault"),
-]
+// The repository (issue 18; its targets are at the end): DM_WITHOUT_REPOSITORY=1 leaves them
+// out, so the sanitizer builds compile neither the repository nor its HTTP stack, and
+// sandbox-disk builds without its push/pull commands (`#if SANDBOX_REPOSITORY`).
+let withRepository = Context.environment["DM_WITHOUT_REPOSITORY"] == nil
+let repositoryDependencies: [Target.Dependency] = withRepository ? ["SandboxRepository"] : []
+
+let strictSwift: [SwiftSetting] =
+    [
+        .enableUpcomingFeature("ExistentialAny"),
+        .enableUpcomingFeature("MemberImportVisibility"),
+        .enableUpcomingFeature("InternalImportsByDefault"),
+    ] + (withRepository ? [.define("SANDBOX_REPOSITORY")] : [])
 
 let package = Package(
     name: "DeviceMapper",
@@ -20,6 +27,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // libdevmapper and the kernel's loop and block-device headers.
@@ -41,6 +49,7 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strictSwift
         ),
@@ -64,7 +73,7 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
+            ] + repositoryDependencies,
             swiftSettings: strictSwift
         ),
         // The operator's command line: list, status, inspect, verify, cleanup, flatten (docs/cli.md).
@@ -76,7 +85,7 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
+            ] + repositoryDependencies,
             swiftSettings: strictSwift
         ),
         // Stops a lifecycle call at a test hook, for the crash tests to SIGKILL (debug builds).
@@ -105,6 +114,7 @@ let package = Package(
             name: "DeviceMapperTests",
             dependencies: [
                 "DeviceMapper",
+                .product(name: "Crypto", package: "swift-crypto"),
                 "ToolSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -127,3 +137,40 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// MARK: - The repository (issue 18): push and pull images and stores through an object store.
+if withRepository {
+    package.products.append(.library(name: "SandboxRepository", targets: ["SandboxRepository"]))
+    package.targets += [
+        // libzstd, for the repository's frames.
+        .systemLibrary(
+            name: "CZstd",
+            pkgConfig: "libzstd",
+            providers: [.apt(["libzstd-dev"])]
+        ),
+        .target(
+            name: "SandboxRepository",
+            dependencies: [
+                "DeviceMapper",
+                "CZstd",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "SandboxRepositoryTests",
+            dependencies: [
+                "SandboxRepository",
+                "DeviceMapper",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: strictSwift
+        ),
+    ]
+    if let tests = package.targets.first(where: { $0.name == "DeviceMapperPrivilegedTests" }) {
+        tests.dependencies.append("SandboxRepository")
+    }
+}

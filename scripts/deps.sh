@@ -2,6 +2,7 @@
 # Install everything the test rig needs, idempotently, on Debian 12 (as root).
 #
 #   apt:  libdevmapper-dev dmsetup        build + inspect device-mapper
+#         libzstd-dev                     the repository's frame compression (CZstd)
 #         qemu-system-x86                 the VM (vng drives qemu-system-x86_64)
 #         linux-image-amd64               a stock kernel with dm-snapshot as a module
 #         busybox-static                  virtme-ng builds its initramfs from busybox
@@ -17,7 +18,7 @@ set -euo pipefail
 
 VNG_VERSION=${VNG_VERSION:-1.42}
 VNG_VENV=${VNG_VENV:-/opt/virtme-ng}
-APT_PACKAGES=(libdevmapper-dev dmsetup qemu-system-x86 linux-image-amd64
+APT_PACKAGES=(libdevmapper-dev libzstd-dev dmsetup qemu-system-x86 linux-image-amd64
               busybox-static udev kmod python3 python3-venv xfsprogs e2fsprogs)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

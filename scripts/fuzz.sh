@@ -3,7 +3,7 @@
 #
 #   scripts/fuzz.sh [SECONDS]      default 30
 #
-# 1. Builds the library's dependencies (swift-system, swift-log, the C shims) with
+# 1. Builds the library's dependencies (swift-system, swift-log, swift-crypto, the C shims) with
 #    SwiftPM, in release, in .build-fuzz.
 # 2. Compiles Fuzz/CowFileFuzz.swift together with (a copy of) Sources/DeviceMapper/**/*.swift
 #    into one module with `swiftc -sanitize=fuzzer,address`, linked against those objects.
@@ -21,16 +21,16 @@ swift_build=(swift build --package-path "$root" --scratch-path "$scratch" -c rel
 
 echo "fuzz.sh: building dependencies"
 # Only the dependencies: the library's own sources are compiled below, instrumented.
-for target in SystemPackage Logging CoreMetrics CDeviceMapperShims; do
+for target in SystemPackage Logging CoreMetrics Crypto CDeviceMapperShims; do
     "${swift_build[@]}" --target "$target" >/dev/null
 done
 bin=$("${swift_build[@]}" --show-bin-path)
 
 objects=()
-for target in SystemPackage CSystem Logging CoreMetrics CDeviceMapperShims; do
-    shopt -s nullglob
-    found=("$bin/$target.build"/*.o)
-    shopt -u nullglob
+for target in SystemPackage CSystem Logging CoreMetrics Crypto CryptoBoringWrapper CCryptoBoringSSL \
+    CCryptoBoringSSLShims CDeviceMapperShims; do
+    # BoringSSL's objects sit in subfolders.
+    mapfile -t found < <(find "$bin/$target.build" -name '*.o' 2>/dev/null | sort)
     if ((${#found[@]} == 0)); then
         echo "fuzz.sh: no objects for $target in $bin" >&2
         exit 1

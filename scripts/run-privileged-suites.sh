@@ -70,7 +70,7 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
     if has_stage tsan; then
         if [[ ! -x "$tsan_bundle" ]]; then
             say "building $tsan_bundle"
-            "$SWIFT" build --build-tests --sanitize=thread --scratch-path .build-tsan >/dev/null
+            DM_WITHOUT_REPOSITORY=1 "$SWIFT" build --build-tests --sanitize=thread --scratch-path .build-tsan >/dev/null
         fi
         rw+=(--rwdir .build-tsan)
     fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the unit suite (module DeviceMapperTests: no root, no device-mapper) from an
-# already built bundle, with `swift test --skip-build`; extra arguments go to
+# Runs the unit suites (modules DeviceMapperTests and SandboxRepositoryTests: no
+# device-mapper) from an already built bundle, with `swift test --skip-build`; extra arguments go to
 # `swift test` (e.g. --sanitize=thread --scratch-path .build-tsan).
 #
 #   scripts/run-unit-tests.sh [SWIFT_TEST_OPTIONS...]
@@ -13,7 +13,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SWIFT=${SWIFT:-swift}
-args=(--skip-build --filter '^DeviceMapperTests\.')
+args=(--skip-build --filter '^(DeviceMapperTests|SandboxRepositoryTests)\.')
 if "$here/has-device-mapper.sh"; then
     echo "run-unit-tests: this kernel has device-mapper: leaving out UnavailableDeviceMapperTests (they need a kernel without it)"
     args+=(--skip '^DeviceMapperTests\.UnavailableDeviceMapperTests')

@@ -33,6 +33,9 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 SWIFT=${SWIFT:-swift}
+# The sanitized builds leave out the repository targets (SandboxRepository and its tests, with
+# their HTTP stack): Package.swift reads this. They are tested unsanitized by `make unit-test`.
+export DM_WITHOUT_REPOSITORY=1
 stages=("$@")
 ((${#stages[@]})) || stages=(tsan asan tsan-privileged)
 

@@ -24,8 +24,9 @@ enum Figure: String, CaseIterable, ExpressibleByArgument, Sendable {
     case flatten
     case io
     case fork
+    case transfer
 
-    static let runOrder: [Figure] = [.cycle, .restore, .live, .concurrency, .stale, .flatten, .io]
+    static let runOrder: [Figure] = [.cycle, .restore, .live, .concurrency, .stale, .flatten, .io, .transfer]
     /// Run only when named: they need tools the default run does not (mkfs.xfs).
     static let namedOnly: [Figure] = [.fork]
 }
@@ -205,6 +206,12 @@ struct DMBench: ParsableCommand {
     @Option(help: "Runs of each flatten method per image.")
     var flattenRuns = 1
 
+    @Option(help: "Size of the transfer figure's base image (every block holds data).")
+    var transferImageSize = ByteSize(256 << 20)
+
+    @Option(help: "Bytes the transfer figure's sandbox changes (incompressible, then text).")
+    var transferChanged = ByteSize(32 << 20)
+
     @Option(
         help: ArgumentHelp(
             "The io figure's size: short (the default run's) or full (the default when io is named).",
@@ -251,6 +258,13 @@ struct DMBench: ParsableCommand {
         guard forkChanged.allSatisfy({ $0.bytes >= 0 && $0.bytes % (1 << 20) == 0 && $0.bytes <= forkImageSize.bytes })
         else {
             throw ValidationError("--fork-changed must be whole MiB, at most --fork-image-size")
+        }
+        guard transferImageSize.bytes % (1 << 20) == 0, transferChanged.bytes % 4096 == 0,
+            transferChanged.bytes >= 1 << 20, transferChanged.bytes <= transferImageSize.bytes / 4
+        else {
+            throw ValidationError(
+                "--transfer-image-size must be whole MiB, and --transfer-changed whole 4 KiB, "
+                    + "at least 1 MiB and at most a quarter of the image")
         }
         if let ioScale, ioScale != "short" && ioScale != "full" {
             throw ValidationError("--io-scale must be short or full")
@@ -353,6 +367,8 @@ struct DMBench: ParsableCommand {
             forkChangedBytes: forkChanged.isEmpty ? [0, 64 << 20, 512 << 20] : forkChanged.map(\.bytes),
             forkRuns: forkRuns,
             forkImageSizeBytes: forkImageSize.bytes,
+            transferImageSizeBytes: transferImageSize.bytes,
+            transferChangedBytes: transferChanged.bytes,
             ioScale: (ioScale ?? (self.figures.contains(.io) ? "full" : "short")) == "full" ? .full : .short,
             profile: profile)
     }
@@ -383,6 +399,8 @@ struct BenchOptions: Sendable {
     var forkChangedBytes: [Int64]
     var forkRuns: Int
     var forkImageSizeBytes: Int64
+    var transferImageSizeBytes: Int64
+    var transferChangedBytes: Int64
     var ioScale: IOScale
     var profile: Bool
 }
@@ -456,6 +474,7 @@ final class Bench {
         case .flatten: try runFlatten()
         case .io: try runIO()
         case .fork: try runFork()
+        case .transfer: try runTransfer()
         }
     }
 }

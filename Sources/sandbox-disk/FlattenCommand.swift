@@ -165,17 +165,22 @@ final class ProgressDisplay {
     }
 
     func update(_ progress: FlattenProgress) {
+        update(bytesDone: progress.bytesDone, bytesTotal: progress.bytesTotal, label: "flatten")
+    }
+
+    /// Shows `bytesDone` of `bytesTotal`, with `detail` after the amounts (push and pull counts).
+    func update(bytesDone: Int64, bytesTotal: Int64, label: String, detail: String = "") {
         guard enabled else { return }
         let now = ContinuousClock.now
-        let done = progress.bytesDone >= progress.bytesTotal
-        let percent = progress.bytesTotal > 0 ? Double(progress.bytesDone) * 100 / Double(progress.bytesTotal) : 100
-        let amounts = "\(humanBytes(progress.bytesDone)) of \(humanBytes(progress.bytesTotal))"
+        let done = bytesDone >= bytesTotal
+        let percent = bytesTotal > 0 ? Double(bytesDone) * 100 / Double(bytesTotal) : 100
+        let amounts = "\(humanBytes(bytesDone)) of \(humanBytes(bytesTotal))\(detail)"
         if isTerminal {
             if let lastPrinted, now - lastPrinted < .milliseconds(100), !done { return }
             let width = 30
             let filled = min(width, Int(percent / 100 * Double(width)))
             let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-            emit("\r\u{1B}[2Kflatten [\(bar)] \(fixed(percent, 1))%  \(amounts)", to: STDERR_FILENO)
+            emit("\r\u{1B}[2K\(label) [\(bar)] \(fixed(percent, 1))%  \(amounts)", to: STDERR_FILENO)
             lineIsOpen = true
         } else {
             if let lastPrinted, now - lastPrinted < interval, !done { return }

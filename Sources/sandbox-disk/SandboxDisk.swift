@@ -30,6 +30,7 @@ struct SandboxDisk: ParsableCommand {
             """,
         version: "1.0.0",
         subcommands: [List.self, Status.self, Inspect.self, Verify.self, Cleanup.self, Flatten.self, Fork.self]
+            + repositorySubcommands
     )
 }
 

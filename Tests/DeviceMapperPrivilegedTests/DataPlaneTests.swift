@@ -12,7 +12,7 @@ import XCTest
 /// from sysfs, with its fallback where the store's filesystem refuses it; and every chunk
 /// size from 4 to 64 KiB through create, write, remove, restore and both flattens.
 final class DataPlaneTests: PrivilegedTestCase {
-    private var mountPoints: [FilePath] = []
+    var mountPoints: [FilePath] = []
 
     override func tearDownWithError() throws {
         for mountPoint in mountPoints.reversed() {

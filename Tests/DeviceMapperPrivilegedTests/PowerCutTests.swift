@@ -42,7 +42,7 @@ final class PowerCutTests: PrivilegedTestCase {
             throw error
         }
         loop.close()  // The table holds it; autoclear detaches it with the disk.
-        try run(
+        try runTool(
             "mkfs.ext4", ["-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", "/dev/mapper/\(disk)"])
         // commit=300: the journal commits only when something asks for it (fsync, sync), not
         // on its 5-second timer, so the test does not depend on how fast it runs.
@@ -57,7 +57,7 @@ final class PowerCutTests: PrivilegedTestCase {
         let mountPoint = path(name)
         XCTAssertEqual(mkdir(mountPoint.string, 0o700), 0)
         guard mount(device, mountPoint.string, "ext4", 0, options) == 0 else {
-            throw DataPlaneTestError("mount \(device) on \(mountPoint): \(Errno(rawValue: errno))")
+            throw HelperError(description: "mount \(device) on \(mountPoint): \(Errno(rawValue: errno))")
         }
         mounted.append(mountPoint)
         return mountPoint
@@ -66,9 +66,9 @@ final class PowerCutTests: PrivilegedTestCase {
     /// The power cut: from now on the disk fails every I/O, and the filesystem is not
     /// frozen first (a freeze would commit its journal). Then everything on it is let go.
     private func cutPower(_ disk: String, mountPoint: FilePath, devices: [SnapshotDevice]) throws {
-        try run("dmsetup", ["suspend", "--noflush", "--nolockfs", "--noudevrules", "--noudevsync", disk])
-        try run("dmsetup", ["load", "--noudevrules", "--noudevsync", disk, "--table", "0 131072 error"])
-        try run("dmsetup", ["resume", "--noudevrules", "--noudevsync", disk])
+        try runTool("dmsetup", ["suspend", "--noflush", "--nolockfs", "--noudevrules", "--noudevsync", disk])
+        try runTool("dmsetup", ["load", "--noudevrules", "--noudevsync", disk, "--table", "0 131072 error"])
+        try runTool("dmsetup", ["resume", "--noudevrules", "--noudevsync", disk])
         for device in devices { try device.remove() }
         registry.releaseAll()
         XCTAssertEqual(umount2(mountPoint.string, Int32(MNT_DETACH)), 0)

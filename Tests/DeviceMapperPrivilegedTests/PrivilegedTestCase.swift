@@ -107,22 +107,6 @@ class PrivilegedTestCase: XCTestCase {
         return name
     }
 
-    /// Runs a system tool (mkfs.ext4, dmsetup, e2fsck) to its end; throws unless it exits 0.
-    func run(_ tool: String, _ arguments: [String]) throws {
-        let candidates = ["/usr/sbin/\(tool)", "/sbin/\(tool)", "/usr/bin/\(tool)", "/bin/\(tool)"]
-        guard let executable = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            throw DataPlaneTestError("\(tool) is not installed")
-        }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw DataPlaneTestError("\(tool) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
-        }
-    }
-
     /// Writes a file of `sizeBytes` deterministic pseudo-random bytes.
     @discardableResult
     func makeImage(_ name: String, sizeBytes: Int, seed: UInt64 = 1) throws -> FilePath {

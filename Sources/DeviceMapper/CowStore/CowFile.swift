@@ -466,7 +466,7 @@ func cowStoreSizeBytes(_ fd: FileDescriptor, path: FilePath, status: Stat) throw
 }
 
 /// `pread` until `buffer` is full or the file ends; returns how many bytes were read.
-func readFully(
+package func readFully(
     _ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64, subject: String
 ) throws(DeviceMapperError) -> Int {
     var done = 0
@@ -481,7 +481,7 @@ func readFully(
 
 /// `pwrite` until every byte is written. A `pwrite` that writes nothing is an error
 /// (`EIO`), not a reason to try again forever.
-func writeFully(
+package func writeFully(
     _ fd: FileDescriptor, from buffer: UnsafeRawBufferPointer, at offset: Int64, subject: String
 ) throws(DeviceMapperError) {
     var done = 0
@@ -498,7 +498,7 @@ func writeFully(
 }
 
 /// Whether every byte in `bytes` is zero. Loads words unaligned: the bytes need no binding.
-func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+package func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
     let words = bytes.count / 8
     var accumulated: UInt64 = 0
     for index in 0..<words {

@@ -1,4 +1,4 @@
-import SystemPackage
+package import SystemPackage
 
 #if canImport(Glibc)
     import Glibc
@@ -16,15 +16,15 @@ import SystemPackage
 /// kernel drops when the process dies: a temporary file nobody holds locked is a dead
 /// writer's, and is removed by the next writer for the same destination, or by
 /// `removeStalePartialFiles(in:)` at start-up. A live writer's file is never removed.
-final class TemporaryOutputFile {
-    let destination: FilePath
-    let temporaryPath: FilePath
-    let descriptor: FileDescriptor
+package final class TemporaryOutputFile {
+    package let destination: FilePath
+    package let temporaryPath: FilePath
+    package let descriptor: FileDescriptor
     private var isOpen = true
 
     /// Creates the temporary file. Fails with `EEXIST` if `destination` exists already:
     /// replacing an image could pull it from under a sandbox that uses it.
-    init(destination: FilePath, operation: String) throws(DeviceMapperError) {
+    package init(destination: FilePath, operation: String) throws(DeviceMapperError) {
         if case .success = system_stat(destination) {
             throw DeviceMapperError(
                 code: .fileExists, operation: operation, subject: destination.string, errno: .fileExists,
@@ -40,7 +40,7 @@ final class TemporaryOutputFile {
     /// Flushes the file to disk and renames it to `destination` (never replacing a
     /// file that appeared there meanwhile). On failure the temporary file is removed.
     /// The lock is held until the rename is done, so no sweep can remove the file first.
-    func commit(operation: String) throws(DeviceMapperError) {
+    package func commit(operation: String) throws(DeviceMapperError) {
         do throws(DeviceMapperError) {
             try system_fsync(descriptor).get("fsync", subject: temporaryPath.string)
             try system_renameNoReplace(temporaryPath, destination).get("rename", subject: destination.string)
@@ -54,7 +54,7 @@ final class TemporaryOutputFile {
     }
 
     /// Removes and closes the temporary file.
-    func discard() {
+    package func discard() {
         if isOpen { _ = system_unlink(temporaryPath) }
         closeDescriptor()
     }
@@ -137,7 +137,7 @@ private func isPartialFileName(_ name: String, outputName: String?) -> Bool {
 
 /// The names in `directory`, without `.` and `..`; empty if it cannot be read.
 /// The corresponding C functions are `opendir` and `readdir`.
-func directoryEntries(_ directory: FilePath) -> [String] {
+package func directoryEntries(_ directory: FilePath) -> [String] {
     guard let stream = directory.withPlatformString({ opendir($0) }) else { return [] }
     defer { closedir(stream) }
     var names: [String] = []

@@ -1,7 +1,7 @@
 // The copy-on-write store's in-use guard: an exclusive flock on the open file description
 // the CoW loop device is configured with. docs/lifecycle.md has the reasoning.
 
-import SystemPackage
+package import SystemPackage
 
 #if canImport(Glibc)
     import Glibc
@@ -37,7 +37,7 @@ let storeLockPollMicroseconds: UInt32 = 10_000
 ///
 /// With `shared`, takes a shared lock instead (`LOCK_SH`), as an offline reader does: it
 /// keeps any attach out while it reads, and lets other readers in.
-func lockStore(
+package func lockStore(
     _ fd: FileDescriptor, path: FilePath, operation: String, checkUnlockedAttachments: Bool, shared: Bool = false
 ) throws(DeviceMapperError) {
     let identity = FileIdentity(try system_fstat(fd).get("fstat", subject: path.string))

@@ -1,4 +1,4 @@
-import SystemPackage
+package import SystemPackage
 
 #if canImport(Glibc)
     import Glibc
@@ -54,7 +54,7 @@ package struct FileIdentity: Hashable, Sendable {
         self.inode = inode
     }
 
-    init(_ status: Stat) {
+    package init(_ status: Stat) {
         self.init(device: UInt64(status.deviceID.rawValue), inode: UInt64(status.inode.rawValue))
     }
 }

@@ -2,9 +2,9 @@
 // `Result<_, Errno>`. Everything above builds on these. In debug builds a
 // test can force any of them to fail with a chosen errno (FaultInjection.swift).
 
-import CDeviceMapper
+package import CDeviceMapper
 import CDeviceMapperShims
-import SystemPackage
+package import SystemPackage
 
 #if canImport(Glibc)
     import Glibc
@@ -73,7 +73,7 @@ func system_pthread_create_detached(
 
 /// Opens `path`, always with `O_CLOEXEC`.
 /// The corresponding C function is `open`.
-func system_open(_ path: FilePath, _ flags: CInt, permissions: mode_t = 0) -> Result<FileDescriptor, Errno> {
+package func system_open(_ path: FilePath, _ flags: CInt, permissions: mode_t = 0) -> Result<FileDescriptor, Errno> {
     if let fault = injectedFault("open") { return .failure(fault) }
     return path.withPlatformString { cPath in
         valueOrErrno { open(cPath, flags | O_CLOEXEC, permissions) }
@@ -89,26 +89,26 @@ func system_dup(_ fd: FileDescriptor) -> Result<FileDescriptor, Errno> {
 
 /// swift-system's `FileDescriptor.stat()`, behind the fault seam.
 /// The corresponding C function is `fstat`.
-func system_fstat(_ fd: FileDescriptor) -> Result<Stat, Errno> {
+package func system_fstat(_ fd: FileDescriptor) -> Result<Stat, Errno> {
     if let fault = injectedFault("fstat") { return .failure(fault) }
     return Result { () throws(Errno) in try fd.stat() }
 }
 
 /// swift-system's `FilePath.stat()`, behind the fault seam.
 /// The corresponding C function is `stat`.
-func system_stat(_ path: FilePath) -> Result<Stat, Errno> {
+package func system_stat(_ path: FilePath) -> Result<Stat, Errno> {
     if let fault = injectedFault("stat") { return .failure(fault) }
     return Result { () throws(Errno) in try path.stat() }
 }
 
 /// The corresponding C function is `ftruncate`.
-func system_ftruncate(_ fd: FileDescriptor, _ length: Int64) -> Result<Void, Errno> {
+package func system_ftruncate(_ fd: FileDescriptor, _ length: Int64) -> Result<Void, Errno> {
     if let fault = injectedFault("ftruncate") { return .failure(fault) }
     return valueOrErrno { ftruncate(fd.rawValue, off_t(length)) }.map { _ in () }
 }
 
 /// The corresponding C function is `fsync`.
-func system_fsync(_ fd: FileDescriptor) -> Result<Void, Errno> {
+package func system_fsync(_ fd: FileDescriptor) -> Result<Void, Errno> {
     if let fault = injectedFault("fsync") { return .failure(fault) }
     return valueOrErrno { fsync(fd.rawValue) }.map { _ in () }
 }
@@ -123,7 +123,7 @@ func system_fsyncDirectory(containing path: FilePath) -> Result<Void, Errno> {
 }
 
 /// The corresponding C function is `rename`.
-func system_rename(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
+package func system_rename(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
     if let fault = injectedFault("rename") { return .failure(fault) }
     return from.withPlatformString { cFrom in
         to.withPlatformString { cTo in
@@ -133,7 +133,7 @@ func system_rename(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
 }
 
 /// The corresponding C function is `unlink`.
-func system_unlink(_ path: FilePath) -> Result<Void, Errno> {
+package func system_unlink(_ path: FilePath) -> Result<Void, Errno> {
     if let fault = injectedFault("unlink") { return .failure(fault) }
     return path.withPlatformString { cPath in
         valueOrErrno { unlink(cPath) }
@@ -143,7 +143,7 @@ func system_unlink(_ path: FilePath) -> Result<Void, Errno> {
 /// Reads up to `buffer.count` bytes at `offset` without moving the file offset:
 /// swift-system's `FileDescriptor.read(fromAbsoluteOffset:into:)`, behind the fault seam.
 /// The corresponding C function is `pread`.
-func system_pread(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Result<
+package func system_pread(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Result<
     Int, Errno
 > {
     if let fault = injectedFault("pread") { return .failure(fault) }
@@ -153,7 +153,7 @@ func system_pread(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPoint
 /// Writes up to `buffer.count` bytes at `offset` without moving the file offset:
 /// swift-system's `FileDescriptor.write(toAbsoluteOffset:_:)`, behind the fault seam.
 /// The corresponding C function is `pwrite`.
-func system_pwrite(_ fd: FileDescriptor, from buffer: UnsafeRawBufferPointer, at offset: Int64) -> Result<
+package func system_pwrite(_ fd: FileDescriptor, from buffer: UnsafeRawBufferPointer, at offset: Int64) -> Result<
     Int, Errno
 > {
     if let fault = injectedFault("pwrite") { return .failure(fault) }
@@ -172,7 +172,7 @@ private func errnoResult<T>(_ body: () throws -> T) -> Result<T, Errno> {
 }
 
 /// The corresponding C function is `lseek`; used with `SEEK_DATA` and `SEEK_HOLE`.
-func system_lseek(_ fd: FileDescriptor, _ offset: Int64, _ whence: CInt) -> Result<Int64, Errno> {
+package func system_lseek(_ fd: FileDescriptor, _ offset: Int64, _ whence: CInt) -> Result<Int64, Errno> {
     if let fault = injectedFault("lseek") { return .failure(fault) }
     return valueOrErrno { lseek(fd.rawValue, off_t(offset), whence) }.map(Int64.init)
 }
@@ -192,20 +192,20 @@ func system_copy_file_range(
 
 /// Takes (`LOCK_EX`), tests (`LOCK_EX | LOCK_NB`) or drops an advisory whole-file lock.
 /// The corresponding C function is `flock`.
-func system_flock(_ fd: FileDescriptor, _ operation: CInt) -> Result<Void, Errno> {
+package func system_flock(_ fd: FileDescriptor, _ operation: CInt) -> Result<Void, Errno> {
     if let fault = injectedFault("flock") { return .failure(fault) }
     return valueOrErrno { flock(fd.rawValue, operation) }.map { _ in () }
 }
 
 /// Closes a descriptor; never retried, as `close` must not be.
 /// The corresponding C function is `close`.
-func system_close(_ fd: FileDescriptor) {
+package func system_close(_ fd: FileDescriptor) {
     _ = Glibc.close(fd.rawValue)
 }
 
 extension Result where Failure == Errno {
     /// Unwraps the value, or throws the errno as a `DeviceMapperError` naming the call and subject.
-    func get(_ call: String, subject: String? = nil) throws(DeviceMapperError) -> Success {
+    package func get(_ call: String, subject: String? = nil) throws(DeviceMapperError) -> Success {
         switch self {
         case .success(let value): return value
         case .failure(let errno): throw DeviceMapperError.syscall(call, errno, subject: subject)
@@ -215,7 +215,7 @@ extension Result where Failure == Errno {
 
 /// Renames `from` to `to`, failing with `EEXIST` rather than replacing `to`.
 /// The corresponding C function is `renameat2` with `RENAME_NOREPLACE`.
-func system_renameNoReplace(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
+package func system_renameNoReplace(_ from: FilePath, _ to: FilePath) -> Result<Void, Errno> {
     if let fault = injectedFault("renameat2") { return .failure(fault) }
     return from.withPlatformString { cFrom in
         to.withPlatformString { cTo in
@@ -227,7 +227,7 @@ func system_renameNoReplace(_ from: FilePath, _ to: FilePath) -> Result<Void, Er
 /// Reads extended attribute `name` of an open file into `buffer`; returns its length.
 /// `ENODATA` means the file has no such attribute.
 /// The corresponding C function is `fgetxattr`.
-func system_fgetxattr(_ fd: FileDescriptor, _ name: String, _ buffer: UnsafeMutableRawBufferPointer) -> Result<
+package func system_fgetxattr(_ fd: FileDescriptor, _ name: String, _ buffer: UnsafeMutableRawBufferPointer) -> Result<
     Int, Errno
 > {
     if let fault = injectedFault("fgetxattr") { return .failure(fault) }
@@ -236,7 +236,7 @@ func system_fgetxattr(_ fd: FileDescriptor, _ name: String, _ buffer: UnsafeMuta
 
 /// Sets extended attribute `name` of an open file to `value`.
 /// The corresponding C function is `fsetxattr`.
-func system_fsetxattr(_ fd: FileDescriptor, _ name: String, _ value: [UInt8]) -> Result<Void, Errno> {
+package func system_fsetxattr(_ fd: FileDescriptor, _ name: String, _ value: [UInt8]) -> Result<Void, Errno> {
     if let fault = injectedFault("fsetxattr") { return .failure(fault) }
     return value.withUnsafeBytes { bytes in
         valueOrErrno { fsetxattr(fd.rawValue, name, bytes.baseAddress, bytes.count, 0) }
@@ -252,7 +252,7 @@ func system_mknod(_ path: FilePath, _ mode: mode_t, _ device: DeviceNumber) -> R
 }
 
 /// The corresponding C function is `mkdir`.
-func system_mkdir(_ path: FilePath, _ mode: mode_t) -> Result<Void, Errno> {
+package func system_mkdir(_ path: FilePath, _ mode: mode_t) -> Result<Void, Errno> {
     if let fault = injectedFault("mkdir") { return .failure(fault) }
     return path.withPlatformString { cPath in
         valueOrErrno { mkdir(cPath, mode) }
@@ -261,7 +261,7 @@ func system_mkdir(_ path: FilePath, _ mode: mode_t) -> Result<Void, Errno> {
 
 /// `stat` without following a final symlink: swift-system's `FilePath.stat(followTargetSymlink: false)`,
 /// behind the fault seam. The corresponding C function is `lstat`.
-func system_lstat(_ path: FilePath) -> Result<Stat, Errno> {
+package func system_lstat(_ path: FilePath) -> Result<Stat, Errno> {
     if let fault = injectedFault("lstat") { return .failure(fault) }
     return Result { () throws(Errno) in try path.stat(followTargetSymlink: false) }
 }

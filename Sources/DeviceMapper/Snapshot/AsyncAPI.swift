@@ -19,7 +19,7 @@ public import SystemPackage
 /// Two lanes: `shared` for the control plane (create, restore, remove, list, acquire, cleanup)
 /// and `flattens` for copies, so minutes-long flattens never hold up a millisecond create;
 /// at most `flattens.threadCount` copies are in flight, and the rest wait in their own queue.
-final class BlockingCallPool: Sendable {
+package final class BlockingCallPool: Sendable {
     /// The control plane's lane.
     static let shared = BlockingCallPool(threadCount: 4, threadPrefix: "dm-blocking-")
     /// The flattens' lane: the bound on copies in flight.
@@ -43,49 +43,58 @@ final class BlockingCallPool: Sendable {
         var cancelled = false
     }
 
-    init(threadCount: Int, threadPrefix: String) {
+    package init(threadCount: Int, threadPrefix: String = "dm-blocking-") {
         self.threadCount = threadCount
         self.threadPrefix = threadPrefix
     }
 
     /// Runs `body` on one of the pool's threads and returns its result; the calling task
     /// is suspended, not blocked, meanwhile. The caller's metrics factory, a task-local one
-    /// (`withMetricsFactory`) included, is the one `body`'s metrics go to. With `cancellable`,
-    /// cancelling the task while the job still waits for a thread drops it: it throws
-    /// `.cancelled` at once and `body` never runs.
-    func run<T: Sendable>(
-        cancellable: Bool = false, _ body: @escaping @Sendable () throws(DeviceMapperError) -> T
-    ) async throws(DeviceMapperError) -> T {
+    /// (`withMetricsFactory`) included, is the one `body`'s metrics go to.
+    package func run<T: Sendable, Failure: Error>(_ body: @escaping @Sendable () throws(Failure) -> T)
+        async throws(Failure) -> T
+    {
+        // Not cancellable, so the job always runs and there is always a result.
+        try await enqueue(cancellable: false, body)!.get()
+    }
+
+    /// `run`, but cancelling the task while the job still waits for a thread drops it: it
+    /// throws `.cancelled` at once and `body` never runs.
+    func runCancellable<T: Sendable>(_ body: @escaping @Sendable () throws(DeviceMapperError) -> T)
+        async throws(DeviceMapperError) -> T
+    {
+        guard let result = await enqueue(cancellable: true, body) else {
+            throw DeviceMapperError(
+                code: .cancelled, operation: "BlockingCallPool.run",
+                detail: "the task was cancelled while the call waited for a thread; nothing was done")
+        }
+        return try result.get()
+    }
+
+    /// Queues `body` and waits for its result; nil if a cancellable job was dropped unrun.
+    private func enqueue<T: Sendable, Failure: Error>(
+        cancellable: Bool, _ body: @escaping @Sendable () throws(Failure) -> T
+    ) async -> Result<T, Failure>? {
         let metricsFactory = MetricsSystem.factory
         let ticket = Ticket()
-        let result: Result<T, DeviceMapperError> = await withTaskCancellationHandler {
-            await withCheckedContinuation { continuation in
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Result<T, Failure>?, Never>) in
                 submit(
                     Job(
                         ticket: ticket,
                         run: {
-                            do throws(DeviceMapperError) {
-                                let value = try withMetricsFactory(metricsFactory) { () throws(DeviceMapperError) in
-                                    try body()
-                                }
+                            do throws(Failure) {
+                                let value = try withMetricsFactory(metricsFactory) { () throws(Failure) in try body() }
                                 continuation.resume(returning: .success(value))
                             } catch {
                                 continuation.resume(returning: .failure(error))
                             }
                         },
-                        drop: {
-                            continuation.resume(
-                                returning: .failure(
-                                    DeviceMapperError(
-                                        code: .cancelled, operation: "BlockingCallPool.run",
-                                        detail: "the task was cancelled while the call waited for a thread; "
-                                            + "nothing was done")))
-                        }))
+                        drop: { continuation.resume(returning: nil) }))
             }
         } onCancel: {
             if cancellable { cancel(ticket) }
         }
-        return try result.get()
     }
 
     private func submit(_ job: Job) {
@@ -160,7 +169,7 @@ private func runCancellableFlatten(
     let cancelled = CancellationFlag()
     let result: Result<Void, DeviceMapperError> = await withTaskCancellationHandler {
         do throws(DeviceMapperError) {
-            try await BlockingCallPool.flattens.run(cancellable: true) { () throws(DeviceMapperError) in
+            try await BlockingCallPool.flattens.runCancellable { () throws(DeviceMapperError) in
                 try flatten { report in
                     progress?(report)
                     return !cancelled.isSet

@@ -1,8 +1,9 @@
 // Which base image a store was made against: a fingerprint of the origin, kept with the
 // store in an extended attribute. docs/on-disk-format.md says why an attribute.
 
-import Logging
-import SystemPackage
+import Crypto
+package import Logging
+package import SystemPackage
 
 #if canImport(Glibc)
     import Glibc
@@ -35,7 +36,7 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
 
     /// Fingerprints the file or block device open at `fd`, `sizeBytes` long.
     /// The corresponding C function is `pread`.
-    static func compute(_ fd: FileDescriptor, sizeBytes: Int64, subject: String) throws(DeviceMapperError)
+    package static func compute(_ fd: FileDescriptor, sizeBytes: Int64, subject: String) throws(DeviceMapperError)
         -> OriginFingerprint
     {
         var hash = SHA256()
@@ -52,7 +53,7 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
                         code: .systemCallFailed, operation: "pread", subject: subject, errno: .ioError,
                         detail: "the origin ended at byte \(offset + Int64(done + read)), not \(sizeBytes)")
                 }
-                hash.update(UnsafeRawBufferPointer(slice))
+                hash.update(bufferPointer: UnsafeRawBufferPointer(slice))
                 done += step
             }
         }
@@ -68,7 +69,7 @@ public struct OriginFingerprint: Hashable, Sendable, CustomStringConvertible {
             }
             try add(sizeBytes - Int64(edgeBytes), edgeBytes)
         }
-        return OriginFingerprint(sizeBytes: sizeBytes, sampleSHA256: SHA256.hex(hash.finalize()))
+        return OriginFingerprint(sizeBytes: sizeBytes, sampleSHA256: hash.finalize().hex)
     }
 
     /// `<size> bytes, sample SHA-256 <first 16 hex digits>`.
@@ -142,7 +143,7 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
     /// where the filesystem or the caller's privileges refuse the attribute: the store
     /// then resumes without the check, as an old agent's store does.
     /// The corresponding C function is `fsetxattr`.
-    func write(to fd: FileDescriptor, path: FilePath, logger: Logger) -> Bool {
+    package func write(to fd: FileDescriptor, path: FilePath, logger: Logger) -> Bool {
         switch system_fsetxattr(fd, Self.attributeName, Array(text.utf8)) {
         case .success:
             return true
@@ -160,7 +161,7 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
     /// filesystem without extended attributes). Throws `.invalidCowStore` if the attribute
     /// is there but is not a record this library can read.
     /// The corresponding C function is `fgetxattr`.
-    static func read(from fd: FileDescriptor, path: FilePath) throws(DeviceMapperError) -> OriginRecord? {
+    package static func read(from fd: FileDescriptor, path: FilePath) throws(DeviceMapperError) -> OriginRecord? {
         var bytes = [UInt8](repeating: 0, count: maximumBytes)
         let result = bytes.withUnsafeMutableBytes { system_fgetxattr(fd, attributeName, $0) }
         switch result {
@@ -189,7 +190,7 @@ public struct OriginRecord: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// Throws `.originMismatch`, naming both, unless `current` is the recorded origin.
-    func check(against current: OriginFingerprint, origin: FilePath, cowPath: FilePath, operation: String)
+    package func check(against current: OriginFingerprint, origin: FilePath, cowPath: FilePath, operation: String)
         throws(DeviceMapperError)
     {
         guard current != fingerprint else { return }

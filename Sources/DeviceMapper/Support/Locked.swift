@@ -19,12 +19,12 @@ import CDeviceMapperShims
 /// The value lives in its own allocation, not in a stored property: TSan reports `inout`
 /// accesses to a zero-sized stored property (`Locked<Void>`) made under this very lock as
 /// a race (Swift 6.3, Linux); through a pointer it reports nothing, and still sees real races.
-final class Locked<Value>: @unchecked Sendable {
+package final class Locked<Value>: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
     private let value: UnsafeMutablePointer<Value>
 
-    init(_ initialValue: Value) {
+    package init(_ initialValue: Value) {
         value = .allocate(capacity: 1)
         value.initialize(to: initialValue)
         mutex = .allocate(capacity: 1)
@@ -47,7 +47,7 @@ final class Locked<Value>: @unchecked Sendable {
     }
 
     /// Runs `body` with the value, holding the lock.
-    func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
+    package func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value.pointee)

@@ -1,0 +1,327 @@
+// Transfer: a paused sandbox's store and its base image through a directory repository
+// (SandboxRepository): what is stored for incompressible and for text changes, what a
+// second push and a related template send, and pull + restore and push against `cp`.
+
+import DeviceMapper
+import Dispatch
+import Synchronization
+import SystemPackage
+import ToolSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+#if SANDBOX_REPOSITORY
+    import SandboxRepository
+
+    extension Bench {
+        func runTransfer() throws(BenchError) {
+            let size = options.transferImageSizeBytes
+            let changed = options.transferChangedBytes
+            progress.begin("transfer: making a \(formatBytes(size)) base image")
+            let origin = try workspace.makeOrigin(named: "transfer-base.img", sizeBytes: size, content: .data)
+            defer { workspace.discardOrigin(origin) }
+            progress.end()
+            let repositoryDirectory = workspace.path("transfer-repo")
+            let repository = try repositoryAt(repositoryDirectory)
+            _ = try awaitResult { try await repository.pushImage(origin.imagePath) }
+
+            // 1. Incompressible changes.
+            let name = workspace.uniqueName("transfer")
+            let store = workspace.cowPath(for: name)
+            defer { unlink(store.string) }
+            progress.begin("transfer: a sandbox writes \(formatBytes(changed)) of incompressible data")
+            try sandboxWrites(name: name, origin: origin, store: store, restore: false) { device throws(BenchError) in
+                try writeBytes(device, at: size / 4, count: changed) { buffer, offset in
+                    fillNoise(buffer, seed: 1 &+ UInt64(bitPattern: offset))
+                }
+            }
+            progress.end()
+            let before = try repositoryBytes(repositoryDirectory)
+            let first = try awaitResult { try await repository.pushStore(store, origin: origin.imagePath) }
+            let storedFirst = try repositoryBytes(repositoryDirectory) - before
+
+            // 2. 1% more, pushed again.
+            progress.begin("transfer: the sandbox writes 1% more and is pushed again")
+            try sandboxWrites(name: name, origin: origin, store: store, restore: true) { device throws(BenchError) in
+                try writeBytes(device, at: size / 2, count: changed / 100) { buffer, offset in
+                    fillNoise(buffer, seed: 1 << 40 &+ UInt64(bitPattern: offset))
+                }
+            }
+            progress.end()
+            let beforeSecond = try repositoryBytes(repositoryDirectory)
+            _ = try awaitResult { try await repository.pushStore(store, origin: origin.imagePath) }
+            let storedSecond = try repositoryBytes(repositoryDirectory) - beforeSecond
+
+            // 3. Text changes.
+            let textName = workspace.uniqueName("transfer-text")
+            let textStore = workspace.cowPath(for: textName)
+            defer { unlink(textStore.string) }
+            let text = textCorpus(limit: Int(changed))
+            try sandboxWrites(name: textName, origin: origin, store: textStore, restore: false) {
+                device throws(BenchError) in
+                try writeBytes(device, at: size / 4, count: Int64(text.count)) { buffer, offset in
+                    buffer.copyBytes(from: text[Int(offset)..<Int(offset) + buffer.count])
+                }
+            }
+            let beforeText = try repositoryBytes(repositoryDirectory)
+            _ = try awaitResult { try await repository.pushStore(textStore, origin: origin.imagePath) }
+            let storedText = try repositoryBytes(repositoryDirectory) - beforeText
+
+            // 4. A template flattened from the first sandbox, pushed after its base.
+            let template = workspace.path("transfer-template.img")
+            defer { unlink(template.string) }
+            do {
+                try CowFile(path: store).flatten(origin: origin.imagePath, to: template)
+            } catch {
+                throw BenchError("CowFile.flatten \(store)", error)
+            }
+            let beforeTemplate = try repositoryBytes(repositoryDirectory)
+            _ = try awaitResult { try await repository.pushImage(template) }
+            let storedTemplate = try repositoryBytes(repositoryDirectory) - beforeTemplate
+            let changedTotal = changed + changed / 100
+
+            // 5. Pull + restore, and push, against a sparse cp between the same directories.
+            let host2 = workspace.path("transfer-host2")
+            guard mkdir(host2.string, 0o700) == 0 else { throw BenchError("cannot create \(host2): \(errnoText())") }
+            let copied = host2.appending("cp.cow")
+            let pulled = host2.appending("pulled.cow")
+            defer {
+                unlink(copied.string)
+                unlink(pulled.string)
+                rmdir(host2.string)
+            }
+            let cp = try Tool("cp")
+            let (_, copyNanoseconds) = try timed { () throws(BenchError) in
+                try cp.run(["--sparse=always", store.string, copied.string])
+            }
+            let pullName = workspace.uniqueName("transfer-pulled")
+            let (_, pullNanoseconds) = try timed { () throws(BenchError) in
+                _ = try awaitResult {
+                    try await repository.pullStore(first.manifestDigest, origin: origin.imagePath, to: pulled)
+                }
+                do throws(DeviceMapperError) {
+                    let device = try SnapshotDevice.restore(
+                        name: pullName, origin: origin.devicePath, cowPath: pulled, originSizeBytes: origin.sizeBytes)
+                    try device.remove()
+                } catch {
+                    throw BenchError("restore of the pulled store", error)
+                }
+            }
+            let freshDirectory = workspace.path("transfer-repo-2")
+            let fresh = try repositoryAt(freshDirectory)
+            _ = try awaitResult { try await fresh.pushImage(origin.imagePath) }
+            let (_, pushNanoseconds) = try timed { () throws(BenchError) in
+                _ = try awaitResult { try await fresh.pushStore(store, origin: origin.imagePath) }
+            }
+            let pullRatio = Double(pullNanoseconds) / Double(max(copyNanoseconds, 1))
+            let pushThroughput = Double(copyNanoseconds) / Double(max(pushNanoseconds, 1))
+
+            var section = TableSection(
+                title: "Transfer (directory repository; base \(formatBytes(size)) of data; "
+                    + "\(formatBytes(changed)) changed)",
+                header: ["case", "changed", "stored or sent", "ratio"])
+            section.rows = [
+                [
+                    "store, incompressible", formatBytes(changed), formatBytes(storedFirst),
+                    ratioText(storedFirst, changed),
+                ],
+                [
+                    "store, text", formatBytes(Int64(text.count)), formatBytes(storedText),
+                    ratioText(storedText, Int64(text.count)),
+                ],
+                [
+                    "second push (+1%)", formatBytes(changed / 100), formatBytes(storedSecond),
+                    ratioText(storedSecond, storedFirst) + " of 1st",
+                ],
+                [
+                    "related template", formatBytes(changedTotal), formatBytes(storedTemplate),
+                    ratioText(storedTemplate, changedTotal),
+                ],
+                [
+                    "pull + restore vs cp", "-",
+                    "\(fixed(seconds(pullNanoseconds), 2)) s vs \(fixed(seconds(copyNanoseconds), 2)) s",
+                    fixed(pullRatio, 2) + "x",
+                ],
+                [
+                    "push vs cp (throughput)", "-",
+                    "\(fixed(seconds(pushNanoseconds), 2)) s vs \(fixed(seconds(copyNanoseconds), 2)) s",
+                    fixed(pushThroughput, 2) + "x",
+                ],
+            ]
+            section.notes.append(
+                "stored or sent: growth of the repository directory (frames and manifests), measured from the "
+                    + "repository. text: /usr/share/doc and /usr/share/common-licenses files written as raw blocks. "
+                    + "cp: cp --sparse=always of the same store between the same directories.")
+            report.add(section)
+            report.add(record: [
+                ("figure", .string("transfer")), ("image_size_bytes", .int(Int(size))),
+                ("changed_bytes", .int(Int(changed))), ("stored_incompressible_bytes", .int(Int(storedFirst))),
+                ("text_bytes", .int(text.count)), ("stored_text_bytes", .int(Int(storedText))),
+                ("second_push_bytes", .int(Int(storedSecond))), ("template_push_bytes", .int(Int(storedTemplate))),
+                ("cp_seconds", .double(seconds(copyNanoseconds))),
+                ("pull_restore_seconds", .double(seconds(pullNanoseconds))),
+                ("push_seconds", .double(seconds(pushNanoseconds))),
+            ])
+            let firstRatio = Double(storedFirst) / Double(changed)
+            let secondRatio = Double(storedSecond) / Double(max(storedFirst, 1))
+            report.add(
+                TargetCheck(
+                    name: "transfer: store of incompressible changes", target: "<= 1.02x the changes",
+                    measured: ratioText(storedFirst, changed), met: firstRatio <= 1.02))
+            report.add(
+                TargetCheck(
+                    name: "transfer: second push after 1% more", target: "<= 3% of the first push",
+                    measured: ratioText(storedSecond, storedFirst), met: secondRatio <= 0.03))
+            report.add(
+                TargetCheck(
+                    name: "transfer: pull + restore vs sparse cp", target: "<= 1.3x cp's time",
+                    measured: fixed(pullRatio, 2) + "x", met: pullRatio <= 1.3))
+            report.add(
+                TargetCheck(
+                    name: "transfer: push to a directory vs cp", target: ">= 0.7x cp's throughput",
+                    measured: fixed(pushThroughput, 2) + "x", met: pushThroughput >= 0.7))
+        }
+
+        /// A sandbox on `origin` with its store at `store` (created, or restored), `write` run
+        /// on its device, then paused (removed, the store kept).
+        private func sandboxWrites(
+            name: String, origin: Origin, store: FilePath, restore: Bool,
+            _ write: (FilePath) throws(BenchError) -> Void
+        ) throws(BenchError) {
+            let device: SnapshotDevice
+            do {
+                device =
+                    restore
+                    ? try SnapshotDevice.restore(
+                        name: name, origin: origin.devicePath, cowPath: store, originSizeBytes: origin.sizeBytes)
+                    : try SnapshotDevice.create(
+                        name: name, origin: origin.devicePath, cowPath: store, originSizeBytes: origin.sizeBytes)
+            } catch {
+                throw BenchError("snapshot \(name)", error)
+            }
+            do {
+                try write(device.devicePath)
+            } catch {
+                try? device.remove()
+                throw error
+            }
+            do { try device.remove() } catch { throw BenchError("SnapshotDevice.remove \(name)", error) }
+        }
+
+        private func repositoryAt(_ directory: FilePath) throws(BenchError) -> Repository {
+            do {
+                return try Repository(objects: DirectoryObjectStore(root: directory))
+            } catch {
+                throw BenchError("repository \(directory): \(error)")
+            }
+        }
+    }
+
+    /// Runs `body` to completion and returns its value; the bench is synchronous.
+    private func awaitResult<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws(BenchError) -> T {
+        let outcome = Mutex<Result<T, any Error>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            let result: Result<T, any Error>
+            do { result = .success(try await body()) } catch { result = .failure(error) }
+            outcome.withLock { $0 = result }
+            done.signal()
+        }
+        done.wait()
+        switch outcome.withLock({ $0 })! {
+        case .success(let value): return value
+        case .failure(let error): throw BenchError("repository: \(error)")
+        }
+    }
+
+    /// The bytes of every file under `directory` (the repository's objects).
+    private func repositoryBytes(_ directory: FilePath) throws(BenchError) -> Int64 {
+        var total: Int64 = 0
+        var pending = [directory]
+        while let current = pending.popLast() {
+            guard let handle = opendir(current.string) else { continue }
+            defer { closedir(handle) }
+            while let entry = readdir(handle) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) {
+                    String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self)
+                }
+                if name == "." || name == ".." { continue }
+                let path = current.appending(name)
+                var status = stat()
+                guard lstat(path.string, &status) == 0 else { continue }
+                if (status.st_mode & S_IFMT) == S_IFDIR { pending.append(path) } else { total += Int64(status.st_size) }
+            }
+        }
+        return total
+    }
+
+    /// Writes `count` bytes at `offset` of `device`, 1 MiB at a time, each piece filled by `fill`.
+    private func writeBytes(
+        _ device: FilePath, at offset: Int64, count: Int64,
+        _ fill: (UnsafeMutableRawBufferPointer, Int64) -> Void
+    ) throws(BenchError) {
+        let fd = open(device.string, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw BenchError("cannot open \(device): \(errnoText())") }
+        defer { close(fd) }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        var done: Int64 = 0
+        while done < count {
+            let step = Int(min(Int64(buffer.count), count - done))
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<step])
+            fill(piece, done)
+            guard pwrite(fd, piece.baseAddress, step, off_t(offset + done)) == step else {
+                throw BenchError("cannot write \(device) at \(offset + done): \(errnoText())")
+            }
+            done += Int64(step)
+        }
+        guard fsync(fd) == 0 else { throw BenchError("cannot flush \(device): \(errnoText())") }
+    }
+
+    /// Fills `buffer` with pseudo-random bytes zstd cannot shrink; callers seed each piece by its offset.
+    private func fillNoise(_ buffer: UnsafeMutableRawBufferPointer, seed: UInt64) {
+        var generator = SplitMix64(seed: seed &* 0x9E37_79B9)
+        for index in stride(from: 0, to: buffer.count - 7, by: 8) {
+            buffer.storeBytes(of: generator.next(), toByteOffset: index, as: UInt64.self)
+        }
+    }
+
+    /// Up to `limit` bytes of text: the files of /usr/share/common-licenses and /usr/share/doc.
+    private func textCorpus(limit: Int) -> [UInt8] {
+        var text: [UInt8] = []
+        var pending = [FilePath("/usr/share/common-licenses"), FilePath("/usr/share/doc")]
+        while let directory = pending.popLast(), text.count < limit {
+            guard let handle = opendir(directory.string) else { continue }
+            defer { closedir(handle) }
+            while let entry = readdir(handle), text.count < limit {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) {
+                    String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self)
+                }
+                if name.hasPrefix(".") || name.hasSuffix(".gz") { continue }
+                let path = directory.appending(name)
+                var status = stat()
+                guard stat(path.string, &status) == 0 else { continue }
+                if (status.st_mode & S_IFMT) == S_IFDIR {
+                    pending.append(path)
+                } else if let bytes = readText(path.string) {
+                    text += Array(bytes.utf8.prefix(limit - text.count))
+                }
+            }
+        }
+        return text
+    }
+
+    private func ratioText(_ part: Int64, _ whole: Int64) -> String {
+        whole == 0 ? "-" : fixed(Double(part) / Double(whole), 3) + "x"
+    }
+#else
+    extension Bench {
+        func runTransfer() throws(BenchError) {
+            throw BenchError("this build has no repository (DM_WITHOUT_REPOSITORY): no transfer figure")
+        }
+    }
+#endif
