@@ -25,7 +25,7 @@
             let fd = try FileDescriptor.open(
                 base1, .readWrite, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
             try fd.closeAfter { XCTAssertEqual(ftruncate(fd.rawValue, off_t(imageSize)), 0) }
-            try run("mkfs.ext4", ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", base1.string])
+            try runTool("mkfs.ext4", ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", base1.string])
             let repository = try Repository(objects: DirectoryObjectStore(root: path("repo")))
 
             // Host 1: a sandbox that writes files, then pauses.
@@ -66,7 +66,7 @@
             let origin2 = try await registry2.acquire(imagePath: base2)
             let restored = try await SnapshotDevice.restore(
                 name: name, origin: origin2, cowPath: store2, originSizeBytes: imageSize)
-            try run("e2fsck", ["-f", "-n", restored.devicePath.string])
+            try runTool("e2fsck", ["-f", "-n", restored.devicePath.string])
             let mount2 = try mountDevice(restored.devicePath, at: path("host2/mnt"), readOnly: true)
             for (relative, bytes) in files {
                 let read = try Data(contentsOf: URL(fileURLWithPath: mount2.appending(relative).string))
@@ -81,7 +81,7 @@
         func mountDevice(_ device: FilePath, at mountPoint: FilePath, readOnly: Bool) throws -> FilePath {
             XCTAssertEqual(mkdir(mountPoint.string, 0o700), 0)
             guard mount(device.string, mountPoint.string, "ext4", readOnly ? UInt(MS_RDONLY) : 0, nil) == 0 else {
-                throw DataPlaneTestError("mount \(device) on \(mountPoint): \(Errno(rawValue: errno))")
+                throw HelperError(description: "mount \(device) on \(mountPoint): \(Errno(rawValue: errno))")
             }
             mountPoints.append(mountPoint)
             return mountPoint
