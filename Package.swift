@@ -7,6 +7,10 @@ let strictSwift: [SwiftSetting] = [
     .enableUpcomingFeature("InternalImportsByDefault"),
 ]
 
+// The repository (issue 18; its targets are at the end): DM_WITHOUT_REPOSITORY=1 leaves them
+// out, so the sanitizer builds of the core suites compile neither the repository nor its HTTP stack.
+let withRepository = Context.environment["DM_WITHOUT_REPOSITORY"] == nil
+
 let package = Package(
     name: "DeviceMapper",
     products: [
@@ -20,6 +24,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.81.0"),
     ],
     targets: [
         // libdevmapper and the kernel's loop and block-device headers.
@@ -115,3 +122,32 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// MARK: - The repository (issue 18): push and pull images and stores through an object store.
+if withRepository {
+    package.products.append(.library(name: "SandboxRepository", targets: ["SandboxRepository"]))
+    package.targets += [
+        // The object stores: a local directory and S3 (SigV4 over async-http-client).
+        .target(
+            name: "SandboxRepository",
+            dependencies: [
+                "DeviceMapper",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "SandboxRepositoryTests",
+            dependencies: [
+                "SandboxRepository",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            ],
+            swiftSettings: strictSwift
+        ),
+    ]
+}

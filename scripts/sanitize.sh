@@ -36,6 +36,8 @@ SWIFT=${SWIFT:-swift}
 stages=("$@")
 ((${#stages[@]})) || stages=(tsan asan tsan-privileged)
 
+# The sanitized builds leave out the repository targets and their HTTP stack (Package.swift).
+export DM_WITHOUT_REPOSITORY=1
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:detect_leaks=0:abort_on_error=0}
 
