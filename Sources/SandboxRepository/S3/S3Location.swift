@@ -97,6 +97,7 @@ public struct S3Location: Sendable, Equatable {
         guard Self.isValidBucket(bucket) else { throw .invalidBucket(bucket) }
         let trimmed = prefix.hasSuffix("/") ? String(prefix.dropLast()) : prefix
         guard trimmed.isEmpty || Self.isValidPrefix(trimmed) else { throw .invalidPrefix(prefix) }
+        guard Self.isValidRegion(region) else { throw .invalidRegion(region) }
         guard let scheme = endpoint.scheme?.lowercased(), scheme == "http" || scheme == "https",
             let host = endpoint.host, !host.isEmpty, endpoint.path.isEmpty || endpoint.path == "/",
             endpoint.query == nil, endpoint.user == nil
@@ -104,13 +105,15 @@ public struct S3Location: Sendable, Equatable {
         var base = "\(scheme)://\(host.contains(":") ? "[\(host)]" : host)"
         if let port = endpoint.port { base += ":\(port)" }
         guard let normalized = URL(string: base) else { throw .invalidEndpoint(endpoint.absoluteString) }
-        guard !region.isEmpty, region.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }) else {
-            throw .invalidRegion(region)
-        }
         self.bucket = bucket
         self.prefix = trimmed.isEmpty ? "" : trimmed + "/"
         self.endpoint = normalized
         self.region = region
+    }
+
+    /// Whether `region` is a region name: letters, digits and `-`.
+    private static func isValidRegion(_ region: String) -> Bool {
+        !region.isEmpty && region.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
     }
 
     /// Parses `s3://BUCKET[/PREFIX][?endpoint=URL&region=REGION]`.
@@ -131,6 +134,8 @@ public struct S3Location: Sendable, Equatable {
             }
         }
         let regionName = region ?? "us-east-1"
+        // Before the default endpoint is made from it.
+        guard Self.isValidRegion(regionName) else { throw .invalidRegion(regionName) }
         let endpointString = endpointText ?? "https://s3.\(regionName).amazonaws.com"
         guard let endpoint = URL(string: endpointString) else { throw .invalidEndpoint(endpointString) }
         let path = components.path.hasPrefix("/") ? String(components.path.dropFirst()) : components.path

@@ -125,7 +125,9 @@ public final class S3ObjectStore: ObjectStore {
 
     /// Lists with ListObjectsV2, page by page (continuation tokens), sorted by key.
     public func list(prefix: String) async throws -> [ObjectInfo] {
-        guard prefix.isEmpty || Self.isValidKey(prefix) else {
+        // A prefix may end in "/" (a folder); the rest follows the rules of a key.
+        let prefixStem = prefix.hasSuffix("/") ? String(prefix.dropLast()) : prefix
+        guard prefix.isEmpty || Self.isValidKey(prefixStem) else {
             throw ObjectStoreError.failed(key: prefix, detail: "invalid key prefix: use only [A-Za-z0-9._/-]")
         }
         var objects: [ObjectInfo] = []
