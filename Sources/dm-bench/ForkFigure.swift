@@ -44,6 +44,12 @@ extension Bench {
                 let ratio = ratioOf(row.pause.p50Milliseconds, create.p50Milliseconds)
                 let forkRate = Double(row.parentAllocatedBytes) / 1_048_576 / (row.pause.p50Milliseconds / 1000)
                 let cpRate = Double(row.parentAllocatedBytes) / 1_048_576 / (row.cpMilliseconds / 1000)
+                // Each row as it is measured: a run stopped later still shows it.
+                progress.note(
+                    "fork \(type), \(formatBytes(changed)) changed: pause p50 "
+                        + "\(formatMilliseconds(row.pause.p50Milliseconds)) p99 \(formatMilliseconds(row.pause.p99Milliseconds)), "
+                        + "create p50 \(formatMilliseconds(create.p50Milliseconds)), cp \(formatMilliseconds(row.cpMilliseconds))"
+                )
                 section.rows.append([
                     type, formatBytes(changed), formatMilliseconds(row.pause.p50Milliseconds),
                     formatMilliseconds(row.pause.p99Milliseconds), formatMilliseconds(create.p50Milliseconds),

@@ -270,14 +270,22 @@ final class ForkTests: PrivilegedTestCase {
             for (index, parent) in parents.enumerated() {
                 try writeBlock(parent.devicePath, index, word: UInt64(100 + index))
             }
-            let suspended = Guarded((now: 0, most: 0))
+            let suspended = Guarded((now: 0, most: 0, waitForAnother: false))
             TestHooks.install { point in
                 guard point == .forkSuspended else { return }
-                suspended.withLock {
+                let waits = suspended.withLock {
                     $0.now += 1
                     $0.most = max($0.most, $0.now)
+                    return $0.waitForAnother
                 }
-                usleep(50_000)  // Holds the suspend long enough for forks to meet.
+                if waits {
+                    // Parallel forks: hold this suspend until a second one is held too (or 20 s
+                    // pass), so that the overlap does not depend on the host's speed.
+                    let deadline = Date().addingTimeInterval(20)
+                    while suspended.withLock({ $0.most < 2 }), Date() < deadline { usleep(1000) }
+                } else {
+                    usleep(50_000)  // Serialised forks would meet here if they could.
+                }
                 suspended.withLock { $0.now -= 1 }
             }
             // 8 forks of one parent at once: one at a time.
@@ -294,7 +302,7 @@ final class ForkTests: PrivilegedTestCase {
             XCTAssertEqual(errors.withLock { $0 }, [])
             XCTAssertEqual(suspended.withLock { $0.most }, 1, "two forks of one parent ran at once")
             // One fork of each of 4 parents at once: together.
-            suspended.withLock { $0 = (0, 0) }
+            suspended.withLock { $0 = (0, 0, true) }
             DispatchQueue.concurrentPerform(iterations: 4) { index in
                 do {
                     try parents[index].fork(cowPath: fourPaths[index])

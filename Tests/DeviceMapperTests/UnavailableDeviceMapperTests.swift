@@ -41,6 +41,17 @@ final class UnavailableDeviceMapperTests: XCTestCase {
             ("table", { _ = try DeviceMapperControl.table(name: name) }),
             ("status", { _ = try DeviceMapperControl.status(name: name) }),
             ("version", { _ = try DeviceMapperControl.driverVersion() }),
+            ("suspend", { try DeviceMapperControl.suspend(name: name) }),
+            ("resume", { try DeviceMapperControl.resume(name: name) }),
+            (
+                "fork",
+                {
+                    try SnapshotDevice(
+                        name: name.rawValue, devicePath: "/dev/mapper/unavailable-test", cowPath: "/nonexistent.cow",
+                        cowLoopDevice: "/dev/loop0"
+                    ).fork(cowPath: "/nonexistent-fork.cow")
+                }
+            ),
         ]
         for (label, call) in calls {
             XCTAssertThrowsError(try call(), label) { error in
