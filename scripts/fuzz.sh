@@ -4,7 +4,9 @@
 #   scripts/fuzz.sh [SECONDS]      default 30
 #
 # 1. Builds the library's dependencies (swift-system, swift-log, swift-crypto, the C shims) with
-#    SwiftPM, in release, in .build-fuzz.
+#    SwiftPM, in release, in .build-release with DM_WITHOUT_REPOSITORY=1: the folder and the
+#    settings of make test's release-build stage, which runs first, so the dependencies
+#    (BoringSSL above all) are compiled once in release, not twice.
 # 2. Compiles Fuzz/CowFileFuzz.swift together with (a copy of) Sources/DeviceMapper/**/*.swift
 #    into one module with `swiftc -sanitize=fuzzer,address`, linked against those objects.
 # 3. Runs it for SECONDS over Fuzz/corpus/ (read-only seeds); new inputs go to
@@ -17,7 +19,10 @@ set -euo pipefail
 seconds=${1:-30}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 scratch=$root/.build-fuzz
-swift_build=(swift build --package-path "$root" --scratch-path "$scratch" -c release)
+deps_scratch=$root/.build-release
+export DM_WITHOUT_REPOSITORY=1
+swift_build=(swift build --package-path "$root" --scratch-path "$deps_scratch" -c release)
+mkdir -p "$scratch"
 
 echo "fuzz.sh: building dependencies"
 # Only the dependencies: the library's own sources are compiled below, instrumented.
@@ -63,8 +68,8 @@ swiftc \
     -Xcc -fmodule-map-file="$root/Sources/CDeviceMapper/module.modulemap" \
     -Xcc -fmodule-map-file="$bin/CDeviceMapperShims.build/module.modulemap" \
     -Xcc -I -Xcc "$root/Sources/CDeviceMapperShims/include" \
-    -Xcc -fmodule-map-file="$scratch/checkouts/swift-system/Sources/CSystem/include/module.modulemap" \
-    -Xcc -I -Xcc "$scratch/checkouts/swift-system/Sources/CSystem/include" \
+    -Xcc -fmodule-map-file="$deps_scratch/checkouts/swift-system/Sources/CSystem/include/module.modulemap" \
+    -Xcc -I -Xcc "$deps_scratch/checkouts/swift-system/Sources/CSystem/include" \
     -module-cache-path "$scratch/fuzz-module-cache" \
     "$sources"/*.swift \
     "${objects[@]}" \
