@@ -27,7 +27,7 @@ ifneq ($(shell id -u),0)
 endif
 
 .PHONY: all deps build lint docs test test-stages host-checks unit-test privileged-test privileged-test-udev \
-	privileged-suites sanitize release-build fuzz bench clean s3-test
+	privileged-suites sanitize release-build fuzz bench clean s3-test tsan-build
 
 all: build
 
@@ -60,33 +60,48 @@ test:
 	printf 'make test: %s in %dm%02ds\n' $$v $$((secs / 60)) $$((secs % 60)); \
 	exit $$rc
 
-# Unit tests first (no root, no device-mapper), then the TSan build the privileged TSan
-# run needs, then the privileged suites against a real kernel: plain, TSan and udev, in
-# ONE VM boot where the host has no device-mapper (scripts/run-privileged-suites.sh).
-# Meanwhile (TEST_PARALLEL=1) the host-only checks run: the sanitized unit suites,
-# the release build of everything and the fuzzer.
+# Unit tests first (no root, no device-mapper), then, at once (TEST_PARALLEL=1):
+#  - the privileged suites against a real kernel: plain, udev, TSan (and powercut when
+#    named), in ONE VM boot where the host has no device-mapper
+#    (scripts/run-privileged-suites.sh); the VM boots as soon as the debug bundle exists;
+#  - the host-only checks: first the TSan build the VM's tsan stage needs (that stage
+#    waits for it, through the status file DM_TSAN_BUILD_STATUS names, with a deadline),
+#    then the S3 tests, the sanitized unit suites, the release build and the fuzzer.
+# TEST_PARALLEL=0 runs the same stages one after another.
+TSAN_BUILD_STATUS := .build-tsan/build-status
 test-stages:
 	@$(STAGE) deps bash scripts/deps.sh
 	@$(STAGE) lint $(MAKE) --no-print-directory lint
 	@$(STAGE) docs $(MAKE) --no-print-directory docs
 	@$(STAGE) build $(SWIFT) build --build-tests
 	@$(STAGE) unit $(MAKE) --no-print-directory unit-test
-	@$(STAGE) tsan-build bash -o pipefail -c \
-		'DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan 2>&1 | tail -n 3'
+	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
 	@if [[ "$(TEST_PARALLEL)" == 1 ]]; then \
-		echo "== host-checks: running in the background while the privileged suites run; log .build/host-checks.log"; \
-		$(STAGE) host-checks $(MAKE) --no-print-directory host-checks >.build/host-checks.log 2>&1 & hc=$$!; \
-		rc=0; $(STAGE) privileged $(MAKE) --no-print-directory privileged-suites || rc=$$?; \
+		echo "== host-checks (with the TSan build): running in the background while the privileged suites run; log .build/host-checks.log"; \
+		{ $(STAGE) tsan-build $(MAKE) --no-print-directory tsan-build && \
+			$(STAGE) host-checks $(MAKE) --no-print-directory host-checks; } >.build/host-checks.log 2>&1 & hc=$$!; \
+		rc=0; DM_TSAN_BUILD_STATUS=$(TSAN_BUILD_STATUS) $(STAGE) privileged $(MAKE) --no-print-directory privileged-suites || rc=$$?; \
 		hrc=0; wait $$hc || hrc=$$?; \
-		grep -E '^(== |sanitize: |fuzz.sh: |#[0-9]+.*DONE|Done [0-9]+ runs)' .build/host-checks.log | sed 's/^/  host-checks: /'; \
+		grep -E '^(== |tsan-build: |sanitize: |fuzz.sh: |#[0-9]+.*DONE|Done [0-9]+ runs)' .build/host-checks.log | sed 's/^/  host-checks: /'; \
 		((hrc == 0)) || { echo "host-checks FAILED (exit $$hrc); see .build/host-checks.log" >&2; tail -n 30 .build/host-checks.log >&2; }; \
 		((rc == 0 && hrc == 0)); \
 	else \
+		$(STAGE) tsan-build $(MAKE) --no-print-directory tsan-build && \
 		$(STAGE) privileged $(MAKE) --no-print-directory privileged-suites && \
 		$(MAKE) --no-print-directory host-checks; \
 	fi
 	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log \
 		.build-tsan/sanitize-tsan-privileged.log .build-tsan/sanitize-thread.log .build-asan/sanitize-address.log
+
+# The TSan build of the tests (without the repository's HTTP stack); writes its exit status
+# to $(TSAN_BUILD_STATUS), atomically, for the VM's tsan stage to wait on.
+tsan-build:
+	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
+	@rc=0; DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan \
+		>.build-tsan/build.log 2>&1 || rc=$$?; \
+	tail -n 3 .build-tsan/build.log | sed 's/^/tsan-build: /'; \
+	echo $$rc >$(TSAN_BUILD_STATUS).tmp && mv $(TSAN_BUILD_STATUS).tmp $(TSAN_BUILD_STATUS); \
+	exit $$rc
 
 # The checks that need neither root nor device-mapper, each timed.
 host-checks:

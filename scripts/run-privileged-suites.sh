@@ -2,7 +2,7 @@
 # The privileged part of `make test`: three runs against a real kernel, in ONE
 # VM boot when the host has no device-mapper.
 #
-#   scripts/run-privileged-suites.sh [STAGE...]     default: plain tsan udev
+#   scripts/run-privileged-suites.sh [STAGE...]     default: plain udev tsan
 #   (powercut runs when named: it has not yet passed a whole make test run; the plain
 #   stage has its regression tests, PowerCutTests)
 #
@@ -36,8 +36,11 @@
 # last lines are one verdict per stage; the exit status is non-zero if any failed.
 #
 # Bundles: DM_XCTEST_BUNDLE (default .build/debug/DeviceMapperPackageTests.xctest)
-# and, for tsan, .build-tsan/debug/DeviceMapperPackageTests.xctest (built here,
-# on the host, if missing).
+# and, for tsan, .build-tsan/debug/DeviceMapperPackageTests.xctest: built here, on
+# the host, before the VM boots if missing; or, under `make test`, built on the host
+# while the earlier stages run: then DM_TSAN_BUILD_STATUS names the file the build
+# writes its exit status to, and the tsan stage waits for it (at most
+# DM_TSAN_BUILD_WAIT seconds, default 2400), so the VM need not wait for that build.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,7 +49,7 @@ cd "$root"
 SWIFT=${SWIFT:-swift}
 
 stages=("$@")
-((${#stages[@]})) || stages=(plain tsan udev)
+((${#stages[@]})) || stages=(plain udev tsan)
 for stage in "${stages[@]}"; do
     case "$stage" in
         plain | tsan | udev | powercut) ;;
@@ -76,7 +79,9 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
     mkdir -p .build
     rw=(--rwdir .build)
     if has_stage tsan; then
-        if [[ ! -x "$tsan_bundle" ]]; then
+        if [[ -n "${DM_TSAN_BUILD_STATUS:-}" ]]; then
+            mkdir -p "$(dirname "$DM_TSAN_BUILD_STATUS")"
+        elif [[ ! -x "$tsan_bundle" ]]; then
             say "building $tsan_bundle"
             DM_WITHOUT_REPOSITORY=1 "$SWIFT" build --build-tests --sanitize=thread --scratch-path .build-tsan >/dev/null
         fi
@@ -118,6 +123,28 @@ run_stage() {
     fi
 }
 
+# wait_for_tsan_build: true once the TSan bundle is there to run. Under make test the
+# host builds it meanwhile and writes its exit status to DM_TSAN_BUILD_STATUS.
+tsan_build_problem=
+wait_for_tsan_build() {
+    local status=${DM_TSAN_BUILD_STATUS:-} deadline=$((SECONDS + ${DM_TSAN_BUILD_WAIT:-2400}))
+    if [[ -n "$status" && ! -f "$status" ]]; then
+        say "tsan: waiting for the host's TSan build ($status)"
+        while [[ ! -f "$status" ]]; do
+            if ((SECONDS >= deadline)); then
+                tsan_build_problem="no TSan build after ${DM_TSAN_BUILD_WAIT:-2400}s (DM_TSAN_BUILD_WAIT)"
+                return 1
+            fi
+            sleep 5
+        done
+    fi
+    if [[ -n "$status" && "$(cat "$status")" != 0 ]]; then
+        tsan_build_problem="the host's TSan build failed (exit $(cat "$status")); see .build-tsan/build.log"
+        return 1
+    fi
+    [[ -x "$tsan_bundle" ]] || { tsan_build_problem="$tsan_bundle missing"; return 1; }
+}
+
 where="on this host"
 [[ "${DM_IN_VM:-0}" == 1 ]] && where="in the VM guest (kernel $(uname -r), device-mapper: yes)"
 say "running ${stages[*]} directly $where"
@@ -130,6 +157,11 @@ for stage in "${stages[@]}"; do
                 bash "$here/run-privileged-tests.sh" "$bundle"
             ;;
         tsan)
+            if ! wait_for_tsan_build; then
+                verdicts+=("tsan: FAILED: $tsan_build_problem")
+                failed=1
+                continue
+            fi
             run_stage tsan '^sanitize: tsan-privileged: ' \
                 env DM_STRESS_THREADS="${DM_TSAN_STRESS_THREADS:-16}" DM_STRESS_CYCLES="${DM_TSAN_STRESS_CYCLES:-4}" \
                 bash "$here/sanitize.sh" tsan-privileged
