@@ -282,19 +282,9 @@ final class CrashHelper {
     private let output = Pipe()
     private var printed: [UInt8] = []
 
-    /// `dm-crash-helper` beside the test bundle (`.build/debug/`).
-    static var executable: URL {
-        let bundle =
-            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        return URL(fileURLWithPath: bundle).deletingLastPathComponent().appendingPathComponent("dm-crash-helper")
-    }
-
     /// Starts the helper with `arguments`, and `environment` added to this process's.
     init(_ arguments: [String], environment: [String: String] = [:]) throws {
-        let executable = Self.executable
-        guard FileManager.default.isExecutableFile(atPath: executable.path) else {
-            throw HelperError(description: "no \(executable.path): build it with `swift build --build-tests`")
-        }
+        let executable = try BuiltTool.url("dm-crash-helper")
         process.executableURL = executable
         process.arguments = arguments
         if !environment.isEmpty {

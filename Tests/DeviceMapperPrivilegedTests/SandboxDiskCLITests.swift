@@ -478,7 +478,7 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
 
         for (signalNumber, status, signalName) in [(SIGINT, Int32(130), "SIGINT"), (SIGTERM, Int32(143), "SIGTERM")] {
             let run = try InterruptibleRun(
-                executable: Self.executable,
+                executable: try BuiltTool.url("sandbox-disk"),
                 arguments: ["flatten", snapshot.name, output.string, "--progress-interval-ms", "0"])
             defer { run.killIfRunning() }
             let firstLine = try run.waitForLine(startingWith: "sandbox-disk: progress ")
@@ -502,29 +502,6 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
-    // MARK: - Usage
-
-    func testExitStatusesForHelpAndBadUsage() throws {
-        let help = try sandboxDisk(["--help"])
-        XCTAssertEqual(help.status, 0)
-        XCTAssertTrue(help.stdout.contains("SUBCOMMANDS:"), help.stdout)
-        for subcommand in ["list", "status", "inspect", "verify", "cleanup", "flatten"] {
-            let subcommandHelp = try sandboxDisk([subcommand, "--help"])
-            XCTAssertEqual(subcommandHelp.status, 0, subcommand)
-            XCTAssertTrue(subcommandHelp.stdout.contains("Example"), "\(subcommand) --help has an example")
-            XCTAssertTrue(subcommandHelp.stdout.contains("sandbox-disk \(subcommand)"), subcommandHelp.stdout)
-        }
-        for arguments in [
-            ["bogus"], ["flatten", "only-one"], ["verify", "x.cow"], ["status"], ["list", "--nope"],
-            ["cleanup", "--prefix", ""],
-        ] {
-            let usage = try sandboxDisk(arguments)
-            XCTAssertEqual(usage.status, 2, "\(arguments): \(usage.stderr)")
-            XCTAssertTrue(usage.stderr.contains("Usage: sandbox-disk"), usage.stderr)
-            XCTAssertEqual(usage.stdout, "")
-        }
-    }
-
     // MARK: - Helpers
 
     /// The fields of a device in `list --json` and `status --json` (docs/cli.md).
@@ -534,12 +511,6 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         "origin_image", "chunk_size_sectors",
     ]
 
-    /// `sandbox-disk` beside the test bundle (`.build/debug/`).
-    static var executable: URL {
-        let bundle =
-            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        return URL(fileURLWithPath: bundle).deletingLastPathComponent().appendingPathComponent("sandbox-disk")
-    }
 
     struct ToolRun {
         var arguments: [String]
@@ -559,10 +530,7 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
 
     /// Runs `sandbox-disk` to the end and returns what it printed and its exit status.
     func sandboxDisk(_ arguments: [String]) throws -> ToolRun {
-        let executable = Self.executable
-        guard FileManager.default.isExecutableFile(atPath: executable.path) else {
-            throw HelperError(description: "no \(executable.path): build it with `swift build --build-tests`")
-        }
+        let executable = try BuiltTool.url("sandbox-disk")
         let process = Process()
         process.executableURL = executable
         process.arguments = arguments
@@ -711,9 +679,6 @@ private final class InterruptibleRun {
     private var printed: [UInt8] = []
 
     init(executable: URL, arguments: [String]) throws {
-        guard FileManager.default.isExecutableFile(atPath: executable.path) else {
-            throw HelperError(description: "no \(executable.path): build it with `swift build --build-tests`")
-        }
         process.executableURL = executable
         process.arguments = arguments
         process.standardOutput = FileHandle.nullDevice
