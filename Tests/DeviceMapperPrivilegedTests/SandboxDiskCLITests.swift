@@ -511,7 +511,6 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         "origin_image", "chunk_size_sectors",
     ]
 
-
     struct ToolRun {
         var arguments: [String]
         var status: Int32
