@@ -278,62 +278,30 @@ final class CrashTests: PrivilegedTestCase {
 /// A running `dm-crash-helper`, its stdout read for the `READY` line; its stderr (logs)
 /// goes to the test's.
 final class CrashHelper {
-    let process = Process()
-    private let output = Pipe()
-    private var printed: [UInt8] = []
+    private let run: WatchedRun
+    var process: Process { run.process }
 
     /// Starts the helper with `arguments`, and `environment` added to this process's.
     init(_ arguments: [String], environment: [String: String] = [:]) throws {
-        let executable = try BuiltTool.url("dm-crash-helper")
-        process.executableURL = executable
-        process.arguments = arguments
-        if !environment.isEmpty {
-            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        }
-        process.standardOutput = output
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
+        run = try WatchedRun("dm-crash-helper", arguments, environment: environment, watching: .standardOutput)
     }
 
     /// Runs the helper to the end (`list-owned`, `remove`) and returns what it printed;
     /// throws if it exits with another status than 0.
     static func run(_ arguments: [String], environment: [String: String] = [:]) throws -> String {
         let helper = try CrashHelper(arguments, environment: environment)
-        let bytes = helper.output.fileHandleForReading.readDataToEndOfFile()
-        helper.process.waitUntilExit()
+        let printed = helper.run.finish()
         guard helper.process.terminationStatus == 0 else {
             throw HelperError(
                 description: "dm-crash-helper \(arguments.joined(separator: " ")) exited "
                     + "\(helper.process.terminationStatus)")
         }
-        return String(decoding: bytes, as: UTF8.self)
+        return printed
     }
 
     /// Waits for the helper to print `READY <point>`; throws if it exits or takes too long.
     func waitUntilReady(at point: String, timeoutSeconds: Double = 180) throws {
-        let fd = output.fileHandleForReading.fileDescriptor
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
-        while !String(decoding: printed, as: UTF8.self).split(separator: "\n").contains("READY \(point)") {
-            let remaining = deadline.timeIntervalSinceNow
-            guard remaining > 0 else {
-                throw HelperError(
-                    description:
-                        "no READY \(point) after \(timeoutSeconds) s; printed: \(String(decoding: printed, as: UTF8.self))"
-                )
-            }
-            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, Int32(min(remaining, 1) * 1000)) > 0 else { continue }
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if count > 0 {
-                printed += buffer.prefix(count)
-            } else if count == 0 {
-                process.waitUntilExit()
-                throw HelperError(
-                    description: "the helper exited (status \(process.terminationStatus)) before READY \(point); "
-                        + "printed: \(String(decoding: printed, as: UTF8.self))")
-            }
-        }
+        _ = try run.waitForLine("READY \(point)", timeoutSeconds: timeoutSeconds) { $0 == "READY \(point)" }
     }
 
     /// Sends SIGKILL and waits until the process is gone.
@@ -346,11 +314,7 @@ final class CrashHelper {
     }
 
     /// For `defer`: never leave a helper running past its test.
-    func killIfRunning() {
-        guard process.isRunning else { return }
-        _ = Glibc.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-    }
+    func killIfRunning() { run.killIfRunning() }
 }
 
 struct HelperError: Error, CustomStringConvertible {

@@ -477,11 +477,11 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         let output = path("template.img")
 
         for (signalNumber, status, signalName) in [(SIGINT, Int32(130), "SIGINT"), (SIGTERM, Int32(143), "SIGTERM")] {
-            let run = try InterruptibleRun(
-                executable: try BuiltTool.url("sandbox-disk"),
-                arguments: ["flatten", snapshot.name, output.string, "--progress-interval-ms", "0"])
+            let run = try WatchedRun(
+                "sandbox-disk", ["flatten", snapshot.name, output.string, "--progress-interval-ms", "0"],
+                watching: .standardError)
             defer { run.killIfRunning() }
-            let firstLine = try run.waitForLine(startingWith: "sandbox-disk: progress ")
+            let firstLine = try run.waitForLine("a progress line") { $0.hasPrefix("sandbox-disk: progress ") }
             XCTAssertFalse(firstLine.contains("100.0%"), firstLine)
             XCTAssertEqual(kill(run.process.processIdentifier, signalNumber), 0)
             let stderr = run.finish()
@@ -668,67 +668,5 @@ private final class CollectedOutput: @unchecked Sendable {
     func wait() -> String {
         done.wait()
         return String(decoding: data, as: UTF8.self)
-    }
-}
-
-/// A `sandbox-disk` run whose stderr is read as it comes, to signal it at the right moment.
-private final class InterruptibleRun {
-    let process = Process()
-    private let errors = Pipe()
-    private var printed: [UInt8] = []
-
-    init(executable: URL, arguments: [String]) throws {
-        process.executableURL = executable
-        process.arguments = arguments
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = errors
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-    }
-
-    /// Waits for a whole line that starts with `prefix` and returns it; throws if the
-    /// process ends first or it takes too long.
-    func waitForLine(startingWith prefix: String, timeoutSeconds: Double = 180) throws -> String {
-        let fd = errors.fileHandleForReading.fileDescriptor
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
-        while true {
-            let text = String(decoding: printed, as: UTF8.self)
-            if let line = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast()
-                .first(where: { $0.hasPrefix(prefix) })
-            {
-                return String(line)
-            }
-            let remaining = deadline.timeIntervalSinceNow
-            guard remaining > 0 else {
-                throw HelperError(
-                    description: "no line starting with \"\(prefix)\" after \(timeoutSeconds) s; printed: \(text)")
-            }
-            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, Int32(min(remaining, 1) * 1000)) > 0 else { continue }
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if count > 0 {
-                printed += buffer.prefix(count)
-            } else if count == 0 {
-                process.waitUntilExit()
-                throw HelperError(
-                    description: "sandbox-disk exited (status \(process.terminationStatus)) before a line "
-                        + "starting with \"\(prefix)\"; printed: \(text)")
-            }
-        }
-    }
-
-    /// Reads stderr to the end, waits for the exit, and returns all it printed.
-    func finish() -> String {
-        printed += errors.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return String(decoding: printed, as: UTF8.self)
-    }
-
-    /// For `defer`: never leave the tool running past its test.
-    func killIfRunning() {
-        guard process.isRunning else { return }
-        _ = kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
     }
 }
