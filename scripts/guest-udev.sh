@@ -38,8 +38,9 @@ if [[ "$action" == stop ]]; then
         udevadm settle --timeout=60 >/dev/null 2>&1 || true
         udevadm control --exit >/dev/null 2>&1 || log "warning: udevadm control --exit failed"
     fi
-    # udevd forks off; make sure no daemon or worker survives (30 s).
-    for _ in $(seq 300); do
+    # udevd forks off; make sure no daemon or worker survives (120 s: on a host shared by
+    # several TCG guests, 30 s was not always enough for udevd to exit).
+    for _ in $(seq 1200); do
         [[ -n "$(udevd_procs)" ]] || break
         sleep 0.1
     done

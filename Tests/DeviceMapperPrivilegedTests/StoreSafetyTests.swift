@@ -113,6 +113,29 @@ final class StoreSafetyTests: PrivilegedTestCase {
         assertLoopDevices([])
     }
 
+    /// Restore's in-use check costs the same with any number of loop devices: the kernel grants
+    /// the lease only on a store that no other open file holds, and a loop device holds the
+    /// file it was attached with, read-write or read-only, until it detaches.
+    func testTheInUseCheckSeesAnyOtherHolderOfTheStore() throws {
+        let store = path("probe.cow")
+        XCTAssertTrue(FileManager.default.createFile(atPath: store.string, contents: Data(count: 4096)))
+        let fd = try FileDescriptor.open(store, .readWrite)
+        defer { try? fd.close() }
+        XCTAssertTrue(isOnlyOpenFile(fd), "a store nobody else has open")
+        XCTAssertTrue(isOnlyOpenFile(fd), "the lease was dropped, so it is granted again")
+        for readOnly in [false, true] {
+            let loop = try attachLoopDevice(backingFile: store, readOnly: readOnly)  // Its own open file, closed since.
+            XCTAssertFalse(isOnlyOpenFile(fd), "attached \(readOnly ? "read-only" : "read-write") by other code")
+            loop.close()
+            assertLoopDevices([])
+            XCTAssertTrue(isOnlyOpenFile(fd), "detached")
+        }
+        let reader = try FileDescriptor.open(store, .readOnly)
+        XCTAssertFalse(isOnlyOpenFile(fd), "another open file in this process")
+        try reader.close()
+        XCTAssertTrue(isOnlyOpenFile(fd))
+    }
+
     /// The scan matches through sysfs's path and `stat`, not by opening every loop device:
     /// a store attached under another name (a hard link), then with that name deleted, is still found.
     func testRestoreRefusesAStoreAttachedByOtherCodeUnderAnotherName() throws {

@@ -603,6 +603,24 @@ final class CowFileTests: XCTestCase {
         XCTAssertNil(storeHolder(FileIdentity(device: UInt64(status.st_dev), inode: UInt64(status.st_ino))))
     }
 
+    /// Restore's O(1) in-use check: granted only while no other open file holds the store;
+    /// where leases are refused for any reason, false, and the caller scans.
+    func testTheInUseCheckIsGrantedOnlyWhileNoOtherFileHoldsTheStore() throws {
+        let path = try write(CowStoreSynthesiser())
+        let fd = try FileDescriptor.open(path, .readWrite)
+        defer { try? fd.close() }
+        XCTAssertTrue(isOnlyOpenFile(fd))
+        let other = try FileDescriptor.open(path, .readOnly)
+        XCTAssertFalse(isOnlyOpenFile(fd), "another open file")
+        try other.close()
+        XCTAssertTrue(isOnlyOpenFile(fd), "the lease was dropped each time")
+        #if DEBUG
+            FaultInjection.with(.invalidArgument, injectedInto: "fcntl(F_SETLEASE)") {
+                XCTAssertFalse(isOnlyOpenFile(fd), "a filesystem without leases")
+            }
+        #endif
+    }
+
     #if DEBUG
         func testFlattenWithoutCopyFileRangeUsesReadAndWrite() throws {
             let flatten = try makeFlattenCase(originSize: (3 << 20) + 512, changes: [0, 700, 701, 768])

@@ -45,7 +45,8 @@ package func lockStore(
     while true {
         switch system_flock(fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) {
         case .success:
-            guard checkUnlockedAttachments, let holder = storeHolder(identity) else { return }
+            // The common case answers in O(1): no other open file on the store, so no loop device.
+            guard checkUnlockedAttachments, !isOnlyOpenFile(fd), let holder = storeHolder(identity) else { return }
             // Attached without the lock: by other code, so whether it is in use is the question.
             if holder.deviceMapperHolders.isEmpty && waited < storeLockWaitMicroseconds {
                 _ = system_flock(fd, LOCK_UN)
@@ -69,6 +70,28 @@ package func lockStore(
         usleep(storeLockPollMicroseconds)
         waited += storeLockPollMicroseconds
     }
+}
+
+/// Whether the open file `fd` is the only open file on its inode, so that no loop device
+/// holds the file: a loop device keeps the open file it was configured with until it
+/// detaches, and that file counts as a reader or a writer of the inode. The kernel answers
+/// from the inode's own counts, whatever the number of loop devices: it grants a write lease
+/// only while no other open file reads or writes the inode (`check_conflicting_open` in
+/// fs/locks.c); the lease is dropped at once. False whenever the lease is refused (another
+/// open file, even this process's; a filesystem without leases; no `CAP_LEASE` and not the
+/// file's owner): then the caller scans (`storeHolder`).
+///
+/// While the lease is held, an `open` of the file elsewhere waits for its release (two
+/// calls here), and the kernel signals this process: the file's signal is set to `SIGURG`
+/// first, which is ignored by default, instead of `SIGIO`, whose default action would end
+/// the process.
+/// The corresponding C function is `fcntl` (`F_SETSIG`, then `F_SETLEASE` with `F_WRLCK` and `F_UNLCK`).
+package func isOnlyOpenFile(_ fd: FileDescriptor) -> Bool {
+    guard case .success = system_setSignal(fd, SIGURG), case .success = system_setLease(fd, CInt(F_WRLCK)) else {
+        return false
+    }
+    _ = system_setLease(fd, CInt(F_UNLCK))
+    return true
 }
 
 /// A loop device over a store, and the device-mapper devices that hold it open.

@@ -290,13 +290,14 @@ package func attachedLoopDevices() -> [LoopDeviceAttachment] {
     return result.sorted { $0.device.index < $1.device.index }
 }
 
-/// The loop device index of a device number, from sysfs (`/sys/dev/block/M:m`).
+/// The loop device index of a device number, from sysfs: the name the link
+/// `/sys/dev/block/M:m` points to (`.../block/loopN`). A `readlink` costs the kernel no
+/// `uevent` text (about a tenth of reading `/sys/dev/block/M:m/uevent` in the 6.1 guest).
 func loopIndex(of number: DeviceNumber) -> Int? {
-    guard
-        let name = readSmallFile(FilePath("/sys/dev/block/\(number)/uevent"))?
-            .split(separator: "\n").first(where: { $0.hasPrefix("DEVNAME=loop") })
+    guard case .success(let target) = system_readlink(FilePath("/sys/dev/block/\(number)")),
+        let name = target.split(separator: "/").last, name.hasPrefix("loop")
     else { return nil }
-    return Int(name.dropFirst("DEVNAME=loop".count))
+    return Int(name.dropFirst("loop".count))
 }
 
 /// Parses sysfs's `major:minor` text.

@@ -197,6 +197,37 @@ package func system_flock(_ fd: FileDescriptor, _ operation: CInt) -> Result<Voi
     return valueOrErrno { flock(fd.rawValue, operation) }.map { _ in () }
 }
 
+/// `F_SETLEASE`: Linux's file-lease command (`F_LINUX_SPECIFIC_BASE + 0`, <linux/fcntl.h>).
+let linuxSetLease: CInt = 1024
+/// `F_SETSIG`: the signal an open file's owner gets for it (`F_LINUX_SPECIFIC_BASE + 10`).
+let linuxSetSignal: CInt = 10
+
+/// Takes (`F_WRLCK`, `F_RDLCK`) or drops (`F_UNLCK`) a lease on the open regular file `fd`.
+/// The kernel grants a write lease only while no other open file has the inode open.
+/// The corresponding C function is `fcntl` (`F_SETLEASE`).
+package func system_setLease(_ fd: FileDescriptor, _ type: CInt) -> Result<Void, Errno> {
+    if let fault = injectedFault("fcntl(F_SETLEASE)") { return .failure(fault) }
+    return valueOrErrno { fcntl(fd.rawValue, linuxSetLease, type) }.map { _ in () }
+}
+
+/// Sets the signal the owner of the open file `fd` is sent for it (0: `SIGIO`).
+/// The corresponding C function is `fcntl` (`F_SETSIG`).
+package func system_setSignal(_ fd: FileDescriptor, _ signal: CInt) -> Result<Void, Errno> {
+    if let fault = injectedFault("fcntl(F_SETSIG)") { return .failure(fault) }
+    return valueOrErrno { fcntl(fd.rawValue, linuxSetSignal, signal) }.map { _ in () }
+}
+
+/// The target of the symbolic link `path` (at most `PATH_MAX` bytes).
+/// The corresponding C function is `readlink`.
+func system_readlink(_ path: FilePath) -> Result<String, Errno> {
+    if let fault = injectedFault("readlink") { return .failure(fault) }
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))
+    let count = path.withPlatformString { cPath in
+        valueOrErrno { readlink(cPath, &buffer, buffer.count) }
+    }
+    return count.map { String(decoding: buffer.prefix($0).map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+}
+
 /// Closes a descriptor; never retried, as `close` must not be.
 /// The corresponding C function is `close`.
 package func system_close(_ fd: FileDescriptor) {

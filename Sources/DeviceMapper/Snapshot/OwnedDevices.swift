@@ -47,6 +47,15 @@ extension SnapshotDevice {
     /// - Throws: ``DeviceMapperError`` as said above, `.invalidName` for a name the library
     ///   would not make, or `.deviceMapperCallFailed`.
     public static func adopt(name: String) throws(DeviceMapperError) -> OwnedSnapshot {
+        var origins: [DeviceNumber: (loop: LoopDevice?, image: String?)] = [:]
+        return try adopt(name: name, origins: &origins)
+    }
+
+    /// ``adopt(name:)``, reading each origin's loop device and image from sysfs once per
+    /// `origins` (``listOwned()`` shares one among all devices: they share few origins).
+    static func adopt(
+        name: String, origins: inout [DeviceNumber: (loop: LoopDevice?, image: String?)]
+    ) throws(DeviceMapperError) -> OwnedSnapshot {
         let operation = "SnapshotDevice.adopt"
         let deviceName = try DeviceName(name)
         guard let info = try DeviceMapperControl.info(name: deviceName) else {
@@ -86,8 +95,14 @@ extension SnapshotDevice {
                 code: .unexpectedKernelOutput, operation: operation, subject: name,
                 detail: "the snapshot's CoW device \(parameters.cow) is not an attached loop device")
         }
-        let originLoop = loopIndex(of: parameters.origin).map { LoopDevice(index: $0, number: parameters.origin) }
-        let originImage = originLoop.flatMap { readSmallFile(FilePath("/sys/block/loop\($0.index)/loop/backing_file")) }
+        let origin =
+            origins[parameters.origin]
+            ?? {
+                let loop = loopIndex(of: parameters.origin).map { LoopDevice(index: $0, number: parameters.origin) }
+                return (loop, loop.flatMap { readSmallFile(FilePath("/sys/block/loop\($0.index)/loop/backing_file")) })
+            }()
+        origins[parameters.origin] = origin
+        let (originLoop, originImage) = origin
         let device = SnapshotDevice(
             name: name, devicePath: FilePath(deviceName.devicePath), cowPath: FilePath(cowPath),
             cowLoopDevice: LoopDevice(index: cowIndex, number: parameters.cow).path)
@@ -111,9 +126,10 @@ extension SnapshotDevice {
     ///   cannot be read (`.unexpectedKernelOutput`, `.deviceMapperCallFailed`).
     public static func listOwned() throws(DeviceMapperError) -> [OwnedSnapshot] {
         var owned: [OwnedSnapshot] = []
+        var origins: [DeviceNumber: (loop: LoopDevice?, image: String?)] = [:]
         for listed in try DeviceMapperControl.list(withTargetTypes: false) {
             do {
-                owned.append(try adopt(name: listed.name))
+                owned.append(try adopt(name: listed.name, origins: &origins))
             } catch  where error.code == .deviceNotOwned || error.code == .deviceNotFound || error.code == .invalidName
             {
                 continue
