@@ -24,16 +24,16 @@ final class XFSFlattenTests: PrivilegedTestCase {
         // mkfs.xfs refuses filesystems under 300 MiB; the image is sparse.
         let filesystem = try mountScratchFilesystem("xfs", name: "xfs", sizeBytes: 320 << 20)
         mountPoint = filesystem
-        let size = 32 << 20
+        let size = 16 << 20
         let image = try makeImage("xfs/base.img", sizeBytes: size, seed: 13)
         let cow = filesystem.appending("s.cow")
         let origin = try registry.acquire(imagePath: image)
         let snapshot = try SnapshotDevice.create(
             name: deviceName("x"), origin: origin, cowPath: cow, originSizeBytes: Int64(size))
-        // 32 scattered 4 KiB chunks changed through the snapshot.
+        // 16 scattered 4 KiB chunks changed through the snapshot.
         var expected = try read(image, count: size)
-        for index in 0..<32 {
-            let offset = index * (size / 32) + (index % 7) * 4096
+        for index in 0..<16 {
+            let offset = index * (size / 16) + (index % 7) * 4096
             let bytes = [UInt8](repeating: UInt8(index + 1), count: 4096)
             try write(snapshot.devicePath, offset: Int64(offset), bytes)
             expected.replaceSubrange(offset..<(offset + 4096), with: bytes)
@@ -45,7 +45,7 @@ final class XFSFlattenTests: PrivilegedTestCase {
         let output = filesystem.appending("out.img")
         try CowFile(path: cow).flatten(origin: image, to: output)
         let grown = try usedBytes(filesystem) - before
-        // A copy would take the whole 32 MiB; a clone takes the changed chunks (128 KiB) and metadata.
+        // A copy would take the whole 16 MiB; a clone takes the changed chunks (64 KiB) and metadata.
         XCTAssertLessThan(grown, Int64(size / 4), "the output does not share the base's blocks: \(grown) bytes used")
         XCTAssertEqual(try read(output, count: size + 1), expected)
     }
