@@ -105,8 +105,11 @@ final class Workspace: Sendable {
     }
 
     /// Makes an image file and attaches it through the registry, as the agent does for a base image.
-    func makeOrigin(named fileName: String, sizeBytes: Int64, content: OriginContent) throws(BenchError) -> Origin {
-        let imagePath = path(fileName)
+    /// In `directory` if given (a scratch filesystem's), else in the work directory.
+    func makeOrigin(named fileName: String, sizeBytes: Int64, content: OriginContent, in directory: FilePath? = nil)
+        throws(BenchError) -> Origin
+    {
+        let imagePath = directory?.appending(fileName) ?? path(fileName)
         let fd = open(imagePath.string, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw BenchError("cannot create \(imagePath): \(errnoText())") }
         defer { close(fd) }

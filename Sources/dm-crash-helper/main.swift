@@ -6,6 +6,7 @@
 //   dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
 //   dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock
 //                           [--block N] [--write DATA_FILE@OFFSET]...
+//   dm-crash-helper fork    NAME ORIGIN_IMAGE COWPATH CHILD_COWPATH --stop-at forkSuspended
 //   dm-crash-helper list-owned PREFIX
 //   dm-crash-helper remove NAME
 //   dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS (library-node|udev-node)
@@ -34,7 +35,8 @@
 // Each command acquires ORIGIN_IMAGE through a LoopRegistry, as the agent does.
 // `flatten` creates a snapshot with a new CoW file, writes each DATA_FILE's bytes to the
 // snapshot at OFFSET (flushed), and flattens it to OUTPUT, stopping after the Nth block
-// (default 1). At the hook the helper writes `READY <point>` to stdout (unbuffered) and
+// (default 1). `fork` creates a snapshot and forks it to CHILD_COWPATH, stopping with the
+// parent suspended. At the hook the helper writes `READY <point>` to stdout (unbuffered) and
 // blocks until it is killed. Logs go to stderr.
 //
 // Exit status: 2 for a usage error or a release build (the hooks exist in debug builds
@@ -64,6 +66,7 @@ func usage() -> Never {
           dm-crash-helper create  NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach|afterDeviceCreate|afterTableLoad|afterSnapshotCreate
           dm-crash-helper restore NAME ORIGIN_IMAGE COWPATH --stop-at afterCowLoopAttach
           dm-crash-helper flatten NAME ORIGIN_IMAGE COWPATH OUTPUT --stop-at afterFlattenBlock [--block N] [--write FILE@OFFSET]...
+          dm-crash-helper fork    NAME ORIGIN_IMAGE COWPATH CHILD_COWPATH --stop-at forkSuspended
           dm-crash-helper list-owned PREFIX
           dm-crash-helper remove NAME
           dm-crash-helper udev-probe (create|remove) NAME TIMEOUT_MS (library-node|udev-node)
@@ -227,6 +230,7 @@ if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove
             "create": [.afterCowLoopAttach, .afterDeviceCreate, .afterTableLoad, .afterSnapshotCreate],
             "restore": [.afterCowLoopAttach],
             "flatten": [.afterFlattenBlock],
+            "fork": [.forkSuspended],
         ]
         guard let points = allowed[arguments.command] else { usage() }
         guard let stopAt = arguments.stopAt.flatMap(TestHookPoint.init(rawValue:)), points.contains(stopAt) else {
@@ -234,7 +238,7 @@ if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove
                 "\(arguments.command) stops at \(points.map(\.rawValue).joined(separator: " or ")) (--stop-at)",
                 status: 2)
         }
-        guard arguments.positional.count == (arguments.command == "flatten" ? 4 : 3) else { usage() }
+        guard arguments.positional.count == (["flatten", "fork"].contains(arguments.command) ? 4 : 3) else { usage() }
         let name = arguments.positional[0]
         let image = FilePath(arguments.positional[1])
         let cowPath = FilePath(arguments.positional[2])
@@ -262,6 +266,10 @@ if let command = CommandLine.arguments.dropFirst().first, ["list-owned", "remove
                 _ = try SnapshotDevice.create(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
             case "restore":
                 _ = try SnapshotDevice.restore(name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+            case "fork":
+                let parent = try SnapshotDevice.create(
+                    name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)
+                try parent.fork(cowPath: FilePath(arguments.positional[3]))
             default:
                 let snapshot = try SnapshotDevice.create(
                     name: name, origin: origin, cowPath: cowPath, originSizeBytes: size)

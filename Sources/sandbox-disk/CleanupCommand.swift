@@ -55,6 +55,7 @@ struct Cleanup: ParsableCommand {
                     "prefix": .string(prefix),
                     "include_unowned": .bool(includeUnowned),
                     "removed": .array(report.removed.map { .string($0) }),
+                    "resumed": .array(report.resumed.map { .string($0) }),
                     "in_use": .array(
                         report.inUse.map {
                             .sortedObject(["name": .string($0.name), "open_count": .int($0.openCount)])
@@ -72,6 +73,9 @@ struct Cleanup: ParsableCommand {
                 ]).document(decimals: 2))
         } else {
             var table = Table("DEVICE", "ACTION", "DETAIL")
+            for name in report.resumed {
+                table.add(name, dryRun ? "would resume" : "resumed", "suspended: an agent died during a fork")
+            }
             for name in report.removed {
                 table.add(name, dryRun ? "would remove" : "removed", "idle, made by this library")
             }
@@ -111,6 +115,7 @@ struct Cleanup: ParsableCommand {
 /// A cleanup's report, in the shape this command prints.
 struct CleanupOutcome {
     var removed: [String] = []
+    var resumed: [String] = []
     var inUse: [(name: String, openCount: Int)] = []
     var notOwned: [String] = []
     var failures: [(name: String, error: DeviceMapperError)] = []
@@ -121,6 +126,7 @@ struct CleanupOutcome {
 
     init(_ report: StaleCleanupReport) {
         removed = report.removed
+        resumed = report.resumed
         inUse = report.inUse.map { ($0.name, $0.openCount) }
         notOwned = report.notOwned
         failures = report.failures.map { ($0.name, $0.error) }

@@ -36,7 +36,7 @@ struct List: ParsableCommand {
         var table = Table("NAME", "STATE", "COW USE", "OPEN", "STORE", "ORIGIN", "COW LOOP", "ORIGIN LOOP")
         for device in owned {
             table.add(
-                device.device.name, stateName(device.status?.state), cowUse(device.status), String(device.openCount),
+                device.device.name, deviceStateName(device), cowUse(device.status), String(device.openCount),
                 device.device.cowPath.string, originText(device), device.device.cowLoopDevice.string,
                 device.originLoopDevice?.path.string ?? "-")
         }
@@ -72,7 +72,7 @@ struct Status: ParsableCommand {
             ("name", device.device.name),
             ("device", device.device.devicePath.string),
             ("uuid", device.uuid),
-            ("state", stateName(device.status?.state)),
+            ("state", deviceStateName(device)),
             ("open count", "\(device.openCount)\(device.openCount > 0 ? " (in use)" : " (idle)")"),
             ("cow use", cowUse(device.status)),
         ]
@@ -99,7 +99,8 @@ func deviceJSON(_ device: OwnedSnapshot) -> JSON {
         "name": .string(device.device.name),
         "device_path": .string(device.device.devicePath.string),
         "uuid": .string(device.uuid),
-        "state": .string(stateName(device.status?.state)),
+        "state": .string(deviceStateName(device)),
+        "incomplete": .bool(device.isIncomplete),
         "open_count": .int(device.openCount),
         "store_path": .string(device.device.cowPath.string),
         "cow_loop_device": .string(device.device.cowLoopDevice.string),
@@ -116,6 +117,12 @@ func deviceJSON(_ device: OwnedSnapshot) -> JSON {
 }
 
 /// `active`, `invalid`, `overflow`, `merge_failed`, or `unknown` when the status could not be read.
+/// A device's `STATE`: `incomplete` for one a crashed call left before its resume (it has
+/// no live table, so no status), else its snapshot status's state.
+func deviceStateName(_ device: OwnedSnapshot) -> String {
+    device.isIncomplete ? "incomplete" : stateName(device.status?.state)
+}
+
 func stateName(_ state: SnapshotStatus.State?) -> String {
     switch state {
     case .active: "active"

@@ -90,6 +90,52 @@ final class CrashTests: PrivilegedTestCase {
         registry.releaseAll()
     }
 
+    /// Killed while a fork holds its parent suspended (issue 19): the parent, a sandbox still
+    /// running (the test holds it open, as its VMM would), stays suspended after the process
+    /// dies. Cleanup at start-up resumes it, reports it, and leaves it in use; the dead
+    /// fork left only its temporary file, which the sweep removes.
+    func testKillDuringForkLeavesTheParentSuspendedUntilCleanupResumesIt() throws {
+        let image = try makeImage("base.img", sizeBytes: 1 << 20, seed: 6)
+        let name = deviceName("fork")
+        let helper = try CrashHelper([
+            "fork", name, image.string, path("fork.cow").string, path("child.cow").string,
+            "--stop-at", "forkSuspended",
+        ])
+        defer { helper.killIfRunning() }
+        try helper.waitUntilReady(at: "forkSuspended")
+        var sandbox = open("/dev/mapper/\(name)", O_RDONLY | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(sandbox, 0, "open /dev/mapper/\(name): \(errno)")
+        defer { if sandbox >= 0 { close(sandbox) } }
+        try helper.kill()
+        let deviceName = try DeviceName(name)
+        XCTAssertEqual(try DeviceMapperControl.info(name: deviceName)?.isSuspended, true, "the kill left it suspended")
+
+        let report = cleanupStaleDevices(prefix: prefix)
+        XCTAssertTrue(report.isClean, "\(report.failures.map { "\($0.name): \($0.error)" })")
+        XCTAssertEqual(report.resumed, [name])
+        XCTAssertEqual(report.inUse.map(\.name), [name])
+        XCTAssertEqual(report.removed, [])
+        let resumed = try XCTUnwrap(DeviceMapperControl.info(name: deviceName)).isSuspended == false
+        XCTAssertTrue(resumed, "cleanup resumed it")
+        guard resumed else {
+            // A read would wait for good: resume it here so that the test ends and cleans up.
+            try DeviceMapperControl.resume(name: deviceName)
+            return
+        }
+        // I/O goes through again (on a suspended device this read would wait).
+        var block = [UInt8](repeating: 0, count: 4096)
+        XCTAssertEqual(pread(sandbox, &block, 4096, 0), 4096)
+        XCTAssertEqual(block, try read(image, count: 4096))
+
+        XCTAssertFalse(fileExists(path("child.cow")), "a dead fork leaves nothing at the child's path")
+        XCTAssertEqual(removeStalePartialFiles(in: directory).count, 1, "the dead fork's temporary file")
+        close(sandbox)
+        sandbox = -1
+        // The agent adopts the sandbox, which then stops.
+        try SnapshotDevice.adopt(name: name).device.remove()
+        XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty }, "\(loopDevices(backedBy: directory))")
+    }
+
     func testKillAfterSnapshotCreateLeavesAStaleDeviceThatCleanupRemoves() throws {
         let image = try makeImage("base.img", sizeBytes: imageSize, seed: 2)
         let cow = path("b.cow")

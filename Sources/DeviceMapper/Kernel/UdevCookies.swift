@@ -2,7 +2,7 @@
 // deadline, so that no call waits on udev's rules and a dead udev leaks no semaphore.
 
 import CDeviceMapper
-import Logging
+package import Logging
 
 #if canImport(Glibc)
     import Glibc
@@ -28,6 +28,17 @@ package final class UdevCookieReaper: Sendable {
         var id: UInt64
         var cookie: UInt32
         var deadline: MonotonicInstant
+        var handedAt: MonotonicInstant
+    }
+
+    /// What became of a cookie when the reaper tried it.
+    package enum Outcome: Sendable {
+        /// udev has not completed it yet, and its deadline has not passed.
+        case pending
+        /// udev completed it, and it is destroyed.
+        case completed
+        /// Its deadline passed: the reaper completed it and destroyed it.
+        case forced
     }
 
     private struct State {
@@ -37,17 +48,22 @@ package final class UdevCookieReaper: Sendable {
     }
 
     private let pending = Locked<State>(State())
-    /// Whether `cookie` is gone: completed by udev and destroyed, or forced past `deadline`.
-    private let reap: @Sendable (_ cookie: UInt32, _ deadline: MonotonicInstant) -> Bool
-    private static let logger = Logger(label: "DeviceMapper.UdevCookieReaper")
+    /// Tries `cookie` once: still pending, completed by udev and destroyed, or forced past `deadline`.
+    private let reap: @Sendable (_ cookie: UInt32, _ deadline: MonotonicInstant) -> Outcome
+    private let logger: Logger
     /// The pause between sweeps of the pending cookies: short while udev keeps completing
     /// them, longer while it does not.
     static let shortestPauseMicroseconds: UInt32 = 1_000
     static let longestPauseMicroseconds: UInt32 = 25_000
 
     /// A reaper that finishes each cookie with `reap`; the shared one uses libdevmapper, tests their own.
-    package init(reap: @escaping @Sendable (_ cookie: UInt32, _ deadline: MonotonicInstant) -> Bool) {
+    /// It logs to `logger`: one line per sweep that forced cookies.
+    package init(
+        reap: @escaping @Sendable (_ cookie: UInt32, _ deadline: MonotonicInstant) -> Outcome,
+        logger: Logger = Logger(label: "DeviceMapper.UdevCookieReaper")
+    ) {
         self.reap = reap
+        self.logger = logger
     }
 
     /// Starts the reaper's thread if it is not running, so that a call that will make a
@@ -80,7 +96,8 @@ package final class UdevCookieReaper: Sendable {
     package func hand(_ cookie: UInt32, deadline: MonotonicInstant) {
         guard cookie != 0 else { return }
         pending.withLock { state in
-            state.cookies.append(Pending(id: state.nextID, cookie: cookie, deadline: deadline))
+            state.cookies.append(
+                Pending(id: state.nextID, cookie: cookie, deadline: deadline, handedAt: MonotonicInstant.now()))
             state.nextID += 1
         }
         pending.broadcast()
@@ -109,40 +126,55 @@ package final class UdevCookieReaper: Sendable {
     }
 
     /// Tries each pending cookie once and drops the entries that are finished, by entry (a
-    /// cookie value handed again meanwhile stays); returns whether any was.
+    /// cookie value handed again meanwhile stays); returns whether any was. Cookies forced
+    /// past their deadline are logged as one warning for the sweep (how many, and the oldest's
+    /// age), not one line each: a udev backlog forces dozens at once.
     @discardableResult
     package func sweep() -> Bool {
         let cookies = pending.withLock { $0.cookies }
         var finished: Set<UInt64> = []
-        for entry in cookies where reap(entry.cookie, entry.deadline) {
-            finished.insert(entry.id)
+        var forced: [Pending] = []
+        for entry in cookies {
+            switch reap(entry.cookie, entry.deadline) {
+            case .pending: continue
+            case .completed: finished.insert(entry.id)
+            case .forced:
+                finished.insert(entry.id)
+                forced.append(entry)
+            }
         }
         pending.withLock { state in state.cookies.removeAll { finished.contains($0.id) } }
+        if let oldest = forced.min(by: { $0.handedAt < $1.handedAt }) {
+            let oldestAgeMilliseconds = (MonotonicInstant.now().nanoseconds - oldest.handedAt.nanoseconds) / 1_000_000
+            logger.warning(
+                "udev did not complete device-mapper events in time; completed their cookies here",
+                metadata: [
+                    "cookies": "\(forced.count)",
+                    "oldestAgeMilliseconds": "\(oldestAgeMilliseconds)",
+                    "stillPending": "\(cookies.count - finished.count)",
+                    "recovery":
+                        "check that systemd-udevd runs (udevadm control --ping); `dmsetup udevcookies` lists stuck cookies",
+                ])
+        }
         return !finished.isEmpty
     }
 
-    /// Whether the cookie is gone: completed by udev and destroyed, or forced past its deadline.
-    /// The corresponding C functions are `dm_udev_wait_immediate` and `dm_udev_complete`.
-    private static func reapWithLibdevmapper(_ cookie: UInt32, deadline: MonotonicInstant) -> Bool {
+    /// Whether the cookie is gone: completed by udev and destroyed, or forced past its deadline
+    /// (the sweep logs those). The corresponding C functions are `dm_udev_wait_immediate` and
+    /// `dm_udev_complete`.
+    private static func reapWithLibdevmapper(_ cookie: UInt32, deadline: MonotonicInstant) -> Outcome {
         var ready: CInt = 0
         let answered = Libdevmapper.withSharedLock {
             dm_udev_wait_immediate(cookie, &ready)
         }
-        if answered == 0 { return true }  // libdevmapper destroyed it on the error path.
-        if ready != 0 { return true }
-        guard MonotonicInstant.now() >= deadline else { return false }
-        logger.error(
-            "udev did not complete a device-mapper event in time; completing its cookie here",
-            metadata: [
-                "cookie": "\(cookie)",
-                "recovery":
-                    "check that systemd-udevd runs (udevadm control --ping); `dmsetup udevcookies` lists stuck cookies",
-            ])
+        if answered == 0 { return .completed }  // libdevmapper destroyed it on the error path.
+        if ready != 0 { return .completed }
+        guard MonotonicInstant.now() >= deadline else { return .pending }
         Libdevmapper.withSharedLock {
             _ = dm_udev_complete(cookie)
             _ = dm_udev_wait_immediate(cookie, &ready)
         }
-        return true
+        return .forced
     }
 }
 

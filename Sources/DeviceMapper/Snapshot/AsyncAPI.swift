@@ -27,7 +27,9 @@ package final class BlockingCallPool: Sendable {
 
     let threadCount: Int
     let threadPrefix: String
-    private let state = Locked<(jobs: [Job], started: Bool)>(([], false))
+    /// The queue, and how many of the threads run (they start with the first jobs; one
+    /// that could not be made is tried again with the next job).
+    private let state = Locked<(jobs: [Job], threads: Int)>(([], 0))
 
     /// One queued call: `run` does it, `drop` answers it as cancelled without doing it.
     /// Exactly one of them is called.
@@ -43,6 +45,15 @@ package final class BlockingCallPool: Sendable {
         var cancelled = false
     }
 
+    /// What became of a queued call.
+    private enum Outcome<T, Failure: Error> {
+        case done(Result<T, Failure>)
+        /// A cancellable job dropped unrun.
+        case dropped
+        /// No thread runs and none could be made: the job was not queued.
+        case noThread(DeviceMapperError)
+    }
+
     package init(threadCount: Int, threadPrefix: String = "dm-blocking-") {
         self.threadCount = threadCount
         self.threadPrefix = threadPrefix
@@ -51,11 +62,22 @@ package final class BlockingCallPool: Sendable {
     /// Runs `body` on one of the pool's threads and returns its result; the calling task
     /// is suspended, not blocked, meanwhile. The caller's metrics factory, a task-local one
     /// (`withMetricsFactory`) included, is the one `body`'s metrics go to.
+    ///
+    /// If no thread runs and none can be made (`pthread_create` fails, e.g. `EAGAIN` under a
+    /// pids cgroup limit), a `body` that throws ``DeviceMapperError`` does not run and the
+    /// error is thrown; any other `body` runs on the calling thread instead, so the call still
+    /// ends.
     package func run<T: Sendable, Failure: Error>(_ body: @escaping @Sendable () throws(Failure) -> T)
         async throws(Failure) -> T
     {
-        // Not cancellable, so the job always runs and there is always a result.
-        try await enqueue(cancellable: false, body)!.get()
+        // Not cancellable, so the job runs unless no thread could be made.
+        switch await enqueue(cancellable: false, body) {
+        case .done(let result): return try result.get()
+        case .noThread(let error):
+            if let error = error as? Failure { throw error }
+            return try body()
+        case .dropped: preconditionFailure("a job that cannot be cancelled was dropped")
+        }
     }
 
     /// `run`, but cancelling the task while the job still waits for a thread drops it: it
@@ -63,52 +85,72 @@ package final class BlockingCallPool: Sendable {
     func runCancellable<T: Sendable>(_ body: @escaping @Sendable () throws(DeviceMapperError) -> T)
         async throws(DeviceMapperError) -> T
     {
-        guard let result = await enqueue(cancellable: true, body) else {
+        switch await enqueue(cancellable: true, body) {
+        case .done(let result): return try result.get()
+        case .noThread(let error): throw error
+        case .dropped:
             throw DeviceMapperError(
                 code: .cancelled, operation: "BlockingCallPool.run",
                 detail: "the task was cancelled while the call waited for a thread; nothing was done")
         }
-        return try result.get()
     }
 
-    /// Queues `body` and waits for its result; nil if a cancellable job was dropped unrun.
+    /// Queues `body` and waits for its result.
     private func enqueue<T: Sendable, Failure: Error>(
         cancellable: Bool, _ body: @escaping @Sendable () throws(Failure) -> T
-    ) async -> Result<T, Failure>? {
+    ) async -> Outcome<T, Failure> {
         let metricsFactory = MetricsSystem.factory
         let ticket = Ticket()
         return await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Result<T, Failure>?, Never>) in
-                submit(
-                    Job(
-                        ticket: ticket,
-                        run: {
-                            do throws(Failure) {
-                                let value = try withMetricsFactory(metricsFactory) { () throws(Failure) in try body() }
-                                continuation.resume(returning: .success(value))
-                            } catch {
-                                continuation.resume(returning: .failure(error))
-                            }
-                        },
-                        drop: { continuation.resume(returning: nil) }))
+            await withCheckedContinuation { (continuation: CheckedContinuation<Outcome<T, Failure>, Never>) in
+                let job = Job(
+                    ticket: ticket,
+                    run: {
+                        do throws(Failure) {
+                            let value = try withMetricsFactory(metricsFactory) { () throws(Failure) in try body() }
+                            continuation.resume(returning: .done(.success(value)))
+                        } catch {
+                            continuation.resume(returning: .done(.failure(error)))
+                        }
+                    },
+                    drop: { continuation.resume(returning: .dropped) })
+                if let error = submit(job) { continuation.resume(returning: .noThread(error)) }
             }
         } onCancel: {
             if cancellable { cancel(ticket) }
         }
     }
 
-    private func submit(_ job: Job) {
-        let (start, dropped) = state.withLock { state -> (Bool, Bool) in
-            defer { state.started = true }
-            if job.ticket.cancelled { return (!state.started, true) }
+    /// Queues `job`, first starting the threads that do not run yet; returns the error, and
+    /// queues nothing, if none runs and none could be made.
+    private func submit(_ job: Job) -> DeviceMapperError? {
+        let (dropped, error) = state.withLock { state -> (Bool, DeviceMapperError?) in
+            if job.ticket.cancelled { return (true, nil) }
+            var failure: Errno?
+            while state.threads < threadCount, failure == nil {
+                switch startThread(state.threads) {
+                case .success: state.threads += 1
+                case .failure(let errno): failure = errno
+                }
+            }
+            if state.threads == 0, let failure {
+                return (
+                    false,
+                    DeviceMapperError.syscall(
+                        "pthread_create", failure, subject: "\(threadPrefix) threads",
+                        detail: "could not start a thread for the library's blocking calls; "
+                            + "check the process's thread limit (the pids cgroup, ulimit -u)")
+                )
+            }
             state.jobs.append(job)
-            return (!state.started, false)
+            return (false, nil)
         }
-        if dropped { return job.drop() }
-        state.broadcast()
-        if start {
-            for index in 0..<threadCount { startThread(index) }
+        if dropped {
+            job.drop()
+            return nil
         }
+        if error == nil { state.broadcast() }
+        return error
     }
 
     /// Drops the ticket's job if it still waits in the queue; marks it cancelled either way.
@@ -130,19 +172,18 @@ package final class BlockingCallPool: Sendable {
         }
     }
 
-    private func startThread(_ index: Int) {
-        let context = Unmanaged.passRetained(ThreadContext(pool: self, index: index)).toOpaque()
-        var thread = pthread_t()
-        let result = pthread_create(
-            &thread, nil,
+    /// Starts thread `index`. The corresponding C function is `pthread_create`.
+    private func startThread(_ index: Int) -> Result<Void, Errno> {
+        let context = Unmanaged.passRetained(ThreadContext(pool: self, index: index))
+        let result = system_pthread_create_detached(
             { argument in
                 let context = Unmanaged<ThreadContext>.fromOpaque(argument!).takeRetainedValue()
                 CDeviceMapperShims_setThreadName("\(context.pool.threadPrefix)\(context.index)")
                 context.pool.work()
                 return nil
-            }, context)
-        precondition(result == 0, "pthread_create failed with \(result)")
-        pthread_detach(thread)
+            }, context.toOpaque())
+        if case .failure = result { context.release() }
+        return result
     }
 
     private func work() {

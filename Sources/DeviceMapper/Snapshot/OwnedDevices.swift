@@ -56,18 +56,9 @@ extension SnapshotDevice {
     static func adopt(
         name: String, origins: inout [DeviceNumber: (loop: LoopDevice?, image: String?)]
     ) throws(DeviceMapperError) -> OwnedSnapshot {
-        let operation = "SnapshotDevice.adopt"
         let deviceName = try DeviceName(name)
-        guard let info = try DeviceMapperControl.info(name: deviceName) else {
-            throw DeviceMapperError(
-                code: .deviceNotFound, operation: operation, subject: name, errno: .noSuchAddressOrDevice,
-                detail: "no device-mapper device has this name")
-        }
-        guard let uuid = info.uuid, DeviceUUID.isOwned(uuid) else {
-            throw DeviceMapperError(
-                code: .deviceNotOwned, operation: operation, subject: name,
-                detail: "the device's UUID (\(info.uuid ?? "none")) does not start with \(uuidPrefix)")
-        }
+        let (info, uuid) = try ownedDeviceInfo(deviceName, operation: "SnapshotDevice.adopt")
+        let operation = "SnapshotDevice.adopt"
         // No live table: a create or restore died before its resume; its inactive table, if
         // any, tells what it holds.
         let isIncomplete = !info.hasLiveTable
@@ -112,6 +103,25 @@ extension SnapshotDevice {
             originDevice: parameters.origin, originLoopDevice: originLoop,
             originImage: originImage.map { FilePath($0) },
             chunkSizeSectors: parameters.chunkSizeSectors, isIncomplete: isIncomplete)
+    }
+
+    /// The device's state and UUID, if this library made it: `.deviceNotFound` if no device
+    /// has the name, `.deviceNotOwned` if its UUID lacks `uuidPrefix` (`refusal` is added to
+    /// that error's detail). The `dm_task` type is `DM_DEVICE_INFO` (ioctl `DM_DEV_STATUS`).
+    static func ownedDeviceInfo(_ deviceName: DeviceName, operation: String, refusal: String = "")
+        throws(DeviceMapperError) -> (info: DMDeviceInfo, uuid: String)
+    {
+        guard let info = try DeviceMapperControl.info(name: deviceName) else {
+            throw DeviceMapperError(
+                code: .deviceNotFound, operation: operation, subject: deviceName.rawValue,
+                errno: .noSuchAddressOrDevice, detail: "no device-mapper device has this name")
+        }
+        guard let uuid = info.uuid, DeviceUUID.isOwned(uuid) else {
+            throw DeviceMapperError(
+                code: .deviceNotOwned, operation: operation, subject: deviceName.rawValue,
+                detail: "the device's UUID (\(info.uuid ?? "none")) does not start with \(uuidPrefix)\(refusal)")
+        }
+        return (info, uuid)
     }
 
     /// Every live device this library made (its UUID starts with `uuidPrefix`), by name.

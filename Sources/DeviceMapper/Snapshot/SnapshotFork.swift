@@ -36,7 +36,8 @@ extension SnapshotDevice {
     /// is resumed: a copy still running at `maximumPauseMilliseconds` is stopped
     /// (`.cancelled`). Forks of one parent in this process run one at a time (a second waits
     /// up to `maximumPauseMilliseconds`, then fails with `.deviceBusy`); forks of different
-    /// parents run in parallel.
+    /// parents run in parallel. Forks from two processes are not serialised. A process killed
+    /// during the fork leaves the parent suspended: `cleanupStaleDevices` resumes it.
     ///
     /// Refuses `.fileExists` if `cowPath` exists, `.deviceNotOwned` for a device this library
     /// did not make, `.invalidArgument` if this handle's `cowPath` is not the device's store,
@@ -70,17 +71,8 @@ extension SnapshotDevice {
     {
         let operation = "SnapshotDevice.fork"
         let deviceName = try DeviceName(name)
-        guard let info = try DeviceMapperControl.info(name: deviceName) else {
-            throw DeviceMapperError(
-                code: .deviceNotFound, operation: operation, subject: name, errno: .noSuchAddressOrDevice,
-                detail: "no device-mapper device has this name")
-        }
-        guard let uuid = info.uuid, DeviceUUID.isOwned(uuid) else {
-            throw DeviceMapperError(
-                code: .deviceNotOwned, operation: operation, subject: name,
-                detail: "the device's UUID (\(info.uuid ?? "none")) does not start with \(Self.uuidPrefix): "
-                    + "this library did not make it, so it does not fork it")
-        }
+        let (_, uuid) = try Self.ownedDeviceInfo(
+            deviceName, operation: operation, refusal: ": this library did not make it, so it does not fork it")
         // The clone's source is the file the UUID names, found at the handle's cowPath.
         let source = try system_open(cowPath, O_RDONLY).get("open", subject: cowPath.string)
         defer { system_close(source) }

@@ -36,7 +36,11 @@ public struct StaleCleanupReport: Sendable {
     /// (left by a process that died between a remove and its unlink), and temporary
     /// `.<name>.node-*` entries of dead processes, removed.
     public var removedNodes: [FilePath] = []
-    /// Devices that could not be removed for another reason.
+    /// Owned snapshot devices found suspended, and resumed (or, in a dry run, that would be):
+    /// an agent died while a fork held them suspended, and their sandboxes' I/O waits until
+    /// the resume. A device in use is resumed too, and also listed in `inUse`.
+    public var resumed: [String] = []
+    /// Devices that could not be removed (or resumed) for another reason.
     public var failures: [Failure] = []
     /// CoW loop devices of removed snapshots that are still attached to the same file.
     /// Autoclear should have detached them; anything here was attached by other code.
@@ -54,6 +58,12 @@ private let cleanupLogger = Logger(label: "DeviceMapper.cleanupStaleDevices")
 /// live table (a call died between `DM_DEVICE_CREATE` and the resume) is removed too, with
 /// the inactive snapshot table it may hold.
 ///
+/// An owned snapshot device found suspended is resumed first, whether it is open or not, and
+/// reported in `resumed`: an agent killed during `SnapshotDevice.fork` leaves its parent
+/// suspended, and the sandbox's I/O would wait for good. Cleanup assumes no other process
+/// is forking devices with `prefix` meanwhile (forks are serialised per parent only within
+/// one process): run it at start-up, before serving.
+///
 /// A device that is open (open count above 0) is a sandbox still running: it is skipped
 /// at once, with no remove attempt and no retry, and reported in `inUse`. A remove that
 /// meets `EBUSY` anyway (it was opened meanwhile) is reported in use too, without retries.
@@ -69,7 +79,8 @@ private let cleanupLogger = Logger(label: "DeviceMapper.cleanupStaleDevices")
 /// remove, classified by the same rule.
 ///
 /// The `dm_task` types are `DM_DEVICE_LIST`, then per device `DM_DEVICE_INFO` and
-/// `DM_DEVICE_TABLE` (ioctls `DM_LIST_DEVICES`, `DM_DEV_STATUS`, `DM_TABLE_STATUS`) and
+/// `DM_DEVICE_TABLE` (ioctls `DM_LIST_DEVICES`, `DM_DEV_STATUS`, `DM_TABLE_STATUS`),
+/// `DM_DEVICE_RESUME` (`DM_DEV_SUSPEND` without the suspend flag) for a suspended one, and
 /// `DM_DEVICE_REMOVE` (`DM_DEV_REMOVE`); the CoW loop devices are checked with
 /// `LOOP_GET_STATUS64`. It never throws: every failure is in the report's `failures`,
 /// and a failure on one device does not stop the others. It undoes nothing.
@@ -111,6 +122,14 @@ public func cleanupStaleDevices(
             let isIncomplete = owned && !info.hasLiveTable
             let table = try DeviceMapperControl.table(name: name, inactive: isIncomplete)
             guard isSnapshot(table) || (isIncomplete && table.isEmpty) else { continue }
+            if owned, !isIncomplete, info.isSuspended {
+                // A fork died with it suspended: its sandbox's I/O waits until it is resumed.
+                if !dryRun { try DeviceMapperControl.resume(name: name) }
+                report.resumed.append(device.name)
+                cleanupLogger.warning(
+                    "suspended device resumed (an agent died while a fork held it suspended)",
+                    metadata: ["name": "\(name)", "openCount": "\(info.openCount)", "dryRun": "\(dryRun)"])
+            }
             guard info.openCount == 0 else {
                 report.inUse.append(.init(name: device.name, openCount: Int(info.openCount)))
                 cleanupLogger.info(
