@@ -83,6 +83,15 @@ final class CrashTests: PrivilegedTestCase {
         XCTAssertEqual(owned.map(\.isIncomplete), [true, true])
         XCTAssertEqual(
             owned.first { $0.device.name == deviceName("afterTableLoad") }?.device.cowPath, path("afterTableLoad.cow"))
+        // The operator sees them as such: `sandbox-disk list --json` says "incomplete": true.
+        let list = try WatchedRun("sandbox-disk", ["list", "--json"], watching: .standardOutput)
+        let document = try JSONSerialization.jsonObject(with: Data(list.finish().utf8)) as? [String: Any]
+        XCTAssertEqual(list.process.terminationStatus, 0)
+        let listed = try XCTUnwrap(document?["devices"] as? [[String: Any]]).filter {
+            ($0["name"] as? String)?.hasPrefix(prefix) == true
+        }
+        XCTAssertEqual(listed.map { $0["name"] as? String }, names.sorted())
+        XCTAssertEqual(listed.map { $0["incomplete"] as? Bool }, [true, true])
 
         let dryRun = cleanupStaleDevices(prefix: prefix, dryRun: true)
         XCTAssertEqual(dryRun.removed.sorted(), names.sorted())

@@ -56,6 +56,7 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
             let name = try XCTUnwrap(object["name"] as? String)
             let library = try SnapshotDevice.adopt(name: name)
             XCTAssertEqual(integer(object["open_count"]), openCount, name)
+            XCTAssertEqual(object["incomplete"] as? Bool, false, name)
             try assertDeviceJSON(object, matches: library, image: image, origin: origin)
         }
         let busyAllocated = try XCTUnwrap(integer(devices[0]["cow_allocated_sectors"]))
@@ -508,7 +509,7 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
     static let deviceFields: Set<String> = [
         "name", "device_path", "uuid", "state", "open_count", "store_path", "cow_loop_device", "cow_allocated_sectors",
         "cow_total_sectors", "cow_metadata_sectors", "cow_used_percent", "origin_device", "origin_loop_device",
-        "origin_image", "chunk_size_sectors",
+        "origin_image", "chunk_size_sectors", "incomplete",
     ]
 
     struct ToolRun {
