@@ -7,9 +7,11 @@
 #
 #   scripts/powercut.sh [--points N] [--files N] [--sandboxes N] [--base-mib N] [FS...]    FS: ext4 (default), xfs
 #
-# Defaults: the full run, 1000 points per filesystem, 12 files per sandbox. `make test`
+# Defaults: the full run, 1000 points per filesystem, 16 files per sandbox (at 12 the logs
+# offered only 955 points on ext4, 913 on XFS). `make test`
 # runs it as the `powercut` stage of scripts/run-privileged-suites.sh with
-# `--points 100 --files 4 ext4`.
+# `--points 100 --files 4 --base-mib 8 ext4`. A point before the workload's first mark (the
+# host filesystem still being made) is never checked: each run checks that `check` refuses one.
 #
 # Where: directly if we are root and the kernel has device-mapper; otherwise once in the
 # VM rig (scripts/vm-run.sh; .build shared read-write for the log). Everything it makes
@@ -23,7 +25,7 @@ root=$(cd "$here/.." && pwd)
 cd "$root"
 say() { printf 'powercut: %s\n' "$*"; }
 
-points=1000 files=12 sandboxes=3 base_mib=16
+points=1000 files=16 sandboxes=3 base_mib=16
 filesystems=()
 args=("$@")
 while (($#)); do
