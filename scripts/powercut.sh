@@ -8,9 +8,8 @@
 #   scripts/powercut.sh [--points N] [--files N] [--sandboxes N] [--base-mib N] [FS...]    FS: ext4 (default), xfs
 #
 # Defaults: the full run, 1000 points per filesystem, 16 files per sandbox (at 12 the logs
-# offered only 955 points on ext4, 913 on XFS). `make test`
-# runs it as the `powercut` stage of scripts/run-privileged-suites.sh with
-# `--points 100 --files 4 --base-mib 8 ext4`. A point before the workload's first mark (the
+# offered only 955 points on ext4, 913 on XFS). `make test`'s size (the `powercut` stage
+# of scripts/run-privileged-suites.sh, when named) is `--points 100 --files 4 --base-mib 8 ext4`. A point before the workload's first mark (the
 # host filesystem still being made) is never checked: each run checks that `check` refuses one.
 #
 # Where: directly if we are root and the kernel has device-mapper; otherwise once in the
