@@ -107,6 +107,7 @@ let package = Package(
             dependencies: [
                 "DeviceMapper",
                 "ToolSupport",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ],

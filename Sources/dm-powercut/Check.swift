@@ -40,12 +40,38 @@ struct Checker {
         state.firstIndex(of: .mark(mark)).map { state[..<$0] }
     }
 
-    /// Every mark, and `flushPoints` flush/FUA entries spread over each kind of step.
+    /// The workload's first mark (`ready:fs`), logged once the host filesystem is made,
+    /// mounted and holds the workload's directories. The entries before it are mkfs and
+    /// mount: a power cut there leaves no host filesystem and none of our data, not a state
+    /// an agent reboots into, so no point is checked before it.
+    var firstMark: LogEntry? {
+        log.entries.first { $0.markText.map { expected(before: $0) != nil } ?? false }
+    }
+
+    /// Refuses a point before the first mark, with what lies there.
+    func validate(_ points: [CheckPoint]) throws(PowercutError) {
+        guard let first = firstMark else {
+            throw PowercutError("the log holds none of the workload's marks: nothing to check")
+        }
+        if let early = points.first(where: { $0.entry < first.index }) {
+            throw PowercutError(
+                "entry \(early.entry) is before the workload's first mark (entry \(first.index), "
+                    + "\(first.markText ?? "")): the host filesystem was still being made there, "
+                    + "so no point is checked")
+        }
+        if let late = points.first(where: { $0.entry >= log.entries.count }) {
+            throw PowercutError("entry \(late.entry) is past the log's end (\(log.entries.count) entries)")
+        }
+    }
+
+    /// Every mark, and flush/FUA entries spread over each kind of step, up to `total` points
+    /// in all; only entries from the first mark on (see `firstMark`).
     func choosePoints(total: Int) -> [CheckPoint] {
         var points: [CheckPoint] = []
         var flushes: [String: [Int]] = [:]
         var region: String?
-        for entry in log.entries {
+        let start = firstMark?.index ?? log.entries.count
+        for entry in log.entries[start...] {
             if let text = entry.markText {
                 guard expected(before: text) != nil else { continue }
                 points.append(CheckPoint(entry: entry.index, kind: "mark"))
@@ -84,6 +110,7 @@ struct Checker {
     /// Replays and checks each point in order; prints a line per failing point and a summary.
     /// Returns the number of failing points.
     func run(points: [CheckPoint]) throws(PowercutError) -> Int {
+        try validate(points)
         let target = open(replayFile, O_RDWR | O_CLOEXEC)
         guard target >= 0 else { throw PowercutError("open \(replayFile): \(errnoText())") }
         defer { close(target) }
@@ -170,6 +197,12 @@ struct Checker {
             problems.append("\(path): its flatten returned, the file is missing")
         }
         _ = removeStalePartialFiles(in: FilePath("\(root)/templates"))
+        _ = removeStalePartialFiles(in: FilePath("\(root)/sandboxes"))
+
+        // A fork's store is renamed into place complete: any file at its name is a valid store.
+        for case .forked(_, let store) in state where !expected.contains(where: { $0.storePath == store }) {
+            if access(store, F_OK) == 0 { problems += checkStore(store) }
+        }
 
         // Sandboxes: every acknowledged create resumes, and its files are there.
         var basePath: String?
@@ -179,7 +212,7 @@ struct Checker {
         for event in expected {
             switch event {
             case .base(let path): basePath = path
-            case .created(let name, let store): stores.append((name, store))
+            case .created(let name, let store), .forked(let name, let store): stores.append((name, store))
             case .formatted(let name): formatted.insert(name)
             case .file(let name, let relative, let sum): files[name, default: []].append((relative, sum))
             default: break

@@ -1,6 +1,8 @@
 // What the workload and the checker share: errors, running programs, mounts, checksums,
 // the state file and log marks.
 
+import Crypto
+import DeviceMapper
 import SystemPackage
 import ToolSupport
 
@@ -30,18 +32,29 @@ func runProgram(_ name: String, _ arguments: [String]) throws(PowercutError) -> 
     return result.standardOutput
 }
 
-/// The SHA-256 of each file, from `sha256sum` (C, so a 16 MiB template costs little even
-/// under TCG); nil for a file that cannot be read.
+/// The SHA-256 of each file, computed in-process (swift-crypto, read in 1 MiB chunks: no
+/// program start per point, which costs about a second under TCG); nil for a file that
+/// cannot be read. The C calls are `open` and `read`.
 func checksums(_ paths: [String]) -> [String: String] {
-    guard !paths.isEmpty, let program = findProgram("sha256sum"),
-        let result = try? spawnAndWait([program] + paths)
-    else { return [:] }
     var sums: [String: String] = [:]
-    for line in result.standardOutput.split(separator: "\n") {
-        let parts = line.split(separator: " ", maxSplits: 1)
-        guard parts.count == 2 else { continue }
-        // sha256sum prints "<sum>  <path>" (two spaces: text mode).
-        sums[String(parts[1].drop(while: { $0 == " " || $0 == "*" }))] = String(parts[0])
+    var chunk = [UInt8](repeating: 0, count: 1 << 20)
+    for path in paths {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { continue }
+        defer { close(fd) }
+        var hasher = SHA256()
+        var complete = false
+        while true {
+            let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count >= 0 else { break }
+            if count == 0 {
+                complete = true
+                break
+            }
+            chunk.withUnsafeBytes { hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
+        }
+        if complete { sums[path] = hasher.finalize().hex }
     }
     return sums
 }
@@ -94,6 +107,9 @@ enum StateEvent: Equatable {
     case base(path: String)
     /// `create` returned for the sandbox `name` with its store at `store`.
     case created(name: String, store: String)
+    /// `fork` of a running sandbox returned: its new store is at `store`, and `name` is the
+    /// sandbox it resumes as. Until then, a file at `store` must be a complete store.
+    case forked(name: String, store: String)
     /// `mkfs.ext4` on the sandbox's device returned.
     case formatted(name: String)
     /// A file in the sandbox's ext4 was written and `fsync`ed (and its directory).
@@ -107,6 +123,7 @@ enum StateEvent: Equatable {
         switch self {
         case .base(let path): "base \(path)"
         case .created(let name, let store): "created \(name) \(store)"
+        case .forked(let name, let store): "forked \(name) \(store)"
         case .formatted(let name): "formatted \(name)"
         case .file(let name, let relativePath, let sha256): "file \(name) \(relativePath) \(sha256)"
         case .template(let path, let sha256): "template \(path) \(sha256)"
@@ -119,6 +136,7 @@ enum StateEvent: Equatable {
         switch (fields.first, fields.count) {
         case ("base", 2): self = .base(path: fields[1])
         case ("created", 3): self = .created(name: fields[1], store: fields[2])
+        case ("forked", 3): self = .forked(name: fields[1], store: fields[2])
         case ("formatted", 2): self = .formatted(name: fields[1])
         case ("file", 4): self = .file(name: fields[1], relativePath: fields[2], sha256: fields[3])
         case ("template", 3): self = .template(path: fields[1], sha256: fields[2])
@@ -150,4 +168,14 @@ func monotonicSeconds() -> Double {
     var now = timespec()
     clock_gettime(CLOCK_MONOTONIC, &now)
     return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+}
+
+extension StateEvent {
+    /// The store a `created` or `forked` event names.
+    var storePath: String? {
+        switch self {
+        case .created(_, let store), .forked(_, let store): store
+        default: nil
+        }
+    }
 }

@@ -31,6 +31,8 @@ struct Workload {
     private let registry = LoopRegistry()
     private var live: [String: SnapshotDevice] = [:]
     private var filesWritten: [String: Int] = [:]
+    /// Each sandbox's acknowledged files and their checksums, for its forks.
+    private var acknowledged: [String: [(path: String, sum: String)]] = [:]
 
     init(root: String, work: String, logDevice: String, sandboxCount: Int, filesPerSandbox: Int, baseMiB: Int) {
         self.root = root
@@ -80,6 +82,8 @@ struct Workload {
         defer { close(stateFD) }
         for directory in ["images", "sandboxes", "templates"] { _ = mkdir("\(root)/\(directory)", 0o755) }
         try syncPath(root)
+        // The host filesystem exists: the checker's points start here.
+        try mark("ready", "fs", "root")
 
         try step("base", "base") { workload throws(PowercutError) in
             try writeDurably(pattern(seed: 1, count: workload.baseMiB << 20), to: workload.basePath)
@@ -143,9 +147,22 @@ struct Workload {
             return [.template(path: offlineTemplate, sha256: try checksum(offlineTemplate))]
         }
 
-        // Fork (issue 19) goes here once SnapshotDevice can fork a running sandbox: a step
-        // "fork" that records .created for the fork's store (and its checksum'd files),
-        // which every later point then checks like any other sandbox.
+        // Fork the first sandbox while it runs (its ext4 mounted): the fork's store is renamed
+        // into place with every file the parent acknowledged before, and is checked at every
+        // later point like any other sandbox (its ext4's journal replays when mounted).
+        let parent = names[0]
+        let child = "\(parent)-fork"
+        try step("fork", child) { workload throws(PowercutError) in
+            guard let device = workload.live[parent] else { throw PowercutError("\(parent) is not live") }
+            do { try device.fork(cowPath: FilePath(workload.storePath(child))) } catch {
+                throw PowercutError("fork \(parent): \(error)")
+            }
+            return [.forked(name: child, store: workload.storePath(child)), .formatted(name: child)]
+                + workload.acknowledged[parent, default: []].map {
+                    .file(name: child, relativePath: $0.path, sha256: $0.sum)
+                }
+        }
+        try writeFile(parent, round: filesPerSandbox + 1)
 
         // An agent that created a sandbox is SIGKILLed; the next agent's cleanup removes the
         // dead agent's device, and the sandbox resumes.
@@ -205,7 +222,9 @@ struct Workload {
             let seed = name.utf8.reduce(UInt64(number)) { $0 &* 31 &+ UInt64($1) }
             let bytes = pattern(seed: seed, count: 4096 * (1 + (number * 7 + round) % 16))
             try writeDurably(bytes, to: path)
-            return [.file(name: name, relativePath: relative, sha256: try checksum(path))]
+            let sum = try checksum(path)
+            workload.acknowledged[name, default: []].append((relative, sum))
+            return [.file(name: name, relativePath: relative, sha256: sum)]
         }
     }
 

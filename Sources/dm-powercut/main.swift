@@ -5,8 +5,10 @@
 //   dm-powercut workload ROOT WORK LOG_DM_NAME STATE [--sandboxes N] [--files N] [--base-mib N]
 //       the agent's life on the filesystem mounted at ROOT (on the log-writes device
 //       LOG_DM_NAME); sandbox mounts under WORK; what it acknowledged goes to STATE.
-//   dm-powercut check LOG REPLAY_FILE REPLAY_LOOP COW_LOOP FSTYPE ROOT WORK STATE [--points N]
+//   dm-powercut check LOG REPLAY_FILE REPLAY_LOOP COW_LOOP FSTYPE ROOT WORK STATE [--points N | --entry N]
 //       replays LOG onto REPLAY_FILE point by point and checks each point; exit 1 if any fails.
+//       Points start at the workload's first mark (the host filesystem made); an entry
+//       before it is refused (exit 1, saying so).
 //   dm-powercut agent BASE NAME STORE
 //       (for the workload) creates one sandbox, prints READY, waits to be SIGKILLed.
 
@@ -32,7 +34,8 @@ func parse(_ arguments: ArraySlice<String>, options: [String: Int]) -> ([String]
     while let argument = rest.popFirst() {
         if argument.hasPrefix("--") {
             let key = String(argument.dropFirst(2))
-            guard values[key] != nil, let text = rest.popFirst(), let value = Int(text), value > 0 else {
+            guard values[key] != nil, let text = rest.popFirst(), let value = Int(text), value > 0 || key == "entry"
+            else {
                 fail("bad option \(argument)", status: 2)
             }
             values[key] = value
@@ -62,9 +65,11 @@ case "workload":
     do { try workload.run(statePath: positional[3]) } catch { fail("workload: \(error)", status: 1) }
     emit("dm-powercut: workload done\n", to: STDOUT_FILENO)
 case "check":
-    let (positional, options) = parse(arguments.dropFirst(), options: ["points": 100])
+    let (positional, options) = parse(arguments.dropFirst(), options: ["points": 100, "entry": -1])
     guard positional.count == 8 else {
-        fail("usage: check LOG REPLAY_FILE REPLAY_LOOP COW_LOOP FSTYPE ROOT WORK STATE [--points N]", status: 2)
+        fail(
+            "usage: check LOG REPLAY_FILE REPLAY_LOOP COW_LOOP FSTYPE ROOT WORK STATE [--points N | --entry N]",
+            status: 2)
     }
     do {
         let log = try WriteLog(path: positional[0])
@@ -75,7 +80,11 @@ case "check":
         let checker = Checker(
             log: log, replayFile: positional[1], replayLoop: positional[2], cowLoop: positional[3],
             fileSystem: positional[4], root: positional[5], work: positional[6], state: state)
-        let points = checker.choosePoints(total: options["points"]!)
+        // --entry N: that one point (a flush or write entry, or a mark) instead of a choice.
+        let entry = options["entry"]!
+        let points =
+            entry >= 0
+            ? [CheckPoint(entry: entry, kind: "entry \(entry)")] : checker.choosePoints(total: options["points"]!)
         let failures = try checker.run(points: points)
         exit(failures == 0 ? 0 : 1)
     } catch { fail("check: \(error)", status: 1) }
