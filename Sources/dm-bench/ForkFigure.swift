@@ -48,8 +48,10 @@ extension Bench {
                 progress.note(
                     "fork \(type), \(formatBytes(changed)) changed: pause p50 "
                         + "\(formatMilliseconds(row.pause.p50Milliseconds)) p99 \(formatMilliseconds(row.pause.p99Milliseconds)), "
-                        + "create p50 \(formatMilliseconds(create.p50Milliseconds)), cp \(formatMilliseconds(row.cpMilliseconds))"
+                        + "create p50 \(formatMilliseconds(create.p50Milliseconds)), cp \(formatMilliseconds(row.cpMilliseconds)); "
+                        + "phases p50: \(row.phasesText)"
                 )
+                section.notes.append("\(type), \(formatBytes(changed)) changed, phases p50: \(row.phasesText)")
                 section.rows.append([
                     type, formatBytes(changed), formatMilliseconds(row.pause.p50Milliseconds),
                     formatMilliseconds(row.pause.p99Milliseconds), formatMilliseconds(create.p50Milliseconds),
@@ -63,6 +65,8 @@ extension Bench {
                     ("fork_mib_per_s", .double(forkRate)), ("cp_mib_per_s", .double(cpRate)),
                     ("child_allocated_bytes", .int(Int(row.childAllocatedBytes))),
                     ("parent_allocated_bytes", .int(Int(row.parentAllocatedBytes))),
+                    ("suspend", row.suspend.json), ("clone", row.clone.json), ("resume", row.resume.json),
+                    ("commit", row.commit.json),
                 ])
                 if type == "xfs" {
                     checks.append(
@@ -86,9 +90,20 @@ extension Bench {
 
     private struct ForkRow {
         var pause: LatencySummary
+        /// The pause's phases (SnapshotDevice.fork's ForkOutcome), and the commit after the resume.
+        var suspend: LatencySummary
+        var clone: LatencySummary
+        var resume: LatencySummary
+        var commit: LatencySummary
         var cpMilliseconds: Double
         var childAllocatedBytes: Int64
         var parentAllocatedBytes: Int64
+
+        var phasesText: String {
+            "suspend \(formatMilliseconds(suspend.p50Milliseconds)), clone \(formatMilliseconds(clone.p50Milliseconds)), "
+                + "resume \(formatMilliseconds(resume.p50Milliseconds)); after the resume, fsync + rename "
+                + formatMilliseconds(commit.p50Milliseconds)
+        }
     }
 
     /// `forkRuns` creates (each removed again) with the store on `scratch`: the yardstick.
@@ -140,7 +155,7 @@ extension Bench {
         progress.begin(
             "fork \(scratch.type), \(formatBytes(changedBytes)) changed: \(options.forkRuns) forks",
             total: options.forkRuns)
-        var pauses: [UInt64] = []
+        var outcomes: [ForkOutcome] = []
         var childAllocated: Int64 = 0
         for run in 0..<options.forkRuns {
             try checkInterrupted()
@@ -148,7 +163,7 @@ extension Bench {
             defer { unlink(childPath.string) }
             do {
                 let outcome = try parent.forkStore(cowPath: childPath, maximumPauseMilliseconds: 600_000)
-                pauses.append(outcome.pauseNanoseconds)
+                outcomes.append(outcome)
             } catch {
                 throw BenchError("SnapshotDevice.fork \(name)", error)
             }
@@ -164,7 +179,12 @@ extension Bench {
             sync()  // As the fork's fsync does, so both rates count the data on disk.
         }
         return ForkRow(
-            pause: LatencySummary(nanoseconds: pauses)!, cpMilliseconds: milliseconds(cpNanoseconds),
+            pause: LatencySummary(nanoseconds: outcomes.map(\.pauseNanoseconds))!,
+            suspend: LatencySummary(nanoseconds: outcomes.map(\.suspendNanoseconds))!,
+            clone: LatencySummary(nanoseconds: outcomes.map(\.cloneNanoseconds))!,
+            resume: LatencySummary(nanoseconds: outcomes.map(\.resumeNanoseconds))!,
+            commit: LatencySummary(nanoseconds: outcomes.map(\.commitNanoseconds))!,
+            cpMilliseconds: milliseconds(cpNanoseconds),
             childAllocatedBytes: childAllocated, parentAllocatedBytes: allocatedBytes(cowPath))
     }
 

@@ -16,6 +16,13 @@ package struct ForkOutcome: Sendable {
     package var pauseNanoseconds: UInt64
     /// The store's bytes the copy covered (its size; holes cost nothing).
     package var storeSizeBytes: Int64
+    /// The pause's phases: `DM_DEVICE_SUSPEND` with its flush; the status check and the
+    /// clone (`FICLONE` or the copy); `DM_DEVICE_RESUME`.
+    package var suspendNanoseconds: UInt64 = 0
+    package var cloneNanoseconds: UInt64 = 0
+    package var resumeNanoseconds: UInt64 = 0
+    /// After the resume: the new store's `fsync`, rename and the directory's `fsync`.
+    package var commitNanoseconds: UInt64 = 0
 }
 
 extension SnapshotDevice {
@@ -98,9 +105,11 @@ extension SnapshotDevice {
             if let record = try OriginRecord.read(from: source, path: cowPath) {
                 _ = record.write(to: output.descriptor, path: output.temporaryPath, logger: Self.logger)
             }
-            let outcome = try cloneSuspended(
+            var outcome = try cloneSuspended(
                 deviceName, source: source, output: output, maximumPauseMilliseconds: maximumPauseMilliseconds)
+            let resumedAt = MonotonicInstant.now()
             try output.commit(operation: operation)
+            outcome.commitNanoseconds = MonotonicInstant.now().nanoseconds - resumedAt.nanoseconds
             Self.logger.info(
                 "snapshot device forked",
                 metadata: [
@@ -123,6 +132,7 @@ extension SnapshotDevice {
         let suspendedAt = MonotonicInstant.now()
         let deadline = suspendedAt.adding(milliseconds: maximumPauseMilliseconds)
         try DeviceMapperControl.suspend(name: deviceName)
+        let cloneStartedAt = MonotonicInstant.now()
         var failure: DeviceMapperError?
         var sizeBytes: Int64 = 0
         do throws(DeviceMapperError) {
@@ -149,15 +159,21 @@ extension SnapshotDevice {
         } catch {
             failure = error
         }
+        let resumeStartedAt = MonotonicInstant.now()
         let resumeError = resumeAfterFork(deviceName)
-        let pause = MonotonicInstant.now().nanoseconds - suspendedAt.nanoseconds
+        let resumedAt = MonotonicInstant.now()
+        let pause = resumedAt.nanoseconds - suspendedAt.nanoseconds
         LibraryMetrics.forkPause(nanoseconds: pause)
         if var failure {
             if let resumeError { failure.rollbackErrors.append(resumeError) }
             throw failure
         }
         if let resumeError { throw resumeError }
-        return ForkOutcome(pauseNanoseconds: pause, storeSizeBytes: sizeBytes)
+        return ForkOutcome(
+            pauseNanoseconds: pause, storeSizeBytes: sizeBytes,
+            suspendNanoseconds: cloneStartedAt.nanoseconds - suspendedAt.nanoseconds,
+            cloneNanoseconds: resumeStartedAt.nanoseconds - cloneStartedAt.nanoseconds,
+            resumeNanoseconds: resumedAt.nanoseconds - resumeStartedAt.nanoseconds)
     }
 
     /// Resumes the parent, retrying a failed resume a few times (10 ms apart): a parent left
