@@ -214,6 +214,12 @@ struct DMBench: ParsableCommand {
 
     @Option(
         help: ArgumentHelp(
+            "Frame sizes the transfer figure times push and pull + restore with (repeatable; default 1M, "
+                + "the format's default; each a power of two from 1M to 8M)."))
+    var transferFrameSize: [ByteSize] = []
+
+    @Option(
+        help: ArgumentHelp(
             "The io figure's size: short (the default run's) or full (the default when io is named).",
             valueName: "short|full"))
     var ioScale: String?
@@ -265,6 +271,13 @@ struct DMBench: ParsableCommand {
             throw ValidationError(
                 "--transfer-image-size must be whole MiB, and --transfer-changed whole 4 KiB, "
                     + "at least 1 MiB and at most a quarter of the image")
+        }
+        guard
+            transferFrameSize.allSatisfy({
+                $0.bytes >= 1 << 20 && $0.bytes <= 8 << 20 && $0.bytes & ($0.bytes - 1) == 0
+            })
+        else {
+            throw ValidationError("--transfer-frame-size must be a power of two from 1M to 8M")
         }
         if let ioScale, ioScale != "short" && ioScale != "full" {
             throw ValidationError("--io-scale must be short or full")
@@ -369,6 +382,7 @@ struct DMBench: ParsableCommand {
             forkImageSizeBytes: forkImageSize.bytes,
             transferImageSizeBytes: transferImageSize.bytes,
             transferChangedBytes: transferChanged.bytes,
+            transferFrameSizes: transferFrameSize.isEmpty ? [1 << 20] : transferFrameSize.map { Int($0.bytes) },
             ioScale: (ioScale ?? (self.figures.contains(.io) ? "full" : "short")) == "full" ? .full : .short,
             profile: profile)
     }
@@ -401,6 +415,7 @@ struct BenchOptions: Sendable {
     var forkImageSizeBytes: Int64
     var transferImageSizeBytes: Int64
     var transferChangedBytes: Int64
+    var transferFrameSizes: [Int]
     var ioScale: IOScale
     var profile: Bool
 }

@@ -15,6 +15,7 @@ import ToolSupport
 #endif
 
 #if SANDBOX_REPOSITORY
+    import Foundation
     import SandboxRepository
 
     extension Bench {
@@ -84,41 +85,37 @@ import ToolSupport
             let storedTemplate = try repositoryBytes(repositoryDirectory) - beforeTemplate
             let changedTotal = changed + changed / 100
 
-            // 5. Pull + restore, and push, against a sparse cp between the same directories.
+            // 5. Push, and pull + restore, against a sparse cp between the same directories:
+            // for each frame size into a fresh directory repository, then into S3 if one is given.
             let host2 = workspace.path("transfer-host2")
             guard mkdir(host2.string, 0o700) == 0 else { throw BenchError("cannot create \(host2): \(errnoText())") }
             let copied = host2.appending("cp.cow")
-            let pulled = host2.appending("pulled.cow")
             defer {
                 unlink(copied.string)
-                unlink(pulled.string)
                 rmdir(host2.string)
             }
             let cp = try Tool("cp")
             let (_, copyNanoseconds) = try timed { () throws(BenchError) in
                 try cp.run(["--sparse=always", store.string, copied.string])
             }
-            let pullName = workspace.uniqueName("transfer-pulled")
-            let (_, pullNanoseconds) = try timed { () throws(BenchError) in
-                _ = try awaitResult {
-                    try await repository.pullStore(first.manifestDigest, origin: origin.imagePath, to: pulled)
-                }
-                do throws(DeviceMapperError) {
-                    let device = try SnapshotDevice.restore(
-                        name: pullName, origin: origin.devicePath, cowPath: pulled, originSizeBytes: origin.sizeBytes)
-                    try device.remove()
-                } catch {
-                    throw BenchError("restore of the pulled store", error)
-                }
+            var speeds: [TransferSpeed] = []
+            for frameSize in options.transferFrameSizes {
+                try checkInterrupted()
+                let fresh = try repositoryAt(
+                    workspace.path("transfer-repo-\(frameSize >> 20)m"), frameSizeBytes: frameSize)
+                speeds.append(
+                    try timePushAndPull(fresh, backend: "directory", store: store, origin: origin, into: host2))
             }
-            let freshDirectory = workspace.path("transfer-repo-2")
-            let fresh = try repositoryAt(freshDirectory)
-            _ = try awaitResult { try await fresh.pushImage(origin.imagePath) }
-            let (_, pushNanoseconds) = try timed { () throws(BenchError) in
-                _ = try awaitResult { try await fresh.pushStore(store, origin: origin.imagePath) }
+            var s3Note = "S3: not run (no DM_S3_ENDPOINT; `scripts/s3-test-server.sh run` sets it)."
+            if let (location, credentials) = try s3FromEnvironment() {
+                try checkInterrupted()
+                let objects = S3ObjectStore(location: location, credentials: credentials)
+                defer { _ = try? awaitResult { try await objects.shutdown() } }
+                let s3 = try makeRepository(objects, frameSizeBytes: Repository.defaultFrameSizeBytes, at: "S3")
+                speeds.append(try timePushAndPull(s3, backend: "S3", store: store, origin: origin, into: host2))
+                s3Note =
+                    "S3: \(location.endpoint.absoluteString), bucket \(location.bucket), prefix \(location.prefix)."
             }
-            let pullRatio = Double(pullNanoseconds) / Double(max(copyNanoseconds, 1))
-            let pushThroughput = Double(copyNanoseconds) / Double(max(pushNanoseconds, 1))
 
             var section = TableSection(
                 title: "Transfer (directory repository; base \(formatBytes(size)) of data; "
@@ -141,21 +138,26 @@ import ToolSupport
                     "related template", formatBytes(changedTotal), formatBytes(storedTemplate),
                     ratioText(storedTemplate, changedTotal),
                 ],
-                [
-                    "pull + restore vs cp", "-",
-                    "\(fixed(seconds(pullNanoseconds), 2)) s vs \(fixed(seconds(copyNanoseconds), 2)) s",
-                    fixed(pullRatio, 2) + "x",
-                ],
-                [
-                    "push vs cp (throughput)", "-",
-                    "\(fixed(seconds(pushNanoseconds), 2)) s vs \(fixed(seconds(copyNanoseconds), 2)) s",
-                    fixed(pushThroughput, 2) + "x",
-                ],
             ]
+            for speed in speeds {
+                let frames = "\(speed.backend), \(formatBytes(Int64(speed.frameSizeBytes))) frames"
+                section.rows.append([
+                    "pull + restore vs cp (\(frames))", "-",
+                    "\(fixed(seconds(speed.pullNanoseconds), 2)) s vs \(fixed(seconds(copyNanoseconds), 2)) s",
+                    fixed(speed.pullRatio(copyNanoseconds), 2) + "x",
+                ])
+                section.rows.append([
+                    "push vs cp, throughput (\(frames))", "-",
+                    "\(fixed(seconds(speed.pushNanoseconds), 2)) s vs \(fixed(seconds(copyNanoseconds), 2)) s",
+                    fixed(speed.pushThroughput(copyNanoseconds), 2) + "x",
+                ])
+            }
             section.notes.append(
                 "stored or sent: growth of the repository directory (frames and manifests), measured from the "
                     + "repository. text: /usr/share/doc and /usr/share/common-licenses files written as raw blocks. "
-                    + "cp: cp --sparse=always of the same store between the same directories.")
+                    + "cp: cp --sparse=always of the same store between the same directories. push: the store "
+                    + "into a fresh repository holding only its base; pull + restore: from that repository.")
+            section.notes.append(s3Note)
             report.add(section)
             report.add(record: [
                 ("figure", .string("transfer")), ("image_size_bytes", .int(Int(size))),
@@ -163,9 +165,15 @@ import ToolSupport
                 ("text_bytes", .int(text.count)), ("stored_text_bytes", .int(Int(storedText))),
                 ("second_push_bytes", .int(Int(storedSecond))), ("template_push_bytes", .int(Int(storedTemplate))),
                 ("cp_seconds", .double(seconds(copyNanoseconds))),
-                ("pull_restore_seconds", .double(seconds(pullNanoseconds))),
-                ("push_seconds", .double(seconds(pushNanoseconds))),
             ])
+            for speed in speeds {
+                report.add(record: [
+                    ("figure", .string("transfer-speed")), ("backend", .string(speed.backend)),
+                    ("frame_size_bytes", .int(speed.frameSizeBytes)), ("cp_seconds", .double(seconds(copyNanoseconds))),
+                    ("pull_restore_seconds", .double(seconds(speed.pullNanoseconds))),
+                    ("push_seconds", .double(seconds(speed.pushNanoseconds))),
+                ])
+            }
             let firstRatio = Double(storedFirst) / Double(changed)
             let secondRatio = Double(storedSecond) / Double(max(storedFirst, 1))
             report.add(
@@ -176,14 +184,80 @@ import ToolSupport
                 TargetCheck(
                     name: "transfer: second push after 1% more", target: "<= 3% of the first push",
                     measured: ratioText(storedSecond, storedFirst), met: secondRatio <= 0.03))
-            report.add(
-                TargetCheck(
-                    name: "transfer: pull + restore vs sparse cp", target: "<= 1.3x cp's time",
-                    measured: fixed(pullRatio, 2) + "x", met: pullRatio <= 1.3))
-            report.add(
-                TargetCheck(
-                    name: "transfer: push to a directory vs cp", target: ">= 0.7x cp's throughput",
-                    measured: fixed(pushThroughput, 2) + "x", met: pushThroughput >= 0.7))
+            // The targets are the directory backend's, at the first frame size asked for (1 MiB by default).
+            if let speed = speeds.first {
+                let pullRatio = speed.pullRatio(copyNanoseconds)
+                let pushThroughput = speed.pushThroughput(copyNanoseconds)
+                let frames = formatBytes(Int64(speed.frameSizeBytes))
+                report.add(
+                    TargetCheck(
+                        name: "transfer: pull + restore vs sparse cp (\(frames) frames)", target: "<= 1.3x cp's time",
+                        measured: fixed(pullRatio, 2) + "x", met: pullRatio <= 1.3))
+                report.add(
+                    TargetCheck(
+                        name: "transfer: push to a directory vs cp (\(frames) frames)",
+                        target: ">= 0.7x cp's throughput",
+                        measured: fixed(pushThroughput, 2) + "x", met: pushThroughput >= 0.7))
+            }
+        }
+
+        /// Pushes `store` into `repository` (its base first, untimed), then pulls it into `directory`
+        /// and restores it (and removes the device): the push's and the pull + restore's times.
+        private func timePushAndPull(
+            _ repository: Repository, backend: String, store: FilePath, origin: Origin, into directory: FilePath
+        ) throws(BenchError) -> TransferSpeed {
+            let frames = formatBytes(Int64(repository.frameSizeBytes))
+            progress.begin("transfer: push and pull + restore, \(backend), \(frames) frames")
+            defer { progress.end() }
+            _ = try awaitResult { try await repository.pushImage(origin.imagePath) }
+            let (pushed, pushNanoseconds) = try timed { () throws(BenchError) -> PushResult in
+                try awaitResult { try await repository.pushStore(store, origin: origin.imagePath) }
+            }
+            let pulled = directory.appending("pulled.cow")
+            defer { unlink(pulled.string) }
+            let name = workspace.uniqueName("transfer-pulled")
+            let (_, pullNanoseconds) = try timed { () throws(BenchError) in
+                _ = try awaitResult {
+                    try await repository.pullStore(pushed.manifestDigest, origin: origin.imagePath, to: pulled)
+                }
+                do throws(DeviceMapperError) {
+                    let device = try SnapshotDevice.restore(
+                        name: name, origin: origin.devicePath, cowPath: pulled, originSizeBytes: origin.sizeBytes)
+                    try device.remove()
+                } catch {
+                    throw BenchError("restore of the pulled store", error)
+                }
+            }
+            return TransferSpeed(
+                backend: backend, frameSizeBytes: repository.frameSizeBytes, pushNanoseconds: pushNanoseconds,
+                pullNanoseconds: pullNanoseconds)
+        }
+
+        /// The S3 server of `scripts/s3-test-server.sh` (DM_S3_ENDPOINT, DM_S3_BUCKET,
+        /// DM_S3_REGION, DM_S3_ACCESS_KEY_ID, DM_S3_SECRET_ACCESS_KEY), with a fresh prefix;
+        /// nil without DM_S3_ENDPOINT.
+        private func s3FromEnvironment() throws(BenchError) -> (S3Location, S3Credentials)? {
+            let environment = ProcessInfo.processInfo.environment
+            guard let endpoint = environment["DM_S3_ENDPOINT"], !endpoint.isEmpty else { return nil }
+            let names = ["DM_S3_BUCKET", "DM_S3_ACCESS_KEY_ID", "DM_S3_SECRET_ACCESS_KEY"]
+            let missing = names.filter { (environment[$0] ?? "").isEmpty }
+            guard missing.isEmpty else {
+                throw BenchError("DM_S3_ENDPOINT is set but \(missing.joined(separator: ", ")) is not")
+            }
+            guard let url = URL(string: endpoint) else { throw BenchError("DM_S3_ENDPOINT is not a URL: \(endpoint)") }
+            do {
+                let location = try S3Location(
+                    bucket: environment["DM_S3_BUCKET"]!, prefix: "dm-bench-\(getpid())-\(monotonicNanoseconds())",
+                    endpoint: url, region: environment["DM_S3_REGION"].flatMap { $0.isEmpty ? nil : $0 } ?? "us-east-1")
+                return (
+                    location,
+                    S3Credentials(
+                        accessKeyID: environment["DM_S3_ACCESS_KEY_ID"]!,
+                        secretAccessKey: environment["DM_S3_SECRET_ACCESS_KEY"]!)
+                )
+            } catch {
+                throw BenchError("the S3 server of DM_S3_ENDPOINT: \(error)")
+            }
         }
 
         /// A sandbox on `origin` with its store at `store` (created, or restored), `write` run
@@ -212,12 +286,39 @@ import ToolSupport
             do { try device.remove() } catch { throw BenchError("SnapshotDevice.remove \(name)", error) }
         }
 
-        private func repositoryAt(_ directory: FilePath) throws(BenchError) -> Repository {
+        private func repositoryAt(_ directory: FilePath, frameSizeBytes: Int = Repository.defaultFrameSizeBytes)
+            throws(BenchError) -> Repository
+        {
+            try makeRepository(
+                DirectoryObjectStore(root: directory), frameSizeBytes: frameSizeBytes, at: directory.string)
+        }
+
+        private func makeRepository(_ objects: any ObjectStore, frameSizeBytes: Int, at place: String)
+            throws(BenchError) -> Repository
+        {
             do {
-                return try Repository(objects: DirectoryObjectStore(root: directory))
+                return try Repository(objects: objects, frameSizeBytes: frameSizeBytes)
             } catch {
-                throw BenchError("repository \(directory): \(error)")
+                throw BenchError("repository \(place): \(error)")
             }
+        }
+    }
+
+    /// One backend's push and pull + restore of the same store, at one frame size.
+    private struct TransferSpeed {
+        var backend: String
+        var frameSizeBytes: Int
+        var pushNanoseconds: UInt64
+        var pullNanoseconds: UInt64
+
+        /// Pull + restore's time over cp's.
+        func pullRatio(_ copyNanoseconds: UInt64) -> Double {
+            Double(pullNanoseconds) / Double(max(copyNanoseconds, 1))
+        }
+
+        /// Push's throughput over cp's (the same bytes): cp's time over push's.
+        func pushThroughput(_ copyNanoseconds: UInt64) -> Double {
+            Double(copyNanoseconds) / Double(max(pushNanoseconds, 1))
         }
     }
 

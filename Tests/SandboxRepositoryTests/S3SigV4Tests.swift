@@ -1,3 +1,5 @@
+import Crypto
+import DeviceMapper
 import Foundation
 import XCTest
 
@@ -94,7 +96,7 @@ final class S3SigV4Tests: XCTestCase {
 
     func testCanonicalRequestsMatchTheSuite() {
         for vector in vectors {
-            let payload = SigV4Signer.hexSHA256(Array(vector.body.utf8))
+            let payload = SHA256.hexDigest(Array(vector.body.utf8))
             let (request, signedHeaders) = SigV4Signer.canonicalRequest(
                 method: vector.method, path: vector.path, query: vector.query, headers: vector.headers,
                 payloadSHA256: payload)
@@ -107,7 +109,7 @@ final class S3SigV4Tests: XCTestCase {
         for vector in vectors {
             let (request, _) = SigV4Signer.canonicalRequest(
                 method: vector.method, path: vector.path, query: vector.query, headers: vector.headers,
-                payloadSHA256: SigV4Signer.hexSHA256(Array(vector.body.utf8)))
+                payloadSHA256: SHA256.hexDigest(Array(vector.body.utf8)))
             XCTAssertEqual(signer.stringToSign(canonicalRequest: request, date: date), vector.stringToSign, vector.name)
         }
     }
@@ -116,7 +118,7 @@ final class S3SigV4Tests: XCTestCase {
         for vector in vectors {
             let authorization = signer.authorization(
                 method: vector.method, path: vector.path, query: vector.query, headers: vector.headers,
-                payloadSHA256: SigV4Signer.hexSHA256(Array(vector.body.utf8)), date: date)
+                payloadSHA256: SHA256.hexDigest(Array(vector.body.utf8)), date: date)
             XCTAssertEqual(
                 authorization,
                 "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, "

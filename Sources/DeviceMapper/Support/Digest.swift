@@ -1,19 +1,22 @@
-// SHA-256 as lowercase hex, from swift-crypto: the origin fingerprint and the repository's
-// frame and manifest names.
+// SHA-256 as lowercase hex, from swift-crypto: the origin fingerprint, the repository's
+// frame and manifest names, and SigV4's payload hashes and signatures.
 
 package import Crypto
 package import Foundation
 
+/// `bytes` as lowercase hex, two digits a byte.
+package func lowercaseHex(_ bytes: some Sequence<UInt8>) -> String {
+    var text = ""
+    text.reserveCapacity(bytes.underestimatedCount * 2)
+    for byte in bytes {
+        text += byte < 16 ? "0" + String(byte, radix: 16) : String(byte, radix: 16)
+    }
+    return text
+}
+
 extension SHA256Digest {
     /// The digest as 64 lowercase hex digits.
-    package var hex: String {
-        var text = ""
-        text.reserveCapacity(64)
-        for byte in self {
-            text += byte < 16 ? "0" + String(byte, radix: 16) : String(byte, radix: 16)
-        }
-        return text
-    }
+    package var hex: String { lowercaseHex(self) }
 }
 
 extension SHA256 {

@@ -1,3 +1,5 @@
+import Crypto
+import DeviceMapper
 public import Foundation
 public import Logging
 
@@ -175,7 +177,7 @@ public final class S3ObjectStore: ObjectStore {
     ) async throws -> S3HTTPResponse {
         let start = ContinuousClock.now
         let callDeadline = start + options.operationTimeout
-        let payloadHash = SigV4Signer.hexSHA256(body)
+        let payloadHash = SHA256.hexDigest(body)
         var url = location.endpoint.absoluteString + SigV4Signer.encodedPath(path)
         if !query.isEmpty { url += "?" + SigV4Signer.encodedQuery(query) }
         var host = location.endpoint.host ?? ""

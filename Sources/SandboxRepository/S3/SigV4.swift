@@ -1,4 +1,5 @@
 import Crypto
+import DeviceMapper
 package import Foundation
 import Glibc
 
@@ -19,7 +20,7 @@ package struct SigV4Signer: Sendable {
     }
 
     /// The hex SHA-256 of an empty payload.
-    package static let emptyPayloadSHA256 = hexSHA256([])
+    package static let emptyPayloadSHA256 = SHA256.hexDigest([UInt8]())
 
     /// The headers to add to a request: `x-amz-date`, `x-amz-security-token` if there is a
     /// session token, and `Authorization`. `headers` are the request's other headers, all
@@ -68,7 +69,7 @@ package struct SigV4Signer: Sendable {
 
     /// The string to sign: the algorithm, the time, the scope and the canonical request's hash.
     package func stringToSign(canonicalRequest: String, date: Date) -> String {
-        "AWS4-HMAC-SHA256\n\(Self.amzDate(date))\n\(scope(date))\n\(Self.hexSHA256(Array(canonicalRequest.utf8)))"
+        "AWS4-HMAC-SHA256\n\(Self.amzDate(date))\n\(scope(date))\n\(SHA256.hexDigest(Array(canonicalRequest.utf8)))"
     }
 
     /// The hex HMAC-SHA256 of the string to sign under the key derived for the date, region and service.
@@ -77,7 +78,7 @@ package struct SigV4Signer: Sendable {
         for part in [String(Self.amzDate(date).prefix(8)), region, service, "aws4_request"] {
             key = SymmetricKey(data: Array(HMAC<SHA256>.authenticationCode(for: Array(part.utf8), using: key)))
         }
-        return Self.hex(Array(HMAC<SHA256>.authenticationCode(for: Array(stringToSign.utf8), using: key)))
+        return lowercaseHex(HMAC<SHA256>.authenticationCode(for: Array(stringToSign.utf8), using: key))
     }
 
     private func scope(_ date: Date) -> String {
@@ -129,11 +130,6 @@ package struct SigV4Signer: Sendable {
             + "\(two(parts.tm_hour))\(two(parts.tm_min))\(two(parts.tm_sec))Z"
     }
 
-    package static func hexSHA256(_ bytes: [UInt8]) -> String { hex(Array(SHA256.hash(data: bytes))) }
-
-    private static func hex(_ bytes: [UInt8]) -> String {
-        bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
-    }
 }
 
 extension String {
