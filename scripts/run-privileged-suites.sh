@@ -2,9 +2,7 @@
 # The privileged part of `make test`: three runs against a real kernel, in ONE
 # VM boot when the host has no device-mapper.
 #
-#   scripts/run-privileged-suites.sh [STAGE...]     default: plain udev tsan
-#   (powercut runs when named: it has not yet passed a whole make test run; the plain
-#   stage has its regression tests, PowerCutTests)
+#   scripts/run-privileged-suites.sh [STAGE...]     default: plain udev tsan powercut
 #
 #   plain  the privileged suite, udev-less:
 #          scripts/run-privileged-tests.sh BUNDLE          -> .build/privileged-tests.log
@@ -13,7 +11,7 @@
 #   udev   the privileged suite with systemd-udevd running:
 #          scripts/run-privileged-tests.sh BUNDLE --udev   -> .build/privileged-tests-udev.log
 #   powercut  the power-cut rig on ext4, DM_POWERCUT_POINTS (default 100) points:
-#          scripts/powercut.sh --points N --files 4 ext4    -> .build/powercut.log
+#          scripts/powercut.sh --points N --files 4 --base-mib 8 ext4  -> .build/powercut.log
 #
 # Where: if we are root and the kernel has device-mapper
 # (scripts/has-device-mapper.sh), every stage runs here, directly. Otherwise this
@@ -49,7 +47,7 @@ cd "$root"
 SWIFT=${SWIFT:-swift}
 
 stages=("$@")
-((${#stages[@]})) || stages=(plain udev tsan)
+((${#stages[@]})) || stages=(plain udev tsan powercut)
 for stage in "${stages[@]}"; do
     case "$stage" in
         plain | tsan | udev | powercut) ;;
@@ -60,11 +58,11 @@ has_stage() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 
 bundle=${DM_XCTEST_BUNDLE:-.build/debug/DeviceMapperPackageTests.xctest}
 # The udev stage leaves out the data-plane classes, whose I/O paths udev does not touch
-# (power cuts, flatten tails, direct I/O, the repository's end-to-end move, CoW round
+# (power cuts, flatten tails, the XFS flatten, direct I/O, the repository's end-to-end move, CoW round
 # trips), and the CLI's tests (each starts sandbox-disk dozens of times, seconds each under
 # TCG, and the library calls behind them are the other classes'); the plain stage runs
 # them all. DM_UDEV_EXCLUDE= (empty) runs everything under udev.
-udev_exclude='PowerCutTests|FlattenTailTests|DataPlaneTests|CowFileRoundTripTests|SandboxDiskCLITests'
+udev_exclude='PowerCutTests|FlattenTailTests|XFSFlattenTests|DataPlaneTests|CowFileRoundTripTests|SandboxDiskCLITests'
 tsan_bundle=.build-tsan/debug/DeviceMapperPackageTests.xctest
 say() { printf 'run-privileged-suites: %s\n' "$*"; }
 duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
@@ -179,7 +177,7 @@ for stage in "${stages[@]}"; do
             ;;
         powercut)
             run_stage powercut '^powercut: ext4' \
-                env DM_POWERCUT="${DM_POWERCUT:-$(dirname "$bundle")/dm-powercut}" bash -c 'bash "$0"/powercut.sh --points "$1" --files 4 ext4 2>&1 | tee .build/powercut.log; exit "${PIPESTATUS[0]}"' \
+                env DM_POWERCUT="${DM_POWERCUT:-$(dirname "$bundle")/dm-powercut}" bash -c 'bash "$0"/powercut.sh --points "$1" --files 4 --base-mib 8 ext4 2>&1 | tee .build/powercut.log; exit "${PIPESTATUS[0]}"' \
                 "$here" "${DM_POWERCUT_POINTS:-100}"
             ;;
     esac
