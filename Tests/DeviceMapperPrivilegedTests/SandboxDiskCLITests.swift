@@ -636,10 +636,12 @@ final class SandboxDiskCLITests: PrivilegedTestCase {
         XCTAssertEqual(
             Set(object.keys),
             [
-                "dry_run", "prefix", "include_unowned", "removed", "in_use", "not_owned", "failures",
+                "dry_run", "prefix", "include_unowned", "removed", "resumed", "in_use", "not_owned", "failures",
                 "still_attached_loop_devices", "clean",
             ], file: file, line: line)
         XCTAssertEqual(object["prefix"] as? String, prefix, file: file, line: line)
+        // No device here was left suspended by a fork (CrashTests covers one that was).
+        XCTAssertEqual(object["resumed"] as? [String], [], file: file, line: line)
         XCTAssertEqual((object["failures"] as? [Any])?.count, 0, "\(text)", file: file, line: line)
         let inUse = try XCTUnwrap(object["in_use"] as? [[String: Any]], file: file, line: line)
         return CleanupReport(
