@@ -85,11 +85,13 @@ final class UdevTests: PrivilegedTestCase {
     func testUdevMakesTheNodeWhenItsDeviceMapperRulesAreOn() throws {
         // Sandbox devices do not wait for udev, so earlier tests may have left udev a long
         // queue of events (each spawns `dmsetup` under emulation): let it drain first, or
-        // this create's node would wait behind them past its deadline.
+        // this create's node would wait behind them past its deadline. In the make test of
+        // 2026-12-05 the queue (the udev stage's earlier classes, then 200 EBUSY cycles) took
+        // more than 300 s to drain under TCG; settle returns as soon as it is empty.
         if udevControlSocketExists {
             let settle = Process()
             settle.executableURL = URL(fileURLWithPath: "/bin/udevadm")
-            settle.arguments = ["settle", "--timeout=300"]
+            settle.arguments = ["settle", "--timeout=900"]
             try settle.run()
             settle.waitUntilExit()
             XCTAssertEqual(settle.terminationStatus, 0, "udevadm settle")
