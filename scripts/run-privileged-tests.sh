@@ -57,8 +57,12 @@ mkdir -p "$(dirname "$log_file")"
 # Listing tests is harmless and needs no privileges, so do it on the host.
 listing=$("$bundle" --list-tests 2>&1) || die "$bundle --list-tests failed: $listing"
 classes=$(grep -E "^${module}\.[^/]+/" <<<"$listing" | cut -d/ -f1 | sort -u | paste -sd, -) || true
-# DM_PRIVILEGED_EXCLUDE: an extended regex of class names (without the module) that this run
-# leaves out; they are not run, so not counted as skipped (the udev stage uses it).
+# DM_PRIVILEGED_ONLY: an extended regex of class names (without the module): only those run
+# (the udev stage uses it). DM_PRIVILEGED_EXCLUDE: a regex of classes this run leaves out.
+# Classes left out are not run, so not counted as skipped.
+if [[ -n "${DM_PRIVILEGED_ONLY:-}" ]]; then
+    classes=$(tr ',' '\n' <<<"$classes" | grep -E "^${module}\.(${DM_PRIVILEGED_ONLY})\$" | paste -sd, -) || true
+fi
 if [[ -n "${DM_PRIVILEGED_EXCLUDE:-}" ]]; then
     classes=$(tr ',' '\n' <<<"$classes" | grep -Ev "^${module}\.(${DM_PRIVILEGED_EXCLUDE})\$" | paste -sd, -) || true
 fi

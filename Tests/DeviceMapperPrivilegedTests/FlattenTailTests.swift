@@ -46,12 +46,3 @@ final class FlattenTailTests: PrivilegedTestCase {
         }
     }
 }
-
-/// Whether two byte ranges are equal, with `memcmp` (an element-wise `==` of megabytes is
-/// slow in a debug build under emulation).
-func sameBytes(_ left: ArraySlice<UInt8>, _ right: ArraySlice<UInt8>) -> Bool {
-    left.count == right.count
-        && left.withUnsafeBytes { a in
-            right.withUnsafeBytes { b in memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 }
-        }
-}
