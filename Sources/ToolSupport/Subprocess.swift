@@ -25,7 +25,9 @@ package struct SpawnError: Error, CustomStringConvertible {
 
 /// Spawns `argv` (`argv[0]` an absolute path) with `posix_spawn` (vfork-like, no copy
 /// of our address space), stdin from `/dev/null`, stdout and stderr on pipes, and waits
-/// for it. The corresponding C functions are `pipe`, `posix_spawn` and `waitpid`.
+/// for it. The pipes are made close-on-exec at once, so that a program started from another
+/// thread does not hold them open (and delay this one's end of output). The corresponding C
+/// functions are `pipe`, `fcntl`, `posix_spawn` and `waitpid`.
 package func spawnAndWait(_ argv: [String]) throws(SpawnError) -> ProcessResult {
     var outputPipe: [Int32] = [-1, -1]
     var errorPipe: [Int32] = [-1, -1]
@@ -35,6 +37,7 @@ package func spawnAndWait(_ argv: [String]) throws(SpawnError) -> ProcessResult 
         close(outputPipe[1])
         throw SpawnError(description: "pipe failed: \(errnoText())")
     }
+    for fd in outputPipe + errorPipe { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
