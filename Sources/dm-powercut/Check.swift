@@ -2,7 +2,6 @@
 // each point, checks what an agent checks after a reboot (docs/reliability.md).
 
 import DeviceMapper
-import Dispatch
 import SystemPackage
 import ToolSupport
 
@@ -228,39 +227,23 @@ struct Checker {
             origin = try registry.acquire(imagePath: FilePath(basePath))
             size = try originSizeBytes(of: origin)
         } catch { return problems + ["the base image cannot be acquired: \(error)"] }
-        // The sandboxes side by side, as an agent resumes them (their e2fsck runs dominate a
-        // point's time); each one's problems in its own slot, reported in the stores' order.
-        let perStore = Locked([[String]](repeating: [], count: stores.count))
-        let (sandboxes, formattedNames, filesByName) = (stores, formatted, files)
-        DispatchQueue.concurrentPerform(iterations: sandboxes.count) { index in
-            let (name, store) = sandboxes[index]
-            let found = checkSandbox(
-                name, store: store, origin: origin, originSizeBytes: size,
-                formatted: formattedNames.contains(name), files: filesByName[name] ?? [])
-            perStore.withLock { $0[index] = found }
+        for (name, store) in stores {
+            let storeProblems = checkStore(store)
+            problems += storeProblems
+            guard storeProblems.isEmpty else { continue }
+            let device: SnapshotDevice
+            do {
+                device = try SnapshotDevice.restore(
+                    name: name, origin: origin, cowPath: FilePath(store), originSizeBytes: size)
+            } catch {
+                problems.append("\(name): restore failed: \(error)")
+                continue
+            }
+            if formatted.contains(name) {
+                problems += checkSandboxFilesystem(name, device: device.devicePath.string, files: files[name] ?? [])
+            }
+            do { try device.remove() } catch { problems.append("\(name): remove failed: \(error)") }
         }
-        return problems + perStore.withLock { $0.joined() }
-    }
-
-    /// One acknowledged sandbox: its store is valid, it resumes, and (if it was formatted)
-    /// its ext4 holds every acknowledged file and checks clean.
-    private func checkSandbox(
-        _ name: String, store: String, origin: FilePath, originSizeBytes size: Int64, formatted: Bool,
-        files: [(path: String, sum: String)]
-    ) -> [String] {
-        var problems = checkStore(store)
-        guard problems.isEmpty else { return problems }
-        let device: SnapshotDevice
-        do {
-            device = try SnapshotDevice.restore(
-                name: name, origin: origin, cowPath: FilePath(store), originSizeBytes: size)
-        } catch {
-            return ["\(name): restore failed: \(error)"]
-        }
-        if formatted {
-            problems += checkSandboxFilesystem(name, device: device.devicePath.string, files: files)
-        }
-        do { try device.remove() } catch { problems.append("\(name): remove failed: \(error)") }
         return problems
     }
 
