@@ -151,6 +151,13 @@ class PrivilegedTestCase: XCTestCase {
         return Int64(status.st_blocks) * 512
     }
 
+    /// The deadline for what waits on udev's queue where udev runs (its record of a device,
+    /// a loop device its probe still holds): udev works through its events in order, and
+    /// under TCG on a loaded host a backlog left by earlier tests took minutes to drain
+    /// (make test of 2026-12-05: 5 s was not enough). `eventually` returns as soon as the
+    /// condition holds, so the long deadline costs nothing when udev keeps up.
+    let udevDeadlineSeconds: Double = 300
+
     /// Waits up to `seconds` for `condition`, for kernel work that finishes
     /// asynchronously (a deferred remove runs from a workqueue after the last close).
     func eventually(_ seconds: Double = 5, _ condition: () throws -> Bool) rethrows -> Bool {

@@ -231,7 +231,9 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         try sandboxA.remove()
         registry.release(origin: originA)
         let attached = { Set(self.loopDevices(backedBy: self.directory).map(\.device.path)) }
-        XCTAssertTrue(eventually { !attached().contains(originA) }, "A's loop device is detached: \(attached())")
+        XCTAssertTrue(
+            eventually(udevDeadlineSeconds) { !attached().contains(originA) },
+            "A's loop device is detached: \(attached())")
         XCTAssertTrue(attached().contains(originB), "B's loop device stays: a sandbox runs on it")
         XCTAssertEqual(registry.referenceCount(imagePath: image), 1, "B keeps its reference")
         // A new sandbox on the template shares B's device, which the registry still holds.

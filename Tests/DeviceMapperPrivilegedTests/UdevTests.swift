@@ -61,7 +61,9 @@ final class UdevTests: PrivilegedTestCase {
             XCTAssertEqual(node.type, .blockSpecial, "the library makes a block device node")
             if udev {
                 // udev still processes the event, in the background.
-                XCTAssertTrue(eventually { access(udevRecord, F_OK) == 0 }, "udev knows the device: \(udevRecord)")
+                XCTAssertTrue(
+                    eventually(udevDeadlineSeconds) { access(udevRecord, F_OK) == 0 },
+                    "udev knows the device: \(udevRecord)")
             } else {
                 XCTAssertNotEqual(access(udevRecord, F_OK), 0)
             }
@@ -73,10 +75,13 @@ final class UdevTests: PrivilegedTestCase {
             try snapshot.remove()
             XCTAssertNil(
                 fileStatus(snapshot.devicePath, followingSymlink: false), "the node is gone when remove returns")
-            if udev { XCTAssertTrue(eventually { access(udevRecord, F_OK) != 0 }, "udev forgot the device") }
+            if udev {
+                XCTAssertTrue(
+                    eventually(udevDeadlineSeconds) { access(udevRecord, F_OK) != 0 }, "udev forgot the device")
+            }
         }
         registry.releaseAll()
-        XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty })
+        XCTAssertTrue(eventually(udevDeadlineSeconds) { loopDevices(backedBy: directory).isEmpty })
     }
 
     /// With udev's device-mapper rules on (flags without `.disableDeviceMapperRules`), udev
@@ -149,7 +154,9 @@ final class UdevTests: PrivilegedTestCase {
         XCTAssertEqual(busy, [], "\(busyCount) of \(cycles) removes saw EBUSY")
         XCTAssertEqual(try devices(withPrefix: prefix), [])
         registry.releaseAll()
-        XCTAssertTrue(eventually { loopDevices(backedBy: directory).isEmpty }, "\(loopDevices(backedBy: directory))")
+        XCTAssertTrue(
+            eventually(udevDeadlineSeconds) { loopDevices(backedBy: directory).isEmpty },
+            "\(loopDevices(backedBy: directory))")
     }
 
     /// One remove attempt, without retries: the `EBUSY` error if the device was busy.
