@@ -90,7 +90,7 @@ test-stages:
 		$(STAGE) privileged $(MAKE) --no-print-directory privileged-suites && \
 		$(MAKE) --no-print-directory host-checks; \
 	fi
-	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-udev.log \
+	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-udev-node.log .build/privileged-tests-udev.log \
 		.build-tsan/sanitize-tsan-privileged.log .build-tsan/sanitize-thread.log .build-asan/sanitize-address.log
 
 # The TSan build of the tests (without the repository's HTTP stack); writes its exit status

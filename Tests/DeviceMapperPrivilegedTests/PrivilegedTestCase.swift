@@ -151,6 +151,11 @@ class PrivilegedTestCase: XCTestCase {
         return Int64(status.st_blocks) * 512
     }
 
+    /// The rig says udev runs (`--udev`: DM_TEST_UDEV=1).
+    var udevRequested: Bool { ProcessInfo.processInfo.environment["DM_TEST_UDEV"] == "1" }
+    /// libdevmapper's own test of whether udev runs: its control socket exists.
+    var udevControlSocketExists: Bool { access("/run/udev/control", F_OK) == 0 }
+
     /// The deadline for what waits on udev's queue where udev runs (its record of a device,
     /// a loop device its probe still holds): udev works through its events in order, and
     /// under TCG on a loaded host a backlog left by earlier tests took minutes to drain

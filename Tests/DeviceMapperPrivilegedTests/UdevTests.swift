@@ -16,11 +16,6 @@ import XCTest
 final class UdevTests: PrivilegedTestCase {
     let imageSize = 4 << 20
 
-    /// The rig says udev runs (`--udev`: DM_TEST_UDEV=1).
-    var udevRequested: Bool { ProcessInfo.processInfo.environment["DM_TEST_UDEV"] == "1" }
-    /// libdevmapper's own test of whether udev runs: its control socket exists.
-    var udevControlSocketExists: Bool { access("/run/udev/control", F_OK) == 0 }
-
     func testUdevRunsExactlyWhenTheRunSaysSo() throws {
         if udevRequested {
             XCTAssertTrue(udevControlSocketExists, "DM_TEST_UDEV=1 but /run/udev/control is missing")
@@ -92,8 +87,9 @@ final class UdevTests: PrivilegedTestCase {
         // queue of events (each spawns `dmsetup` under emulation): let it drain first, or
         // this create's node would wait behind them past its deadline. In the make test of
         // 2026-12-05 the queue (the whole suite's earlier classes, then 200 EBUSY cycles) took
-        // more than 300 s to drain under TCG; the udev stage now runs fewer classes, and the
-        // cycles after this test. Settle returns as soon as the queue is empty.
+        // more than 300 s to drain under TCG; `make test` now runs this class first in its
+        // udev stage, and the cycles (`UdevWatchTests`) last. Settle returns as soon as the
+        // queue is empty.
         if udevControlSocketExists {
             let settle = Process()
             settle.executableURL = URL(fileURLWithPath: "/bin/udevadm")
@@ -124,10 +120,30 @@ final class UdevTests: PrivilegedTestCase {
         }
     }
 
+    /// `lstat` or `stat`, or nil if there is no such file.
+    func fileStatus(_ path: FilePath, followingSymlink: Bool) -> Stat? {
+        try? path.stat(followTargetSymlink: followingSymlink)
+    }
+
+    /// The pids of running `systemd-udevd` processes (daemon and workers).
+    func udevDaemons() -> [Int] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap(Int.init).filter { pid in
+            let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+            return comm.trimmingCharacters(in: .whitespacesAndNewlines) == "systemd-udevd"
+        }.sorted()
+    }
+}
+
+/// Removes right after a guest-like write and close, where udev's watch of the device
+/// would open it: a class of its own, run last in `make test`'s udev stage, because its
+/// cycles leave udev a queue of events that the classes after it would wait behind.
+final class UdevWatchTests: PrivilegedTestCase {
+    let imageSize = 4 << 20
+
     /// 200 cycles where udev runs, whose watch on a closed device is what makes a remove
     /// `EBUSY`; without udev nothing else opens the device, and 20 cycles check the library's
-    /// own remove path at a tenth of the cost. (Named to run after the rules test: XCTest
-    /// runs a class's tests in name order, and these cycles leave udev a queue of events.)
+    /// own remove path at a tenth of the cost.
     func testUdevWatchNeverMakesARemoveEBUSY() throws {
         let cycles = udevRequested ? 200 : 20
         let image = try makeImage("base.img", sizeBytes: imageSize)
@@ -167,19 +183,5 @@ final class UdevTests: PrivilegedTestCase {
         } catch  where error.errno == .resourceBusy {
             return error
         }
-    }
-
-    /// `lstat` or `stat`, or nil if there is no such file.
-    func fileStatus(_ path: FilePath, followingSymlink: Bool) -> Stat? {
-        try? path.stat(followTargetSymlink: followingSymlink)
-    }
-
-    /// The pids of running `systemd-udevd` processes (daemon and workers).
-    func udevDaemons() -> [Int] {
-        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-        return entries.compactMap(Int.init).filter { pid in
-            let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
-            return comm.trimmingCharacters(in: .whitespacesAndNewlines) == "systemd-udevd"
-        }.sorted()
     }
 }
