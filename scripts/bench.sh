@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build dm-bench (release) and run it where device-mapper is.
 #
-#   scripts/bench.sh [--udev] [DM-BENCH ARGS...]
+#   scripts/bench.sh [--udev] [--s3] [DM-BENCH ARGS...]
 #
 # With no arguments it runs the default benchmark and prints the table
 # (`dm-bench --help` lists the figures and flags; docs/benchmarks.md explains them).
@@ -14,6 +14,10 @@
 #   1 GiB outputs in that tmpfs (60% of guest RAM). TCG allocates lazily.
 # - --udev runs the VM with systemd-udevd (vm-run.sh --udev); the default VM has
 #   no udev, as in a container. Directly on a host, udev is whatever runs there.
+# - --s3 runs dm-bench beside a SeaweedFS S3 server (scripts/s3-test-server.sh run),
+#   started where dm-bench runs: in the VM, which has no network but its loopback
+#   (raised here), with the server's data in $DM_TEST_TMPDIR. The transfer figure
+#   then adds its S3 rows. If the server does not start, nothing runs and the script fails.
 #
 # After dm-bench exits, a check independent of dm-bench's own cleanup lists any
 # device-mapper device named dmbench-* and any loop device whose backing file
@@ -45,17 +49,30 @@ run_and_check() {
     return "$status"
 }
 
+# Runs run_and_check beside a SeaweedFS S3 server on this machine's loopback.
+run_and_check_with_s3() {
+    # A VM without network has its loopback down; SeaweedFS listens on 127.0.0.1.
+    ip link set lo up 2>/dev/null || true
+    export DM_S3_STATE=${DM_S3_STATE:-${DM_TEST_TMPDIR:-/tmp}/s3-test-server}
+    bash "$here/s3-test-server.sh" run bash "$here/bench.sh" --run-and-check "$@"
+}
+
 if [[ "${1:-}" == --run-and-check ]]; then  # Internal: the guest side.
     shift
+    if [[ "${1:-}" == --s3 ]]; then
+        shift
+        run_and_check_with_s3 "$@"
+        exit
+    fi
     run_and_check "$@"
     exit
 fi
 
-udev=()
-if [[ "${1:-}" == --udev ]]; then
-    udev=(--udev)
+udev=() s3=()
+while [[ "${1:-}" == --udev || "${1:-}" == --s3 ]]; do
+    if [[ "$1" == --udev ]]; then udev=(--udev); else s3=(--s3); fi
     shift
-fi
+done
 
 cd "$root"
 read -r -a build_args <<<"${DM_BENCH_BUILD_ARGS:-}"
@@ -72,11 +89,15 @@ if [[ $(id -u) -eq 0 ]] && bash "$here/has-device-mapper.sh"; then
     fi
     echo "bench.sh: this kernel has device-mapper; running dm-bench directly" >&2
     modprobe -q dm-snapshot 2>/dev/null || true
-    run_and_check "$bench" "$@"
+    if ((${#s3[@]})); then
+        run_and_check_with_s3 "$bench" "$@"
+    else
+        run_and_check "$bench" "$@"
+    fi
     exit
 fi
 
 echo "bench.sh: no device-mapper here (or not root); running dm-bench in a VM" >&2
 export DM_VM_MEMORY=${DM_VM_MEMORY:-8G}
 export DM_BENCH_HOST="VM booted by scripts/vm-run.sh on $host_facts"
-exec bash "$here/vm-run.sh" "${udev[@]}" -- bash "$here/bench.sh" --run-and-check "$bench" "$@"
+exec bash "$here/vm-run.sh" "${udev[@]}" -- bash "$here/bench.sh" --run-and-check "${s3[@]}" "$bench" "$@"

@@ -160,8 +160,8 @@ public struct Repository: Sendable {
             let key = ObjectKey.frame(name)
             let first = claimed.withLock { $0.insert(name).inserted }
             do {
-                if first, try await objects.head(key) == nil {
-                    try await objects.put(key, bytes: compressed)
+                if first, try await TransferPhaseClock.measure(.lookUp, { try await objects.head(key) }) == nil {
+                    try await TransferPhaseClock.measure(.put) { try await objects.put(key, bytes: compressed) }
                     counter.add(read: sizeBytes, stored: compressed.count)
                 } else {
                     counter.add(read: sizeBytes, skipped: sizeBytes)
@@ -209,7 +209,7 @@ public struct Repository: Sendable {
             let key = ObjectKey.frame(name)
             let compressed: [UInt8]
             do {
-                compressed = try await objects.get(key)
+                compressed = try await TransferPhaseClock.measure(.fetch) { try await objects.get(key) }
             } catch ObjectStoreError.notFound {
                 throw RepositoryError(
                     .missingFrame, "manifest \(digest) lists a frame the repository does not have", object: key,
@@ -222,7 +222,9 @@ public struct Repository: Sendable {
                 defer { buffer.deallocate() }
                 try decodeFrame(compressed, name: name, index: index, into: buffer)
                 do throws(DeviceMapperError) {
-                    try writeFully(descriptor, from: UnsafeRawBufferPointer(buffer), at: offset, subject: subject)
+                    try TransferPhaseClock.measure(.writeOut) { () throws(DeviceMapperError) in
+                        try writeFully(descriptor, from: UnsafeRawBufferPointer(buffer), at: offset, subject: subject)
+                    }
                 } catch {
                     throw RepositoryError.local(error, "cannot write frame \(index) to \(destination)")
                 }
@@ -233,7 +235,9 @@ public struct Repository: Sendable {
         try Task.checkCancellation()
         try finish(output)
         do throws(DeviceMapperError) {
-            try output.commit(operation: operation)
+            try TransferPhaseClock.measure(.publish) { () throws(DeviceMapperError) in
+                try output.commit(operation: operation)
+            }
         } catch {
             throw RepositoryError.local(error, "cannot publish \(destination)")
         }

@@ -249,6 +249,15 @@ struct DMBench: ParsableCommand {
         guard iterations >= 1 else { throw ValidationError("--iterations must be at least 1") }
         guard subprocessIterations >= 1 else { throw ValidationError("--subprocess-iterations must be at least 1") }
         guard warmup >= 0 else { throw ValidationError("--warmup cannot be negative") }
+        // Sizes must be positive; --fork-changed 0 (the parent changed nothing) is a row of its own.
+        let sizes: [(String, ByteSize)] = [
+            ("--fork-image-size", forkImageSize), ("--image-size", imageSize), ("--flatten-size", flattenSize),
+            ("--flatten-written-size", flattenWrittenSize), ("--flatten-changed", flattenChanged),
+            ("--transfer-image-size", transferImageSize), ("--transfer-changed", transferChanged),
+        ]
+        if let (name, _) = sizes.first(where: { $0.1.bytes <= 0 }) {
+            throw ValidationError("\(name) must be more than 0 bytes")
+        }
         guard imageSize.bytes % 4096 == 0 else { throw ValidationError("--image-size must be a multiple of 4 KiB") }
         guard flattenSize.bytes % 4096 == 0, flattenWrittenSize.bytes % 4096 == 0 else {
             throw ValidationError("--flatten-size and --flatten-written-size must be multiples of 4 KiB")

@@ -88,7 +88,8 @@ func formatBytes(_ bytes: Int64) -> String {
     return "\(bytes) B"
 }
 
-/// Parses `1G`, `512M`, `16MiB`, `4k` or a plain number of bytes (binary units).
+/// Parses `1G`, `512M`, `16MiB`, `4k`, `0` or a plain number of bytes (binary units).
+/// Zero parses: options where it means nothing (a size) refuse it in `DMBench.validate()`.
 func parseByteSize(_ text: String) -> Int64? {
     var digits = Substring(text.trimmingWhitespace())
     var multiplier: Int64 = 1
@@ -101,7 +102,7 @@ func parseByteSize(_ text: String) -> Int64? {
         multiplier = size
         break
     }
-    guard let value = Int64(digits), value > 0 else { return nil }
+    guard let value = Int64(digits), value >= 0 else { return nil }
     let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
     return overflow ? nil : bytes
 }

@@ -95,9 +95,11 @@ import ToolSupport
                 rmdir(host2.string)
             }
             let cp = try Tool("cp")
+            let cpCPUBefore = cpuNanoseconds(children: true)
             let (_, copyNanoseconds) = try timed { () throws(BenchError) in
                 try cp.run(["--sparse=always", store.string, copied.string])
             }
+            let copyCPUNanoseconds = cpuNanoseconds(children: true) &- cpCPUBefore
             var speeds: [TransferSpeed] = []
             for frameSize in options.transferFrameSizes {
                 try checkInterrupted()
@@ -159,6 +161,10 @@ import ToolSupport
                     + "into a fresh repository holding only its base; pull + restore: from that repository.")
             section.notes.append(s3Note)
             report.add(section)
+            for speed in speeds {
+                report.add(
+                    phaseSection(speed, copyNanoseconds: copyNanoseconds, copyCPUNanoseconds: copyCPUNanoseconds))
+            }
             report.add(record: [
                 ("figure", .string("transfer")), ("image_size_bytes", .int(Int(size))),
                 ("changed_bytes", .int(Int(changed))), ("stored_incompressible_bytes", .int(Int(storedFirst))),
@@ -172,6 +178,10 @@ import ToolSupport
                     ("frame_size_bytes", .int(speed.frameSizeBytes)), ("cp_seconds", .double(seconds(copyNanoseconds))),
                     ("pull_restore_seconds", .double(seconds(speed.pullNanoseconds))),
                     ("push_seconds", .double(seconds(speed.pushNanoseconds))),
+                    ("restore_seconds", .double(seconds(speed.restoreNanoseconds))),
+                    ("push_cpu_seconds", .double(seconds(speed.pushCPUNanoseconds))),
+                    ("pull_restore_cpu_seconds", .double(seconds(speed.pullCPUNanoseconds))),
+                    ("cp_cpu_seconds", .double(seconds(copyCPUNanoseconds))),
                 ])
             }
             let firstRatio = Double(storedFirst) / Double(changed)
@@ -210,27 +220,76 @@ import ToolSupport
             progress.begin("transfer: push and pull + restore, \(backend), \(frames) frames")
             defer { progress.end() }
             _ = try awaitResult { try await repository.pushImage(origin.imagePath) }
+            TransferPhaseClock.reset()
+            let pushCPUBefore = cpuNanoseconds()
             let (pushed, pushNanoseconds) = try timed { () throws(BenchError) -> PushResult in
                 try awaitResult { try await repository.pushStore(store, origin: origin.imagePath) }
             }
+            let pushCPU = cpuNanoseconds() &- pushCPUBefore
+            let pushPhases = TransferPhaseClock.snapshot()
             let pulled = directory.appending("pulled.cow")
             defer { unlink(pulled.string) }
             let name = workspace.uniqueName("transfer-pulled")
+            TransferPhaseClock.reset()
+            let pullCPUBefore = cpuNanoseconds()
+            var restoreNanoseconds: UInt64 = 0
             let (_, pullNanoseconds) = try timed { () throws(BenchError) in
                 _ = try awaitResult {
                     try await repository.pullStore(pushed.manifestDigest, origin: origin.imagePath, to: pulled)
                 }
-                do throws(DeviceMapperError) {
-                    let device = try SnapshotDevice.restore(
-                        name: name, origin: origin.devicePath, cowPath: pulled, originSizeBytes: origin.sizeBytes)
-                    try device.remove()
-                } catch {
-                    throw BenchError("restore of the pulled store", error)
+                (_, restoreNanoseconds) = try timed { () throws(BenchError) in
+                    do throws(DeviceMapperError) {
+                        let device = try SnapshotDevice.restore(
+                            name: name, origin: origin.devicePath, cowPath: pulled, originSizeBytes: origin.sizeBytes)
+                        try device.remove()
+                    } catch {
+                        throw BenchError("restore of the pulled store", error)
+                    }
                 }
             }
             return TransferSpeed(
                 backend: backend, frameSizeBytes: repository.frameSizeBytes, pushNanoseconds: pushNanoseconds,
-                pullNanoseconds: pullNanoseconds)
+                pullNanoseconds: pullNanoseconds, restoreNanoseconds: restoreNanoseconds,
+                pushCPUNanoseconds: pushCPU, pullCPUNanoseconds: cpuNanoseconds() &- pullCPUBefore,
+                pushPhases: pushPhases, pullPhases: TransferPhaseClock.snapshot())
+        }
+
+        /// Where one push's and one pull + restore's time went, phase by phase, beside cp.
+        private func phaseSection(_ speed: TransferSpeed, copyNanoseconds: UInt64, copyCPUNanoseconds: UInt64)
+            -> TableSection
+        {
+            var section = TableSection(
+                title: "Transfer phases (\(speed.backend), \(formatBytes(Int64(speed.frameSizeBytes))) frames)",
+                header: ["phase", "count", "CPU s", "wall s (summed over threads)"])
+            let secondsText = { (nanoseconds: UInt64) in fixed(seconds(nanoseconds), 3) }
+            for (label, phases) in [("push", speed.pushPhases), ("pull", speed.pullPhases)] {
+                for phase in TransferPhase.allCases where phases.counts[phase.rawValue] > 0 {
+                    section.rows.append([
+                        "\(label): \(phase.name)", "\(phases.counts[phase.rawValue])",
+                        secondsText(phases.cpuNanoseconds[phase.rawValue]),
+                        secondsText(phases.wallNanoseconds[phase.rawValue]),
+                    ])
+                }
+            }
+            section.rows.append([
+                "restore (SnapshotDevice.restore + remove)", "1", "-", secondsText(speed.restoreNanoseconds),
+            ])
+            section.rows.append([
+                "push, whole (process)", "1", secondsText(speed.pushCPUNanoseconds),
+                secondsText(speed.pushNanoseconds),
+            ])
+            section.rows.append([
+                "pull + restore, whole (process)", "1", secondsText(speed.pullCPUNanoseconds),
+                secondsText(speed.pullNanoseconds),
+            ])
+            section.rows.append([
+                "cp --sparse=always (child)", "1", secondsText(copyCPUNanoseconds), secondsText(copyNanoseconds),
+            ])
+            section.notes.append(
+                "CPU: of the threads that ran the phase (CLOCK_THREAD_CPUTIME_ID); awaited phases (head, put, get) "
+                    + "have wall time only. wall: summed over the frames in flight, so it exceeds the whole's wall "
+                    + "time where frames overlap. whole: getrusage of this process (cp: of its child).")
+            return section
         }
 
         /// The S3 server of `scripts/s3-test-server.sh` (DM_S3_ENDPOINT, DM_S3_BUCKET,
@@ -310,6 +369,11 @@ import ToolSupport
         var frameSizeBytes: Int
         var pushNanoseconds: UInt64
         var pullNanoseconds: UInt64
+        var restoreNanoseconds: UInt64
+        var pushCPUNanoseconds: UInt64
+        var pullCPUNanoseconds: UInt64
+        var pushPhases: TransferPhaseTotals
+        var pullPhases: TransferPhaseTotals
 
         /// Pull + restore's time over cp's.
         func pullRatio(_ copyNanoseconds: UInt64) -> Double {
@@ -337,6 +401,14 @@ import ToolSupport
         case .success(let value): return value
         case .failure(let error): throw BenchError("repository: \(error)")
         }
+    }
+
+    /// User and system CPU time of this process (`RUSAGE_SELF`) or of its waited-for children.
+    private func cpuNanoseconds(children: Bool = false) -> UInt64 {
+        var usage = rusage()
+        getrusage(__rusage_who_t((children ? RUSAGE_CHILDREN : RUSAGE_SELF).rawValue), &usage)
+        let total = { (time: timeval) in UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_usec) * 1000 }
+        return total(usage.ru_utime) + total(usage.ru_stime)
     }
 
     /// The bytes of every file under `directory` (the repository's objects).

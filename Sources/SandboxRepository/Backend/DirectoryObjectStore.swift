@@ -45,16 +45,20 @@ public struct DirectoryObjectStore: ObjectStore {
                 system_close(fd)
                 if !published { _ = system_unlink(temporary) }
             }
-            let written = bytes.withUnsafeBytes { buffer in
-                Result { () throws(DeviceMapperError) in
-                    try writeFully(fd, from: buffer, at: 0, subject: temporary.string)
+            let written = TransferPhaseClock.measure(.objectWrite) {
+                bytes.withUnsafeBytes { buffer in
+                    Result { () throws(DeviceMapperError) in
+                        try writeFully(fd, from: buffer, at: 0, subject: temporary.string)
+                    }
                 }
             }
             if case .failure(let error) = written { throw ObjectStoreError.failed(key: key, detail: "\(error)") }
-            try system_fsync(fd).get(key, "fsync")
-            try system_rename(temporary, path).get(key, "rename")
-            published = true
-            syncDirectory(directory)
+            try TransferPhaseClock.measure(.objectSync) { system_fsync(fd) }.get(key, "fsync")
+            try TransferPhaseClock.measure(.objectRename) { () throws(ObjectStoreError) in
+                try system_rename(temporary, path).get(key, "rename")
+                published = true
+                syncDirectory(directory)
+            }
         }
     }
 

@@ -56,19 +56,21 @@ func encodeFrame(
     _ fd: FileDescriptor, index: Int, sizeBytes: Int64, frameSizeBytes: Int, compress: Bool, subject: String
 ) throws(RepositoryError) -> EncodedFrame {
     let (offset, count) = frameRange(index, sizeBytes: sizeBytes, frameSizeBytes: frameSizeBytes)
-    switch system_lseek(fd, offset, SEEK_DATA) {
-    case .success(let data) where data >= offset + Int64(count): return .zero
-    case .failure(.noSuchAddressOrDevice): return .zero  // No data from here to the end.
-    default: break  // Data in the range, or a file system without SEEK_DATA: read it.
-    }
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
     defer { buffer.deallocate() }
-    let read: Int
-    do throws(DeviceMapperError) {
-        read = try readFully(fd, into: buffer, at: offset, subject: subject)
-    } catch {
-        throw RepositoryError.local(error, "could not read frame \(index) of \(subject)")
+    let read = try TransferPhaseClock.measure(.read) { () throws(RepositoryError) -> Int? in
+        switch system_lseek(fd, offset, SEEK_DATA) {
+        case .success(let data) where data >= offset + Int64(count): return nil
+        case .failure(.noSuchAddressOrDevice): return nil  // No data from here to the end.
+        default: break  // Data in the range, or a file system without SEEK_DATA: read it.
+        }
+        do throws(DeviceMapperError) {
+            return try readFully(fd, into: buffer, at: offset, subject: subject)
+        } catch {
+            throw RepositoryError.local(error, "could not read frame \(index) of \(subject)")
+        }
     }
+    guard let read else { return .zero }
     guard read == count else {
         throw RepositoryError(
             .localFileFailed,
@@ -76,9 +78,10 @@ func encodeFrame(
                 + "it changed while it was read", frameIndex: index)
     }
     let bytes = UnsafeRawBufferPointer(buffer)
-    if isAllZero(bytes) { return .zero }
-    let name = SHA256.hexDigest(bytes)
-    return .data(name: name, compressed: compress ? zstdCompress(bytes) : [], sizeBytes: count)
+    if TransferPhaseClock.measure(.zeroCheck, { isAllZero(bytes) }) { return .zero }
+    let name = TransferPhaseClock.measure(.hash) { SHA256.hexDigest(bytes) }
+    let compressed = compress ? TransferPhaseClock.measure(.compress) { zstdCompress(bytes) } : []
+    return .data(name: name, compressed: compressed, sizeBytes: count)
 }
 
 /// Decompresses frame `index` named `name` into `output` and checks it against its name.
@@ -87,10 +90,10 @@ func decodeFrame(
     _ compressed: [UInt8], name: String, index: Int, into output: UnsafeMutableRawBufferPointer
 ) throws(RepositoryError) {
     let key = ObjectKey.frame(name)
-    if let problem = zstdDecompress(compressed, into: output) {
+    if let problem = TransferPhaseClock.measure(.decompress, { zstdDecompress(compressed, into: output) }) {
         throw RepositoryError(.corruptObject, "the frame does not decode: \(problem)", object: key, frameIndex: index)
     }
-    let actual = SHA256.hexDigest(UnsafeRawBufferPointer(output))
+    let actual = TransferPhaseClock.measure(.verify) { SHA256.hexDigest(UnsafeRawBufferPointer(output)) }
     guard actual == name else {
         throw RepositoryError(
             .corruptObject, "the frame's bytes hash to \(actual), not to its name", object: key, frameIndex: index)

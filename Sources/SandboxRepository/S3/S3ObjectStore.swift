@@ -1,6 +1,6 @@
 import Crypto
 import DeviceMapper
-public import Foundation
+import Foundation
 public import Logging
 
 /// An ``ObjectStore`` in an S3 bucket, under the location's prefix, over HTTP(S) with
