@@ -27,7 +27,7 @@ final class DirectoryObjectStoreTests: RepositoryTestCase {
         try await store.put("frames/ab/x", bytes: [1, 2])
         // What a killed writer leaves: a temporary file beside the object.
         let leftover = repositoryDirectory.appending("frames/ab/.y.tmp-1-2")
-        FileManager.default.createFile(atPath: leftover.string, contents: Data([9]))
+        XCTAssertTrue(FileManager.default.createFile(atPath: leftover.string, contents: Data([9])))
         let listed = try await store.list(prefix: "frames/").map(\.key)
         XCTAssertEqual(listed, ["frames/ab/x"])
         // A put into a path whose directory is a file fails and leaves nothing.
