@@ -110,7 +110,7 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
-            ],
+            ] + repositoryDependencies,
             swiftSettings: strictSwift
         ),
         .testTarget(

@@ -199,8 +199,9 @@ struct Checker {
         _ = removeStalePartialFiles(in: FilePath("\(root)/templates"))
         _ = removeStalePartialFiles(in: FilePath("\(root)/sandboxes"))
 
-        // A fork's store is renamed into place complete: any file at its name is a valid store.
-        for case .forked(_, let store) in state where !expected.contains(where: { $0.storePath == store }) {
+        // A fork's or a pull's store is renamed into place complete: any file at its name is a
+        // valid store.
+        for store in state.compactMap(\.renamedStorePath) where !expected.contains(where: { $0.storePath == store }) {
             if access(store, F_OK) == 0 { problems += checkStore(store) }
         }
 
@@ -212,7 +213,8 @@ struct Checker {
         for event in expected {
             switch event {
             case .base(let path): basePath = path
-            case .created(let name, let store), .forked(let name, let store): stores.append((name, store))
+            case .created(let name, let store), .forked(let name, let store), .pulled(let name, let store):
+                stores.append((name, store))
             case .formatted(let name): formatted.insert(name)
             case .file(let name, let relative, let sum): files[name, default: []].append((relative, sum))
             default: break

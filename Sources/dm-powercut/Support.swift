@@ -3,6 +3,7 @@
 
 import Crypto
 import DeviceMapper
+import Dispatch
 import SystemPackage
 import ToolSupport
 
@@ -110,6 +111,9 @@ enum StateEvent: Equatable {
     /// `fork` of a running sandbox returned: its new store is at `store`, and `name` is the
     /// sandbox it resumes as. Until then, a file at `store` must be a complete store.
     case forked(name: String, store: String)
+    /// A pull of a pushed store returned: the new store is at `store`, and `name` is the
+    /// sandbox it resumes as. Until then, a file at `store` must be a complete store.
+    case pulled(name: String, store: String)
     /// `mkfs.ext4` on the sandbox's device returned.
     case formatted(name: String)
     /// A file in the sandbox's ext4 was written and `fsync`ed (and its directory).
@@ -124,6 +128,7 @@ enum StateEvent: Equatable {
         case .base(let path): "base \(path)"
         case .created(let name, let store): "created \(name) \(store)"
         case .forked(let name, let store): "forked \(name) \(store)"
+        case .pulled(let name, let store): "pulled \(name) \(store)"
         case .formatted(let name): "formatted \(name)"
         case .file(let name, let relativePath, let sha256): "file \(name) \(relativePath) \(sha256)"
         case .template(let path, let sha256): "template \(path) \(sha256)"
@@ -137,6 +142,7 @@ enum StateEvent: Equatable {
         case ("base", 2): self = .base(path: fields[1])
         case ("created", 3): self = .created(name: fields[1], store: fields[2])
         case ("forked", 3): self = .forked(name: fields[1], store: fields[2])
+        case ("pulled", 3): self = .pulled(name: fields[1], store: fields[2])
         case ("formatted", 2): self = .formatted(name: fields[1])
         case ("file", 4): self = .file(name: fields[1], relativePath: fields[2], sha256: fields[3])
         case ("template", 3): self = .template(path: fields[1], sha256: fields[2])
@@ -163,6 +169,30 @@ func readText(_ path: String) throws(PowercutError) -> String {
     return String(decoding: bytes, as: UTF8.self)
 }
 
+/// Runs `body` to completion from synchronous code and returns its result. Waits at most
+/// `seconds`; then cancels it and waits up to a minute more for it to stop.
+func waitForTask<T: Sendable>(
+    _ what: String, seconds: Int, _ body: @escaping @Sendable () async throws -> T
+) throws(PowercutError) -> T {
+    let outcome = Locked<Result<T, any Error>?>(nil)
+    let done = DispatchSemaphore(value: 0)
+    let task = Task {
+        let result: Result<T, any Error>
+        do { result = .success(try await body()) } catch { result = .failure(error) }
+        outcome.withLock { $0 = result }
+        done.signal()
+    }
+    if done.wait(timeout: .now() + .seconds(seconds)) == .timedOut {
+        task.cancel()
+        let stopped = done.wait(timeout: .now() + .seconds(60)) == .success
+        throw PowercutError("\(what): not done after \(seconds) s; cancelled\(stopped ? "" : ", and still running")")
+    }
+    switch outcome.withLock({ $0 })! {
+    case .success(let value): return value
+    case .failure(let error): throw PowercutError("\(what): \(error)")
+    }
+}
+
 /// Seconds on the monotonic clock. The corresponding C function is `clock_gettime`.
 func monotonicSeconds() -> Double {
     var now = timespec()
@@ -171,10 +201,19 @@ func monotonicSeconds() -> Double {
 }
 
 extension StateEvent {
-    /// The store a `created` or `forked` event names.
+    /// The store a `created`, `forked` or `pulled` event names.
     var storePath: String? {
         switch self {
-        case .created(_, let store), .forked(_, let store): store
+        case .created(_, let store), .forked(_, let store), .pulled(_, let store): store
+        default: nil
+        }
+    }
+
+    /// The store a `forked` or `pulled` event names: one written under a temporary name and
+    /// renamed into place complete, so any file at its name is a valid store.
+    var renamedStorePath: String? {
+        switch self {
+        case .forked(_, let store), .pulled(_, let store): store
         default: nil
         }
     }

@@ -6,6 +6,10 @@ import DeviceMapper
 import SystemPackage
 import ToolSupport
 
+#if SANDBOX_REPOSITORY
+    import SandboxRepository
+#endif
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
@@ -147,6 +151,10 @@ struct Workload {
             return [.template(path: offlineTemplate, sha256: try checksum(offlineTemplate))]
         }
 
+        #if SANDBOX_REPOSITORY
+            try pushAndPull(offlineName, origin: origin, size: size)
+        #endif
+
         // Fork the first sandbox while it runs (its ext4 mounted): the fork's store is renamed
         // into place with every file the parent acknowledged before, and is checked at every
         // later point like any other sandbox (its ext4's journal replays when mounted).
@@ -195,6 +203,43 @@ struct Workload {
     }
 
     // MARK: steps
+
+    #if SANDBOX_REPOSITORY
+        /// The paused sandbox `source` moves between hosts: its store is pushed with its base
+        /// to a directory repository on the host filesystem, then pulled to a new store over
+        /// the same base. The pulled sandbox holds every file `source` had acknowledged; it is
+        /// resumed, written into, and checked at every later point like any other sandbox.
+        /// Until its `done` mark, a file at its store's name must be a complete store.
+        private mutating func pushAndPull(_ source: String, origin: FilePath, size: Int64) throws(PowercutError) {
+            let repository = "\(root)/repository"
+            let pulled = "\(source)-pulled"
+            let (store, base) = (FilePath(storePath(source)), FilePath(basePath))
+            var digest = ""
+            try step("push", source) { _ throws(PowercutError) in
+                digest = try waitForTask("push of \(store)", seconds: 600) {
+                    try await Repository.open(repository).pushStore(store, origin: base, pushingBase: true)
+                        .manifestDigest
+                }
+                return []
+            }
+            let destination = FilePath(storePath(pulled))
+            try step("pull", pulled) { workload throws(PowercutError) in
+                _ = try waitForTask("pull of \(digest) to \(destination)", seconds: 600) { [digest] in
+                    try await Repository.open(repository).pullStore(digest, origin: base, to: destination)
+                }
+                let files = workload.acknowledged[source, default: []]
+                workload.acknowledged[pulled] = files
+                workload.filesWritten[pulled] = workload.filesWritten[source]
+                return [.pulled(name: pulled, store: destination.string), .formatted(name: pulled)]
+                    + files.map { .file(name: pulled, relativePath: $0.path, sha256: $0.sum) }
+            }
+            try step("resume", pulled) { workload throws(PowercutError) in
+                try workload.resume(pulled, origin: origin, size: size)
+                return []
+            }
+            try writeFile(pulled, round: filesPerSandbox)
+        }
+    #endif
 
     private mutating func create(_ name: String, origin: FilePath, size: Int64) throws(PowercutError) {
         do {
