@@ -634,7 +634,7 @@ final class CowFileTests: XCTestCase {
         func testFlattenFailingMidwayLeavesNoFile() throws {
             let flatten = try makeFlattenCase(originSize: 1 << 20, changes: [1, 2])
             let before = try directoryEntries()
-            for call in ["copy_file_range", "ftruncate", "fsync", "renameat2"] {
+            for call in ["copy_file_range", "ftruncate", "fsync", "renameat2", "fsync(directory)"] {
                 FaultInjection.with(.noSpace, injectedInto: call) {
                     assertThrows(.systemCallFailed) {
                         try CowFile(path: flatten.store).flatten(origin: flatten.origin, to: path("flat.img"))

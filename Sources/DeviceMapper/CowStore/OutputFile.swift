@@ -37,8 +37,11 @@ package final class TemporaryOutputFile {
         (self.temporaryPath, self.descriptor) = try createLockedFile(in: directory, outputName: name)
     }
 
-    /// Flushes the file to disk and renames it to `destination` (never replacing a
-    /// file that appeared there meanwhile). On failure the temporary file is removed.
+    /// Flushes the file to disk, renames it to `destination` (never replacing a file
+    /// that appeared there meanwhile) and flushes the directory, which makes the rename
+    /// itself durable. On failure the temporary file is removed; if only the directory's
+    /// flush failed, the file is removed from `destination` again, so that a caller told
+    /// of a failure finds no output whose name a power cut could still take away.
     /// The lock is held until the rename is done, so no sweep can remove the file first.
     package func commit(operation: String) throws(DeviceMapperError) {
         do throws(DeviceMapperError) {
@@ -48,9 +51,22 @@ package final class TemporaryOutputFile {
             discard()
             throw error
         }
-        closeDescriptor()
-        // Makes the rename itself durable.
-        _ = system_fsyncDirectory(containing: destination)
+        defer { closeDescriptor() }
+        if case .failure(let errno) = system_fsyncDirectory(containing: destination) {
+            removeRenamedOutput()
+            throw DeviceMapperError.syscall(
+                "fsync", errno, subject: destination.removingLastComponent().string,
+                detail: "the output's directory could not be flushed, so its new name might not survive a power "
+                    + "cut; the output was removed again")
+        }
+    }
+
+    /// Unlinks `destination` if it is still the file this writer renamed there.
+    private func removeRenamedOutput() {
+        guard case .success(let onDisk) = system_stat(destination), case .success(let written) = system_fstat(descriptor),
+            FileIdentity(onDisk) == FileIdentity(written)
+        else { return }
+        _ = system_unlink(destination)
     }
 
     /// Removes and closes the temporary file.

@@ -114,9 +114,11 @@ package func system_fsync(_ fd: FileDescriptor) -> Result<Void, Errno> {
 }
 
 /// `fsync` of the directory that holds `path`, which makes a new or renamed entry in it
-/// durable. The corresponding C functions are `open` (`O_DIRECTORY`) and `fsync`.
+/// durable. The corresponding C functions are `open` (`O_DIRECTORY`) and `fsync`; its
+/// fault key is `fsync(directory)` (a fault on `fsync` fails it too).
 func system_fsyncDirectory(containing path: FilePath) -> Result<Void, Errno> {
-    system_open(path.removingLastComponent(), O_RDONLY | O_DIRECTORY).flatMap { directory in
+    if let fault = injectedFault("fsync(directory)") { return .failure(fault) }
+    return system_open(path.removingLastComponent(), O_RDONLY | O_DIRECTORY).flatMap { directory in
         defer { system_close(directory) }
         return system_fsync(directory)
     }
