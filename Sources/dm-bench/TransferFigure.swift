@@ -42,7 +42,7 @@ import ToolSupport
             }
             progress.end()
             let before = try repositoryBytes(repositoryDirectory)
-            let first = try awaitResult { try await repository.pushStore(store, origin: origin.imagePath) }
+            _ = try awaitResult { try await repository.pushStore(store, origin: origin.imagePath) }
             let storedFirst = try repositoryBytes(repositoryDirectory) - before
 
             // 2. 1% more, pushed again.
