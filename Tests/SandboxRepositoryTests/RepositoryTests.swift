@@ -246,6 +246,22 @@ final class RepositoryTests: RepositoryTestCase {
         XCTAssertEqual(try contents(image).count, 5 * Self.mebibyte + Self.mebibyte / 2)
     }
 
+    #if DEBUG
+        /// A pull is durable when it returns: if the new name cannot be flushed to the
+        /// directory, the pull fails and leaves nothing, rather than an output a power cut may undo.
+        func testAPullWhoseDirectoryCannotBeFlushedFailsAndLeavesNothing() async throws {
+            let image = try makeImage("flush.img")
+            _ = try await repository.pushImage(image, tags: ["f"])
+            try FileManager.default.createDirectory(atPath: path("out").string, withIntermediateDirectories: true)
+            FaultInjection.inject(.ioError, into: "fsync(directory)", times: 1)
+            defer { FaultInjection.clear() }
+            let destination = path("out/flush.img")
+            let error = await repositoryError { _ = try await self.repository.pullImage("f", to: destination) }
+            XCTAssertEqual(error?.code, .localFileFailed)
+            XCTAssertEqual(try names(in: path("out")), [])
+        }
+    #endif
+
     func testACancelledPullLeavesNothing() async throws {
         let image = try makeFile(
             "big.img", sizeBytes: 24 * Self.mebibyte, pieces: [(0, noise(24 * Self.mebibyte, seed: 3))])
