@@ -55,7 +55,8 @@ let package = Package(
             ],
             swiftSettings: strictSwift
         ),
-        // What the command-line tools share: the JSON writer, writing to a descriptor, number text.
+        // What the command-line tools share: the JSON writer, writing to a descriptor, number text,
+        // running a child process, and running an async call to its end from synchronous code.
         .target(
             name: "ToolSupport",
             swiftSettings: strictSwift

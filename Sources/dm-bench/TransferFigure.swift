@@ -388,16 +388,7 @@ import ToolSupport
 
     /// Runs `body` to completion and returns its value; the bench is synchronous.
     private func awaitResult<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws(BenchError) -> T {
-        let outcome = Mutex<Result<T, any Error>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        Task {
-            let result: Result<T, any Error>
-            do { result = .success(try await body()) } catch { result = .failure(error) }
-            outcome.withLock { $0 = result }
-            done.signal()
-        }
-        done.wait()
-        switch outcome.withLock({ $0 })! {
+        switch runAsync(body) {
         case .success(let value): return value
         case .failure(let error): throw BenchError("repository: \(error)")
         }

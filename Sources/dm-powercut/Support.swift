@@ -174,22 +174,11 @@ func readText(_ path: String) throws(PowercutError) -> String {
 func waitForTask<T: Sendable>(
     _ what: String, seconds: Int, _ body: @escaping @Sendable () async throws -> T
 ) throws(PowercutError) -> T {
-    let outcome = Locked<Result<T, any Error>?>(nil)
-    let done = DispatchSemaphore(value: 0)
-    let task = Task {
-        let result: Result<T, any Error>
-        do { result = .success(try await body()) } catch { result = .failure(error) }
-        outcome.withLock { $0 = result }
-        done.signal()
-    }
-    if done.wait(timeout: .now() + .seconds(seconds)) == .timedOut {
-        task.cancel()
-        let stopped = done.wait(timeout: .now() + .seconds(60)) == .success
+    switch runAsync(seconds: seconds, body) {
+    case .finished(.success(let value)): return value
+    case .finished(.failure(let error)): throw PowercutError("\(what): \(error)")
+    case .timedOut(let stopped):
         throw PowercutError("\(what): not done after \(seconds) s; cancelled\(stopped ? "" : ", and still running")")
-    }
-    switch outcome.withLock({ $0 })! {
-    case .success(let value): return value
-    case .failure(let error): throw PowercutError("\(what): \(error)")
     }
 }
 

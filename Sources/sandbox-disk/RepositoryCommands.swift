@@ -279,19 +279,8 @@
         throws(CommandFailure) -> T
     {
         installInterruptHandlers()
-        let outcome = Mutex<Result<T, any Error>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        let task = Task {
-            let result: Result<T, any Error>
-            do { result = .success(try await body()) } catch { result = .failure(error) }
-            outcome.withLock { $0 = result }
-            done.signal()
-        }
-        while done.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
-            if receivedSignal.load(ordering: .relaxed) != 0 { task.cancel() }
-        }
+        let result = runAsync(cancelWhen: { receivedSignal.load(ordering: .relaxed) != 0 }, body)
         display?.finish()
-        let result = outcome.withLock { $0 }!
         switch result {
         case .success(let value):
             return value

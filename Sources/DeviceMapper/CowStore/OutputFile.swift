@@ -63,7 +63,8 @@ package final class TemporaryOutputFile {
 
     /// Unlinks `destination` if it is still the file this writer renamed there.
     private func removeRenamedOutput() {
-        guard case .success(let onDisk) = system_stat(destination), case .success(let written) = system_fstat(descriptor),
+        guard case .success(let onDisk) = system_stat(destination),
+            case .success(let written) = system_fstat(descriptor),
             FileIdentity(onDisk) == FileIdentity(written)
         else { return }
         _ = system_unlink(destination)
