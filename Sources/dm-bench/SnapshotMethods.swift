@@ -226,8 +226,10 @@ struct SnapshotMaker: Sendable {
         guard lstat(node, &status) != 0 else {
             throw BenchError("\(snapshot.method.label): \(node) still exists after remove")
         }
-        for _ in 0..<500 where loopBackingFile(snapshot.cowLoopIndex) == snapshot.cowPath.string {
+        var polls = 0
+        while polls < 500 && loopBackingFile(snapshot.cowLoopIndex) == snapshot.cowPath.string {
             usleep(10_000)
+            polls += 1
         }
         if loopBackingFile(snapshot.cowLoopIndex) == snapshot.cowPath.string {
             throw BenchError(
