@@ -33,7 +33,8 @@ struct Checker {
     /// The state file, in order.
     let state: [StateEvent]
 
-    static let checkDevice = "pc-check"
+    /// The points' snapshots are named `pc-check-<point>`.
+    static let checkDevicePrefix = "pc-check"
 
     /// The events acknowledged before the mark named `mark`.
     func expected(before mark: String) -> ArraySlice<StateEvent>? {
@@ -132,7 +133,7 @@ struct Checker {
                 applied += 1
             }
             let acknowledged = lastMark.flatMap { expected(before: $0) } ?? []
-            let problems = check(expected: acknowledged, sectors: sectors)
+            let problems = check(expected: acknowledged, sectors: sectors, point: number + 1)
             byKind[point.kind, default: (0, 0)].points += 1
             if !problems.isEmpty {
                 failures += 1
@@ -158,11 +159,13 @@ struct Checker {
     }
 
     /// One point: a throwaway snapshot of the replayed device, mounted where the workload
-    /// had it, then an agent's start-up and every acknowledged thing checked.
-    private func check(expected: ArraySlice<StateEvent>, sectors: Int64) -> [String] {
+    /// had it, then an agent's start-up and every acknowledged thing checked. Each point's
+    /// snapshot has a name of its own, and one that stays busy is removed deferred, so that
+    /// a point that leaves something behind does not fail every point after it.
+    private func check(expected: ArraySlice<StateEvent>, sectors: Int64, point: Int) -> [String] {
         let name: DeviceName
         do {
-            name = try DeviceName(Self.checkDevice)
+            name = try DeviceName("\(Self.checkDevicePrefix)-\(point)")
             try DeviceMapperControl.create(
                 name: name,
                 targets: [
@@ -171,13 +174,24 @@ struct Checker {
                         parameters: "\(replayLoop) \(cowLoop) N 8")
                 ])
         } catch { return ["cannot make the point's snapshot: \(error)"] }
-        defer { _ = try? DeviceMapperControl.remove(name: name) }
-        let device = name.devicePath
+        var problems = checkOnDevice(name.devicePath, expected: expected)
+        do { try DeviceMapperControl.remove(name: name) } catch {
+            let deferred = (try? DeviceMapperControl.remove(name: name, deferred: true)) != nil
+            problems.append(
+                "the point's snapshot \(name) cannot be removed (\(error)); "
+                    + (deferred ? "removed deferred" : "a deferred remove failed too"))
+        }
+        return problems
+    }
+
+    /// Mounts the point's snapshot at the workload's mount point, checks, and unmounts it.
+    private func checkOnDevice(_ device: String, expected: ArraySlice<StateEvent>) -> [String] {
         do { try mountFilesystem(device, on: root, type: fileSystem) } catch {
             return ["the host filesystem does not mount: \(error)"]
         }
-        defer { _ = try? unmountFilesystem(root) }
-        return checkMounted(expected: expected)
+        var problems = checkMounted(expected: expected)
+        do { try unmountFilesystem(root) } catch { problems.append("\(error)") }
+        return problems
     }
 
     private func checkMounted(expected: ArraySlice<StateEvent>) -> [String] {

@@ -68,9 +68,23 @@ func mountFilesystem(_ device: String, on directory: String, type: String) throw
     }
 }
 
-/// Unmounts `directory`. The corresponding C function is `umount2`.
-func unmountFilesystem(_ directory: String) throws(PowercutError) {
-    guard umount2(directory, 0) == 0 else { throw PowercutError("umount \(directory): \(errnoText())") }
+/// Unmounts `directory`. While it is busy (`EBUSY`) it tries again for up to `busySeconds`;
+/// then it detaches the mount lazily (`MNT_DETACH`: the kernel finishes the unmount when the
+/// last holder lets go), so that the directory is free for the next mount, and still throws.
+/// The corresponding C function is `umount2`.
+func unmountFilesystem(_ directory: String, busySeconds: Double = 10) throws(PowercutError) {
+    let deadline = monotonicSeconds() + busySeconds
+    while umount2(directory, 0) != 0 {
+        let error = errno
+        guard error == EBUSY else { throw PowercutError("umount \(directory): \(errnoText(error))") }
+        if monotonicSeconds() >= deadline {
+            let detached = umount2(directory, Int32(MNT_DETACH)) == 0
+            throw PowercutError(
+                "umount \(directory): still busy after \(Int(busySeconds)) s; "
+                    + (detached ? "detached lazily" : "a lazy detach failed too: \(errnoText())"))
+        }
+        usleep(100_000)
+    }
 }
 
 /// `fsync` of a file or directory, opened read-only. The C calls are `open` and `fsync`.
