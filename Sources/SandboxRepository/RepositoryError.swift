@@ -1,6 +1,6 @@
 // What the repository throws: a code, the object and frame concerned, and the cause.
 
-public import DeviceMapper
+import DeviceMapper
 
 /// An error from a repository operation.
 ///

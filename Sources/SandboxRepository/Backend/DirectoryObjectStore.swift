@@ -78,14 +78,17 @@ public struct DirectoryObjectStore: ObjectStore {
             guard size <= Int64(Self.maximumObjectBytes) else {
                 throw ObjectStoreError.failed(key: key, detail: "the object is \(size) bytes, more than any object")
             }
-            var bytes = [UInt8](repeating: 0, count: Int(size))
-            let read = bytes.withUnsafeMutableBytes { buffer in
-                Result { () throws(DeviceMapperError) in try readFully(fd, into: buffer, at: 0, subject: path.string) }
+            // Not zero-filled first: the read fills it, and only what it read is kept.
+            var failure: DeviceMapperError?
+            let bytes = [UInt8](unsafeUninitializedCapacity: Int(size)) { buffer, count in
+                do throws(DeviceMapperError) {
+                    count = try readFully(fd, into: UnsafeMutableRawBufferPointer(buffer), at: 0, subject: path.string)
+                } catch {
+                    failure = error
+                    count = 0
+                }
             }
-            switch read {
-            case .success(let count): bytes.removeSubrange(count...)
-            case .failure(let error): throw ObjectStoreError.failed(key: key, detail: "\(error)")
-            }
+            if let failure { throw ObjectStoreError.failed(key: key, detail: "\(failure)") }
             return bytes
         }
     }

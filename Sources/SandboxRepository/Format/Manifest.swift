@@ -1,7 +1,7 @@
 // The manifest: what one pushed image or store is, frame by frame. docs/repository-format.md
 // is the format's reference.
 
-public import Foundation
+import Foundation
 
 /// The description of one pushed image or store: its kind and size, the frame size, and the
 /// frames' names in order, with holes marked.
