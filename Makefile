@@ -1,9 +1,11 @@
 # Everything runs from here. On a fresh Debian 12 machine, as root:
 #   make bench   set up, build, and run the default benchmark (in a VM if the
 #                host kernel has no device-mapper)
-#   make test    set up, build, and run every test: unit, privileged (in one VM
-#                boot if the host kernel has no device-mapper), sanitizers, a
-#                release build and a bounded fuzz run; prints the total time
+#   make test    set up, build, and run every test: unit, S3, privileged (in two VM
+#                boots at once if the host kernel has no device-mapper), TSan and a
+#                bounded fuzz run; prints the total time (30 minutes on 2 cores)
+#   make extended-checks  what make test leaves out for its time: the release build,
+#                the unit suite under ASan and a 10-minute fuzz run
 #   make docs    build the DocC documentation into .build/docs; any DocC warning fails it
 #   make lint    swift format lint with the committed .swift-format
 #   make s3-test the S3 backend's tests against a local SeaweedFS (scripts/s3-test-server.sh)
@@ -11,6 +13,7 @@ SHELL := /bin/bash
 SWIFT ?= swift
 XCTEST_BUNDLE := .build/debug/DeviceMapperPackageTests.xctest
 FUZZ_SECONDS ?= 60
+EXTENDED_FUZZ_SECONDS ?= 600
 # 1: the host-only stages (sanitized unit suites, release build, fuzz) run while
 # the privileged suites run in the VM; 0: one after another.
 TEST_PARALLEL ?= 1
@@ -26,7 +29,7 @@ ifneq ($(shell id -u),0)
   endif
 endif
 
-.PHONY: all deps build lint docs test test-stages host-checks unit-test privileged-test privileged-test-udev \
+.PHONY: all deps build lint docs test test-stages host-checks extended-checks unit-test privileged-test privileged-test-udev \
 	privileged-suites sanitize release-build fuzz bench clean s3-test tsan-build
 
 all: build
@@ -50,7 +53,8 @@ docs:
 # Every stage, timed; stops at the first failing stage; ends with the tests of every
 # XCTest run added up, the time of each stage and the total time.
 test:
-	@mkdir -p .build && rm -f .build/test-times.txt
+	@mkdir -p .build && rm -f .build/test-times.txt .build/unit-tests.log .build/s3-tests.log .build/privileged-tests*.log \
+		.build-tsan/sanitize-*.log
 	@start=$$(date +%s); rc=0; \
 	$(MAKE) --no-print-directory test-stages || rc=$$?; \
 	secs=$$(( $$(date +%s) - start )); \
@@ -60,21 +64,21 @@ test:
 	printf 'make test: %s in %dm%02ds\n' $$v $$((secs / 60)) $$((secs % 60)); \
 	exit $$rc
 
-# Unit tests first (no root, no device-mapper), then, at once (TEST_PARALLEL=1):
-#  - the privileged suites against a real kernel: plain, udev, TSan (and powercut when
-#    named), in ONE VM boot where the host has no device-mapper
-#    (scripts/run-privileged-suites.sh); the VM boots as soon as the debug bundle exists;
-#  - the host-only checks: first the TSan build the VM's tsan stage needs (that stage
-#    waits for it, through the status file DM_TSAN_BUILD_STATUS names, with a deadline),
-#    then the S3 tests, the sanitized unit suites, the release build and the fuzzer.
-# TEST_PARALLEL=0 runs the same stages one after another.
+# The debug build first; then, at once (TEST_PARALLEL=1):
+#  - the privileged suites against a real kernel: plain, powercut, udev, TSan
+#    (scripts/run-privileged-suites.sh), where the host has no device-mapper in TWO VM boots
+#    at once (plain and udev; powercut and tsan), which boot as soon as the debug bundle exists;
+#  - the host checks: first the TSan build the VM's tsan stage needs (that stage waits for it,
+#    through the status file DM_TSAN_BUILD_STATUS names, with a deadline), then the unit
+#    suite, the docs (from the debug build's objects), the S3 tests, the unit suite under
+#    TSan and the fuzzer (linked against the debug build's objects).
+# TEST_PARALLEL=0 runs the same stages one after another. The release build and the ASan
+# suite are not in make test (its 30 minutes on 2 cores): `make extended-checks` runs them.
 TSAN_BUILD_STATUS := .build-tsan/build-status
 test-stages:
 	@$(STAGE) deps bash scripts/deps.sh
 	@$(STAGE) lint $(MAKE) --no-print-directory lint
-	@$(STAGE) docs $(MAKE) --no-print-directory docs
 	@$(STAGE) build $(SWIFT) build --build-tests
-	@$(STAGE) unit $(MAKE) --no-print-directory unit-test
 	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
 	@if [[ "$(TEST_PARALLEL)" == 1 ]]; then \
 		echo "== host-checks (with the TSan build): running in the background while the privileged suites run; log .build/host-checks.log"; \
@@ -90,8 +94,15 @@ test-stages:
 		$(STAGE) privileged $(MAKE) --no-print-directory privileged-suites && \
 		$(MAKE) --no-print-directory host-checks; \
 	fi
-	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-udev-node.log .build/privileged-tests-udev.log \
-		.build-tsan/sanitize-tsan-privileged.log .build-tsan/sanitize-thread.log .build-asan/sanitize-address.log
+	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-2.log .build/privileged-tests-udev-node.log .build/privileged-tests-udev.log \
+		.build-tsan/sanitize-tsan-privileged.log .build-tsan/sanitize-thread.log
+
+# What make test leaves out, for its time: the release build and the unit suite under ASan
+# (each a cold build of its own), and a longer fuzz run.
+extended-checks:
+	@$(STAGE) release-build $(MAKE) --no-print-directory release-build
+	@$(STAGE) sanitize-asan bash scripts/sanitize.sh asan
+	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(EXTENDED_FUZZ_SECONDS)
 
 # The TSan build of the tests (without the repository's HTTP stack); writes its exit status
 # to $(TSAN_BUILD_STATUS), atomically, for the VM's tsan stage to wait on.
@@ -103,11 +114,13 @@ tsan-build:
 	echo $$rc >$(TSAN_BUILD_STATUS).tmp && mv $(TSAN_BUILD_STATUS).tmp $(TSAN_BUILD_STATUS); \
 	exit $$rc
 
-# The checks that need neither root nor device-mapper, each timed.
+# The checks that need neither root nor device-mapper, each timed. The docs and the fuzzer
+# reuse the debug build's objects.
 host-checks:
+	@$(STAGE) unit $(MAKE) --no-print-directory unit-test
+	@$(STAGE) docs $(MAKE) --no-print-directory docs
 	@$(STAGE) s3-test $(MAKE) --no-print-directory s3-test
-	@$(STAGE) sanitize-unit bash scripts/sanitize.sh tsan asan
-	@$(STAGE) release-build $(MAKE) --no-print-directory release-build
+	@$(STAGE) sanitize-unit bash scripts/sanitize.sh tsan
 	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz
 
 # The unit suite; leaves out UnavailableDeviceMapperTests where the kernel has device-mapper.

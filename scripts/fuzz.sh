@@ -4,9 +4,9 @@
 #   scripts/fuzz.sh [SECONDS]      default 30
 #
 # 1. Builds the library's dependencies (swift-system, swift-log, swift-crypto, the C shims) with
-#    SwiftPM, in release, in .build-release with DM_WITHOUT_REPOSITORY=1: the folder and the
-#    settings of make test's release-build stage, which runs first, so the dependencies
-#    (BoringSSL above all) are compiled once in release, not twice.
+#    SwiftPM, in debug, in .build: the folder and the settings of make test's build stage, which
+#    runs first, so the dependencies (BoringSSL above all) are not compiled again. Only the
+#    fuzzed sources need the sanitizers; the dependencies' objects link as they are.
 # 2. Compiles Fuzz/CowFileFuzz.swift together with (a copy of) Sources/DeviceMapper/**/*.swift
 #    into one module with `swiftc -sanitize=fuzzer,address`, linked against those objects.
 # 3. Runs it for SECONDS over Fuzz/corpus/ (read-only seeds); new inputs go to
@@ -19,9 +19,8 @@ set -euo pipefail
 seconds=${1:-30}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 scratch=$root/.build-fuzz
-deps_scratch=$root/.build-release
-export DM_WITHOUT_REPOSITORY=1
-swift_build=(swift build --package-path "$root" --scratch-path "$deps_scratch" -c release)
+deps_scratch=$root/.build
+swift_build=(swift build --package-path "$root" --scratch-path "$deps_scratch")
 mkdir -p "$scratch"
 
 echo "fuzz.sh: building dependencies"
