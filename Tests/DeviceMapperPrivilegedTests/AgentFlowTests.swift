@@ -178,7 +178,7 @@ final class AgentFlowTests: PrivilegedTestCase {
         let registry = self.registry!
         let writes = self.writes
         let size = imageSize
-        DispatchQueue.concurrentPerform(iterations: 6) { thread in
+        onThreads(6) { thread in
             for index in stride(from: thread, to: count, by: 6) {
                 origins.set(
                     index,

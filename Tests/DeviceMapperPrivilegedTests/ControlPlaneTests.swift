@@ -30,7 +30,7 @@ final class ControlPlaneTests: PrivilegedTestCase {
         let prefix = self.prefix
         let directory = self.directory
         let imageSize = self.imageSize
-        DispatchQueue.concurrentPerform(iterations: threads) { thread in
+        onThreads(threads) { thread in
             for cycle in 0..<cycles {
                 let name = prefix + "t\(thread)-c\(cycle)"
                 let cow = directory.appending("t\(thread)-c\(cycle).cow")
@@ -78,7 +78,7 @@ final class ControlPlaneTests: PrivilegedTestCase {
         let zero = DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")
         let failures = Failures()
         let prefix = self.prefix
-        DispatchQueue.concurrentPerform(iterations: 8) { thread in
+        onThreads(8) { thread in
             for cycle in 0..<40 {
                 do {
                     let name = try DeviceName(prefix + "sem\(thread)-\(cycle)")
@@ -156,7 +156,7 @@ final class ControlPlaneTests: PrivilegedTestCase {
             TestHooks.install { point in if point == .beforeLoopConfigure { rendezvous.arrive(timeoutSeconds: 20) } }
             let results = ResultSlots<FilePath>(count: 2)
             let registry: LoopRegistry = self.registry
-            DispatchQueue.concurrentPerform(iterations: 2) { index in
+            onThreads(2) { index in
                 results.set(index, Result { try registry.acquire(imagePath: index == 0 ? first : second) })
             }
             TestHooks.install(nil)
@@ -166,7 +166,7 @@ final class ControlPlaneTests: PrivilegedTestCase {
 
             let shared = try makeImage("shared.img", sizeBytes: imageSize, seed: 5)
             let sharedResults = ResultSlots<FilePath>(count: 8)
-            DispatchQueue.concurrentPerform(iterations: 8) { index in
+            onThreads(8) { index in
                 sharedResults.set(index, Result { try registry.acquire(imagePath: shared) })
             }
             XCTAssertEqual(Set(try sharedResults.values.map { try $0!.get() }).count, 1)

@@ -292,7 +292,7 @@ final class ForkTests: PrivilegedTestCase {
             let errors = Guarded<[String]>([])
             let onePaths = (0..<8).map { path("one-\($0).cow") }
             let fourPaths = (0..<4).map { path("four-\($0).cow") }
-            DispatchQueue.concurrentPerform(iterations: 8) { index in
+            onThreads(8) { index in
                 do {
                     try parents[0].fork(cowPath: onePaths[index])
                 } catch {
@@ -303,7 +303,7 @@ final class ForkTests: PrivilegedTestCase {
             XCTAssertEqual(suspended.withLock { $0.most }, 1, "two forks of one parent ran at once")
             // One fork of each of 4 parents at once: together.
             suspended.withLock { $0 = (0, 0, true) }
-            DispatchQueue.concurrentPerform(iterations: 4) { index in
+            onThreads(4) { index in
                 do {
                     try parents[index].fork(cowPath: fourPaths[index])
                 } catch {

@@ -68,7 +68,7 @@ final class LoopDeviceTests: PrivilegedTestCase {
     func testConcurrentAttachesGetDistinctDevices() throws {
         let images = try (0..<16).map { try makeImage("image-\($0)", sizeBytes: 64 << 10, seed: UInt64($0)) }
         let results = ResultSlots<HeldLoopDevice>(count: images.count)
-        DispatchQueue.concurrentPerform(iterations: images.count) { index in
+        onThreads(images.count) { index in
             results.set(
                 index,
                 Result { HeldLoopDevice(try attachLoopDevice(backingFile: images[index], readOnly: index % 2 == 0)) })

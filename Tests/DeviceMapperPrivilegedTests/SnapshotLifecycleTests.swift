@@ -253,7 +253,7 @@ final class SnapshotLifecycleTests: PrivilegedTestCase {
         let size = Int64(imageSize)
         let names = (0..<32).map { deviceName("c\($0)") }
         let cows = (0..<32).map { path("c\($0).cow") }
-        DispatchQueue.concurrentPerform(iterations: 8) { thread in
+        onThreads(8) { thread in
             for index in stride(from: thread, to: 32, by: 8) {
                 results.set(
                     index,
