@@ -109,7 +109,7 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
         first=() second=()
         for stage in "${stages[@]}"; do
             case "$stage" in
-                plain | udev) first+=("$stage") ;;  # about 11 min under TCG, the rest as long
+                plain | udev) first+=("$stage") ;;
                 *) second+=("$stage") ;;
             esac
         done
@@ -118,8 +118,7 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
     else
         boots+=("${stages[*]}")
     fi
-    # run_boot STAGES...: one VM boot that runs STAGES; its output is prefixed with them
-    # when two boots share the terminal.
+    # run_boot "STAGE...": one VM boot that runs the stages in its one argument.
     run_boot() {
         local label=$1 start=$SECONDS rc=0
         # The guest must not decide "VM" again: DM_FORCE_VM is for this host only.
