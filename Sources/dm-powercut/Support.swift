@@ -166,21 +166,32 @@ enum StateEvent: Equatable {
     }
 }
 
-/// Reads a whole (small) file as text. The C calls are `open` and `read`.
-func readText(_ path: String) throws(PowercutError) -> String {
+/// Reads a whole file (a state file, or a template of a few MiB) into memory. The C calls
+/// are `open`, `fstat` and `read`.
+func readBytes(_ path: String) throws(PowercutError) -> [UInt8] {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { throw PowercutError("open \(path): \(errnoText())") }
     defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
+    var status = stat()
+    guard fstat(fd, &status) == 0 else { throw PowercutError("fstat \(path): \(errnoText())") }
+    // Sized from fstat, grown if the file grew meanwhile; the final count is what read gave.
+    var bytes = [UInt8](repeating: 0, count: max(Int(status.st_size), 0) + 1)
+    var done = 0
     while true {
-        let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if done == bytes.count { bytes += [UInt8](repeating: 0, count: max(bytes.count, 65536)) }
+        let count = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + done, $0.count - done) }
         if count < 0 && errno == EINTR { continue }
         guard count >= 0 else { throw PowercutError("read \(path): \(errnoText())") }
         if count == 0 { break }
-        bytes += chunk[0..<count]
+        done += count
     }
-    return String(decoding: bytes, as: UTF8.self)
+    bytes.removeSubrange(done...)
+    return bytes
+}
+
+/// Reads a whole (small) file as text. The C calls are `open` and `read`.
+func readText(_ path: String) throws(PowercutError) -> String {
+    String(decoding: try readBytes(path), as: UTF8.self)
 }
 
 /// Runs `body` to completion from synchronous code and returns its result. Waits at most
