@@ -30,8 +30,8 @@
 # needs a running systemd-udevd (else run-privileged-tests.sh uses the VM rig).
 #
 # Stress: the stress test's full size is 16 threads x 50 cycles (scripts/soak.sh runs
-# it); here, to keep make test within its 30 minutes, the plain stage runs 16 x 15, the
-# TSan stage 16 x 4 and the udev stage 8 x 5, through DM_STRESS_THREADS/DM_STRESS_CYCLES
+# it); here, to keep make test within its 30 minutes, the plain stage runs 16 x 5, the
+# TSan stage 8 x 4 and the udev stage 8 x 5, through DM_STRESS_THREADS/DM_STRESS_CYCLES
 # (override with DM_PLAIN_STRESS_THREADS/_CYCLES, DM_TSAN_..., DM_UDEV_...).
 #
 # Every stage runs even if an earlier one failed, each with its own deadline
@@ -93,7 +93,8 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
             mkdir -p "$(dirname "$DM_TSAN_BUILD_STATUS")"
         elif [[ ! -x "$tsan_bundle" ]]; then
             say "building $tsan_bundle"
-            DM_WITHOUT_REPOSITORY=1 "$SWIFT" build --build-tests --sanitize=thread --scratch-path .build-tsan >/dev/null
+            DM_WITHOUT_REPOSITORY=1 "$SWIFT" build --product DeviceMapperPackageTests --sanitize=thread \
+                --scratch-path .build-tsan >/dev/null
         fi
         rw+=(--rwdir .build-tsan)
     fi
@@ -207,7 +208,7 @@ for stage in "${stages[@]}"; do
             fi
             run_stage "$stage" '^privileged suite:' \
                 env "${part[@]}" \
-                DM_STRESS_THREADS="${DM_PLAIN_STRESS_THREADS:-16}" DM_STRESS_CYCLES="${DM_PLAIN_STRESS_CYCLES:-15}" \
+                DM_STRESS_THREADS="${DM_PLAIN_STRESS_THREADS:-16}" DM_STRESS_CYCLES="${DM_PLAIN_STRESS_CYCLES:-5}" \
                 bash "$here/run-privileged-tests.sh" "$bundle"
             ;;
         tsan)
@@ -217,7 +218,7 @@ for stage in "${stages[@]}"; do
                 continue
             fi
             run_stage tsan '^sanitize: tsan-privileged: ' \
-                env DM_STRESS_THREADS="${DM_TSAN_STRESS_THREADS:-16}" DM_STRESS_CYCLES="${DM_TSAN_STRESS_CYCLES:-4}" \
+                env DM_STRESS_THREADS="${DM_TSAN_STRESS_THREADS:-8}" DM_STRESS_CYCLES="${DM_TSAN_STRESS_CYCLES:-4}" \
                 bash "$here/sanitize.sh" tsan-privileged
             ;;
         udev)

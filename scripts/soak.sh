@@ -4,7 +4,8 @@
 #
 #   plain     the whole privileged suite with the stress test at 16 threads x 50 cycles
 #   udev      EVERY privileged class under systemd-udevd (make test runs only the classes
-#             whose paths udev changes), the stress test at 16 x 10
+#             whose paths udev changes), the stress test at 16 x 10, the semaphore test
+#             at 8 x 40
 #   powercut  DM_POWERCUT_POINTS points (default here 1000) on ext4; for XFS run
 #             scripts/powercut.sh --points 1000 xfs
 #
@@ -19,6 +20,7 @@ stages=("$@")
 export DM_PLAIN_STRESS_THREADS=${DM_PLAIN_STRESS_THREADS:-16} DM_PLAIN_STRESS_CYCLES=${DM_PLAIN_STRESS_CYCLES:-50}
 export DM_UDEV_STRESS_THREADS=${DM_UDEV_STRESS_THREADS:-16} DM_UDEV_STRESS_CYCLES=${DM_UDEV_STRESS_CYCLES:-10}
 export DM_UDEV_ONLY=${DM_UDEV_ONLY-}
+export DM_SEMAPHORE_CYCLES=${DM_SEMAPHORE_CYCLES:-40}
 export DM_POWERCUT_POINTS=${DM_POWERCUT_POINTS:-1000}
 export DM_VM_TIMEOUT=${DM_VM_TIMEOUT:-21600} DM_STAGE_TIMEOUT=${DM_STAGE_TIMEOUT:-14400}
 exec bash "$here/run-privileged-suites.sh" "${stages[@]}"
