@@ -29,7 +29,7 @@ ifneq ($(shell id -u),0)
   endif
 endif
 
-.PHONY: all deps build lint docs test test-stages host-checks extended-checks unit-test privileged-test privileged-test-udev \
+.PHONY: all deps build lint docs test test-stages host-checks checks-before-tsan checks-after-tsan extended-checks unit-test privileged-test privileged-test-udev \
 	privileged-suites sanitize release-build fuzz bench clean s3-test tsan-build
 
 all: build
@@ -67,11 +67,13 @@ test:
 # The debug build first; then, at once (TEST_PARALLEL=1):
 #  - the privileged suites against a real kernel: plain, powercut, udev, TSan
 #    (scripts/run-privileged-suites.sh), where the host has no device-mapper in TWO VM boots
-#    at once (plain and udev; powercut and tsan), which boot as soon as the debug bundle exists;
-#  - the host checks: first the TSan build the VM's tsan stage needs (that stage waits for it,
-#    through the status file DM_TSAN_BUILD_STATUS names, with a deadline), then the unit
-#    suite, the docs (from the debug build's objects), the S3 tests, the unit suite under
-#    TSan and the fuzzer (linked against the debug build's objects).
+#    at once (plain and udev; powercut, plain2 and tsan), which boot as soon as the debug bundle exists;
+#  - the host checks: the unit suite, the docs (from the debug build's objects) and the S3
+#    tests; then the TSan build the VM's tsan stage needs (that stage, last in its boot, waits
+#    for it through the status file DM_TSAN_BUILD_STATUS names, with a deadline), the unit
+#    suite under TSan and the fuzzer (linked against the debug build's objects). The TSan
+#    build keeps both cores busy, so it starts after the guests' boots (each took 91 s beside
+#    it; about 30 s on an idle host).
 # TEST_PARALLEL=0 runs the same stages one after another. The release build and the ASan
 # suite are not in make test (its 30 minutes on 2 cores): `make extended-checks` runs them.
 TSAN_BUILD_STATUS := .build-tsan/build-status
@@ -82,8 +84,10 @@ test-stages:
 	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
 	@if [[ "$(TEST_PARALLEL)" == 1 ]]; then \
 		echo "== host-checks (with the TSan build): running in the background while the privileged suites run; log .build/host-checks.log"; \
-		{ $(STAGE) tsan-build $(MAKE) --no-print-directory tsan-build && \
-			$(STAGE) host-checks $(MAKE) --no-print-directory host-checks; } >.build/host-checks.log 2>&1 & hc=$$!; \
+		{ hrc=0; $(STAGE) checks-before-tsan $(MAKE) --no-print-directory checks-before-tsan || hrc=$$?; \
+			{ $(STAGE) tsan-build $(MAKE) --no-print-directory tsan-build && \
+				$(STAGE) checks-after-tsan $(MAKE) --no-print-directory checks-after-tsan; } || hrc=$$?; \
+			exit $$hrc; } >.build/host-checks.log 2>&1 & hc=$$!; \
 		rc=0; DM_TSAN_BUILD_STATUS=$(TSAN_BUILD_STATUS) $(STAGE) privileged $(MAKE) --no-print-directory privileged-suites || rc=$$?; \
 		hrc=0; wait $$hc || hrc=$$?; \
 		grep -E '^(== |tsan-build: |sanitize: |fuzz.sh: |#[0-9]+.*DONE|Done [0-9]+ runs)' .build/host-checks.log | sed 's/^/  host-checks: /'; \
@@ -104,22 +108,27 @@ extended-checks:
 	@$(STAGE) sanitize-asan bash scripts/sanitize.sh asan
 	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(EXTENDED_FUZZ_SECONDS)
 
-# The TSan build of the tests (without the repository's HTTP stack); writes its exit status
+# The TSan build of the test bundle alone (without the executables and the repository's HTTP
+# stack, as scripts/sanitize.sh builds it); writes its exit status
 # to $(TSAN_BUILD_STATUS), atomically, for the VM's tsan stage to wait on.
 tsan-build:
 	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
-	@rc=0; DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan \
+	@rc=0; DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --product DeviceMapperPackageTests --sanitize=thread --scratch-path .build-tsan \
 		>.build-tsan/build.log 2>&1 || rc=$$?; \
 	tail -n 3 .build-tsan/build.log | sed 's/^/tsan-build: /'; \
 	echo $$rc >$(TSAN_BUILD_STATUS).tmp && mv $(TSAN_BUILD_STATUS).tmp $(TSAN_BUILD_STATUS); \
 	exit $$rc
 
-# The checks that need neither root nor device-mapper, each timed. The docs and the fuzzer
-# reuse the debug build's objects.
-host-checks:
+# The checks that need neither root nor device-mapper, each timed: those on the debug build
+# (the docs and the fuzzer reuse its objects), then those on the TSan build.
+host-checks: checks-before-tsan checks-after-tsan
+
+checks-before-tsan:
 	@$(STAGE) unit $(MAKE) --no-print-directory unit-test
 	@$(STAGE) docs $(MAKE) --no-print-directory docs
 	@$(STAGE) s3-test $(MAKE) --no-print-directory s3-test
+
+checks-after-tsan:
 	@$(STAGE) sanitize-unit bash scripts/sanitize.sh tsan
 	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz
 
