@@ -108,12 +108,11 @@ extended-checks:
 	@$(STAGE) sanitize-asan bash scripts/sanitize.sh asan
 	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(EXTENDED_FUZZ_SECONDS)
 
-# The TSan build of the test bundle alone (without the executables and the repository's HTTP
-# stack, as scripts/sanitize.sh builds it); writes its exit status
+# The TSan build of the tests (without the repository's HTTP stack); writes its exit status
 # to $(TSAN_BUILD_STATUS), atomically, for the VM's tsan stage to wait on.
 tsan-build:
 	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
-	@rc=0; DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --product DeviceMapperPackageTests --sanitize=thread --scratch-path .build-tsan \
+	@rc=0; DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan \
 		>.build-tsan/build.log 2>&1 || rc=$$?; \
 	tail -n 3 .build-tsan/build.log | sed 's/^/tsan-build: /'; \
 	echo $$rc >$(TSAN_BUILD_STATUS).tmp && mv $(TSAN_BUILD_STATUS).tmp $(TSAN_BUILD_STATUS); \

@@ -93,8 +93,7 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
             mkdir -p "$(dirname "$DM_TSAN_BUILD_STATUS")"
         elif [[ ! -x "$tsan_bundle" ]]; then
             say "building $tsan_bundle"
-            DM_WITHOUT_REPOSITORY=1 "$SWIFT" build --product DeviceMapperPackageTests --sanitize=thread \
-                --scratch-path .build-tsan >/dev/null
+            DM_WITHOUT_REPOSITORY=1 "$SWIFT" build --build-tests --sanitize=thread --scratch-path .build-tsan >/dev/null
         fi
         rw+=(--rwdir .build-tsan)
     fi
