@@ -2,10 +2,12 @@
 #   make bench   set up, build, and run the default benchmark (in a VM if the
 #                host kernel has no device-mapper)
 #   make test    set up, build, and run every test: unit, S3, privileged (in two VM
-#                boots at once if the host kernel has no device-mapper), TSan and a
-#                bounded fuzz run; prints the total time (30 minutes on 2 cores)
-#   make extended-checks  what make test leaves out for its time: the release build,
-#                the unit suite under ASan and a 10-minute fuzz run
+#                boots at once if the host kernel has no device-mapper), the power-cut
+#                rig and a bounded fuzz run; prints the total time (30 minutes on 2 cores)
+#   make sanitizer-checks  the unit suite under TSan and ASan, and the privileged
+#                concurrency tests under TSan (each sanitizer a cold build of its own);
+#                CI runs it after make test (.ci/run)
+#   make extended-checks  sanitizer-checks, the release build and a 10-minute fuzz run
 #   make docs    build the DocC documentation into .build/docs; any DocC warning fails it
 #   make lint    swift format lint with the committed .swift-format
 #   make s3-test the S3 backend's tests against a local SeaweedFS (scripts/s3-test-server.sh)
@@ -14,8 +16,8 @@ SWIFT ?= swift
 XCTEST_BUNDLE := .build/debug/DeviceMapperPackageTests.xctest
 FUZZ_SECONDS ?= 60
 EXTENDED_FUZZ_SECONDS ?= 600
-# 1: the host-only stages (sanitized unit suites, release build, fuzz) run while
-# the privileged suites run in the VM; 0: one after another.
+# 1: the host-only stages (unit, docs, S3 tests, fuzz) run while the privileged suites
+# run in the VM; 0: one after another.
 TEST_PARALLEL ?= 1
 # One timed stage of `make test` (see scripts/timed.sh).
 STAGE := TEST_TIMES=.build/test-times.txt bash scripts/timed.sh
@@ -29,8 +31,8 @@ ifneq ($(shell id -u),0)
   endif
 endif
 
-.PHONY: all deps build lint docs test test-stages host-checks checks-before-tsan checks-after-tsan extended-checks unit-test privileged-test privileged-test-udev \
-	privileged-suites sanitize release-build fuzz bench clean s3-test tsan-build
+.PHONY: all deps build lint docs test test-stages host-checks sanitizer-checks extended-checks unit-test privileged-test privileged-test-udev \
+	privileged-suites sanitize release-build fuzz bench clean s3-test
 
 all: build
 
@@ -53,8 +55,7 @@ docs:
 # Every stage, timed; stops at the first failing stage; ends with the tests of every
 # XCTest run added up, the time of each stage and the total time.
 test:
-	@mkdir -p .build && rm -f .build/test-times.txt .build/unit-tests.log .build/s3-tests.log .build/privileged-tests*.log \
-		.build-tsan/sanitize-*.log
+	@mkdir -p .build && rm -f .build/test-times.txt .build/unit-tests.log .build/s3-tests.log .build/privileged-tests*.log
 	@start=$$(date +%s); rc=0; \
 	$(MAKE) --no-print-directory test-stages || rc=$$?; \
 	secs=$$(( $$(date +%s) - start )); \
@@ -65,70 +66,56 @@ test:
 	exit $$rc
 
 # The debug build first; then, at once (TEST_PARALLEL=1):
-#  - the privileged suites against a real kernel: plain, powercut, udev, TSan
+#  - the privileged suites against a real kernel: plain, powercut, plain2, udev
 #    (scripts/run-privileged-suites.sh), where the host has no device-mapper in TWO VM boots
-#    at once (plain and udev; powercut, plain2 and tsan), which boot as soon as the debug bundle exists;
-#  - the host checks: the unit suite, the docs (from the debug build's objects) and the S3
-#    tests; then the TSan build the VM's tsan stage needs (that stage, last in its boot, waits
-#    for it through the status file DM_TSAN_BUILD_STATUS names, with a deadline), the unit
-#    suite under TSan and the fuzzer (linked against the debug build's objects). The TSan
-#    build keeps both cores busy, so it starts after the guests' boots (each took 91 s beside
-#    it; about 30 s on an idle host).
-# TEST_PARALLEL=0 runs the same stages one after another. The release build and the ASan
-# suite are not in make test (its 30 minutes on 2 cores): `make extended-checks` runs them.
-TSAN_BUILD_STATUS := .build-tsan/build-status
+#    at once (plain and udev; powercut and plain2), which boot as soon as the debug bundle
+#    exists;
+#  - the host checks: the unit suite, the docs (from the debug build's objects), the S3 tests
+#    and the fuzzer (linked against the debug build's objects).
+# TEST_PARALLEL=0 runs the same stages one after another. The sanitizers and the release
+# build are not in make test (its 30 minutes on 2 cores: each is a cold build of its own):
+# `make sanitizer-checks` and `make extended-checks` run them, and CI runs sanitizer-checks.
 test-stages:
 	@$(STAGE) deps bash scripts/deps.sh
 	@$(STAGE) lint $(MAKE) --no-print-directory lint
 	@$(STAGE) build $(SWIFT) build --build-tests
-	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
 	@if [[ "$(TEST_PARALLEL)" == 1 ]]; then \
-		echo "== host-checks (with the TSan build): running in the background while the privileged suites run; log .build/host-checks.log"; \
-		{ hrc=0; $(STAGE) checks-before-tsan $(MAKE) --no-print-directory checks-before-tsan || hrc=$$?; \
-			{ $(STAGE) tsan-build $(MAKE) --no-print-directory tsan-build && \
-				$(STAGE) checks-after-tsan $(MAKE) --no-print-directory checks-after-tsan; } || hrc=$$?; \
-			exit $$hrc; } >.build/host-checks.log 2>&1 & hc=$$!; \
-		rc=0; DM_TSAN_BUILD_STATUS=$(TSAN_BUILD_STATUS) $(STAGE) privileged $(MAKE) --no-print-directory privileged-suites || rc=$$?; \
+		echo "== host-checks: running in the background while the privileged suites run; log .build/host-checks.log"; \
+		{ $(STAGE) host-checks $(MAKE) --no-print-directory host-checks; } >.build/host-checks.log 2>&1 & hc=$$!; \
+		rc=0; $(STAGE) privileged $(MAKE) --no-print-directory privileged-suites || rc=$$?; \
 		hrc=0; wait $$hc || hrc=$$?; \
-		grep -E '^(== |tsan-build: |sanitize: |fuzz.sh: |#[0-9]+.*DONE|Done [0-9]+ runs)' .build/host-checks.log | sed 's/^/  host-checks: /'; \
+		grep -E '^(== |fuzz.sh: |#[0-9]+.*DONE|Done [0-9]+ runs)' .build/host-checks.log | sed 's/^/  host-checks: /'; \
 		((hrc == 0)) || { echo "host-checks FAILED (exit $$hrc); see .build/host-checks.log" >&2; tail -n 30 .build/host-checks.log >&2; }; \
 		((rc == 0 && hrc == 0)); \
 	else \
-		$(STAGE) tsan-build $(MAKE) --no-print-directory tsan-build && \
 		$(STAGE) privileged $(MAKE) --no-print-directory privileged-suites && \
 		$(MAKE) --no-print-directory host-checks; \
 	fi
-	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-2.log .build/privileged-tests-udev-node.log .build/privileged-tests-udev.log \
-		.build-tsan/sanitize-tsan-privileged.log .build-tsan/sanitize-thread.log
+	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-2.log .build/privileged-tests-udev-node.log .build/privileged-tests-udev.log
 
-# What make test leaves out, for its time: the release build and the unit suite under ASan
-# (each a cold build of its own), and a longer fuzz run.
-extended-checks:
-	@$(STAGE) release-build $(MAKE) --no-print-directory release-build
+# The sanitizers, each a cold build of its own (without the repository's HTTP stack): the
+# unit suite under TSan, the privileged concurrency tests from the TSan bundle (in a VM boot
+# where the host has no device-mapper; stress 16 x 4), and the unit suite under ASan. CI
+# runs this after make test.
+sanitizer-checks:
+	@mkdir -p .build && rm -f .build-tsan/sanitize-*.log .build-asan/sanitize-*.log
+	@$(STAGE) sanitize-tsan bash scripts/sanitize.sh tsan
+	@$(STAGE) tsan-privileged env DM_TSAN_STRESS_THREADS=16 DM_TSAN_STRESS_CYCLES=4 bash scripts/run-privileged-suites.sh tsan
 	@$(STAGE) sanitize-asan bash scripts/sanitize.sh asan
+	@bash scripts/test-summary.sh .build-tsan/sanitize-thread.log .build-tsan/sanitize-tsan-privileged.log .build-asan/sanitize-address.log
+
+# What make test leaves out, for its time: the sanitizers, the release build (a cold build
+# of its own), and a longer fuzz run.
+extended-checks: sanitizer-checks
+	@$(STAGE) release-build $(MAKE) --no-print-directory release-build
 	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(EXTENDED_FUZZ_SECONDS)
 
-# The TSan build of the tests (without the repository's HTTP stack); writes its exit status
-# to $(TSAN_BUILD_STATUS), atomically, for the VM's tsan stage to wait on.
-tsan-build:
-	@mkdir -p .build-tsan && rm -f $(TSAN_BUILD_STATUS)
-	@rc=0; DM_WITHOUT_REPOSITORY=1 $(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan \
-		>.build-tsan/build.log 2>&1 || rc=$$?; \
-	tail -n 3 .build-tsan/build.log | sed 's/^/tsan-build: /'; \
-	echo $$rc >$(TSAN_BUILD_STATUS).tmp && mv $(TSAN_BUILD_STATUS).tmp $(TSAN_BUILD_STATUS); \
-	exit $$rc
-
-# The checks that need neither root nor device-mapper, each timed: those on the debug build
-# (the docs and the fuzzer reuse its objects), then those on the TSan build.
-host-checks: checks-before-tsan checks-after-tsan
-
-checks-before-tsan:
+# The checks that need neither root nor device-mapper, each timed. The docs and the fuzzer
+# reuse the debug build's objects.
+host-checks:
 	@$(STAGE) unit $(MAKE) --no-print-directory unit-test
 	@$(STAGE) docs $(MAKE) --no-print-directory docs
 	@$(STAGE) s3-test $(MAKE) --no-print-directory s3-test
-
-checks-after-tsan:
-	@$(STAGE) sanitize-unit bash scripts/sanitize.sh tsan
 	@$(STAGE) fuzz $(MAKE) --no-print-directory fuzz
 
 # The unit suite; leaves out UnavailableDeviceMapperTests where the kernel has device-mapper.
@@ -143,7 +130,7 @@ s3-test:
 	set -o pipefail; bash scripts/s3-test-server.sh run $(SWIFT) test --skip-build \
 		--filter '^SandboxRepositoryTests\.S3' 2>&1 | tee .build/s3-tests.log
 
-# The privileged suite, plain, udev and TSan runs in one go (one VM boot if needed).
+# The privileged suite's runs (plain, powercut, plain2, udev) in one go (two VM boots if needed).
 privileged-suites:
 	bash scripts/run-privileged-suites.sh
 

@@ -2,15 +2,16 @@
 # The privileged part of `make test`: its runs against a real kernel, in two VM boots
 # at once when the host has no device-mapper (DM_VM_BOOTS, below).
 #
-#   scripts/run-privileged-suites.sh [STAGE...]     default: plain powercut plain2 udev tsan
+#   scripts/run-privileged-suites.sh [STAGE...]     default: plain powercut plain2 udev
+#   (tsan only when named: `make sanitizer-checks` runs it)
 #   (powercut before udev: the rig's own check devices must not meet udevd's probes, which
 #   keep them busy; once started for the udev stage, udevd runs to the end of the boot)
 #
 #   plain  the privileged suite, udev-less, but for plain2's classes:
 #          scripts/run-privileged-tests.sh BUNDLE          -> .build/privileged-tests.log
-#   plain2 the rest of it (a few slow classes), so that two boots can share the suite:
+#   plain2 the rest of it (some slow classes), so that two boots can share the suite:
 #          scripts/run-privileged-tests.sh BUNDLE          -> .build/privileged-tests-2.log
-#   tsan   the privileged concurrency tests from the TSan bundle:
+#   tsan   the privileged concurrency tests from the TSan bundle (built first if missing):
 #          scripts/sanitize.sh tsan-privileged             -> .build-tsan/sanitize-tsan-privileged.log
 #   udev   the privileged classes udev concerns, with systemd-udevd running, in two runs:
 #          UdevTests first, then the others (see below):
@@ -30,8 +31,8 @@
 # needs a running systemd-udevd (else run-privileged-tests.sh uses the VM rig).
 #
 # Stress: the stress test's full size is 16 threads x 50 cycles (scripts/soak.sh runs
-# it); here, to keep make test within its 30 minutes, the plain stage runs 16 x 5, the
-# TSan stage 8 x 4 and the udev stage 8 x 5, through DM_STRESS_THREADS/DM_STRESS_CYCLES
+# it); here, to keep make test within its 30 minutes, the plain stage runs 16 x 5 and the
+# udev stage 8 x 5 (the TSan stage 8 x 4), through DM_STRESS_THREADS/DM_STRESS_CYCLES
 # (override with DM_PLAIN_STRESS_THREADS/_CYCLES, DM_TSAN_..., DM_UDEV_...).
 #
 # Every stage runs even if an earlier one failed, each with its own deadline
@@ -41,10 +42,7 @@
 #
 # Bundles: DM_XCTEST_BUNDLE (default .build/debug/DeviceMapperPackageTests.xctest)
 # and, for tsan, .build-tsan/debug/DeviceMapperPackageTests.xctest: built here, on
-# the host, before the VM boots if missing; or, under `make test`, built on the host
-# while the earlier stages run: then DM_TSAN_BUILD_STATUS names the file the build
-# writes its exit status to, and the tsan stage waits for it (at most
-# DM_TSAN_BUILD_WAIT seconds, default 2400), so the VM need not wait for that build.
+# the host, before the VM boots if missing.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,7 +51,7 @@ cd "$root"
 SWIFT=${SWIFT:-swift}
 
 stages=("$@")
-((${#stages[@]})) || stages=(plain powercut plain2 udev tsan)
+((${#stages[@]})) || stages=(plain powercut plain2 udev)
 for stage in "${stages[@]}"; do
     case "$stage" in
         plain | plain2 | tsan | udev | powercut) ;;
@@ -74,7 +72,7 @@ bundle=${DM_XCTEST_BUNDLE:-.build/debug/DeviceMapperPackageTests.xctest}
 udev_only='UdevWatchTests|ControlPlaneTests|DeviceMapperControlTests|DeviceNameNodeTests|DeviceNodeSafetyTests|DeviceNodeRaceTests|SnapshotLifecycleTests'
 # The plain suite is two runs, so that two VM boots can share it (see below): plain2 runs
 # these classes, plain every other one. Together they are the whole suite.
-plain2_only='SandboxDiskCLITests|CowFileRoundTripTests|XFSFlattenTests'
+plain2_only='DataPlaneTests|AgentFlowTests|SandboxDiskCLITests|CowFileRoundTripTests|XFSFlattenTests'
 tsan_bundle=.build-tsan/debug/DeviceMapperPackageTests.xctest
 say() { printf 'run-privileged-suites: %s\n' "$*"; }
 duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
@@ -85,20 +83,20 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
         say "error: no device-mapper (or not root) inside the VM guest" >&2
         exit 125
     fi
-    [[ -x "$bundle" ]] || { say "error: $bundle missing (swift build --build-tests)" >&2; exit 2; }
+    if [[ " ${stages[*]} " != " tsan " ]]; then   # every stage but tsan runs the debug build
+        [[ -x "$bundle" ]] || { say "error: $bundle missing (swift build --build-tests)" >&2; exit 2; }
+    fi
     mkdir -p .build
     rw=(--rwdir .build)
     if has_stage tsan; then
-        if [[ -n "${DM_TSAN_BUILD_STATUS:-}" ]]; then
-            mkdir -p "$(dirname "$DM_TSAN_BUILD_STATUS")"
-        elif [[ ! -x "$tsan_bundle" ]]; then
+        if [[ ! -x "$tsan_bundle" ]]; then
             say "building $tsan_bundle"
             DM_WITHOUT_REPOSITORY=1 "$SWIFT" build --build-tests --sanitize=thread --scratch-path .build-tsan >/dev/null
         fi
         rw+=(--rwdir .build-tsan)
     fi
-    # Two boots at once (DM_VM_BOOTS=2, the default): plain and udev in one guest, powercut,
-    # plain2 and tsan in the other. A guest's test process keeps about one of the host's cores
+    # Two boots at once (DM_VM_BOOTS=2, the default): plain and udev in one guest, powercut
+    # and plain2 (and tsan, when named) in the other. A guest's test process keeps about one of the host's cores
     # busy, so two guests use the second core, and neither guest's devices, loop devices or
     # udevd can meet the other's. Each guest then has one CPU (DM_VM_CPUS, default 1 here):
     # with two, a guest's CPU spins on a lock whose holder's host thread is not running, and
@@ -171,28 +169,6 @@ run_stage() {
     fi
 }
 
-# wait_for_tsan_build: true once the TSan bundle is there to run. Under make test the
-# host builds it meanwhile and writes its exit status to DM_TSAN_BUILD_STATUS.
-tsan_build_problem=
-wait_for_tsan_build() {
-    local status=${DM_TSAN_BUILD_STATUS:-} deadline=$((SECONDS + ${DM_TSAN_BUILD_WAIT:-2400}))
-    if [[ -n "$status" && ! -f "$status" ]]; then
-        say "tsan: waiting for the host's TSan build ($status)"
-        while [[ ! -f "$status" ]]; do
-            if ((SECONDS >= deadline)); then
-                tsan_build_problem="no TSan build after ${DM_TSAN_BUILD_WAIT:-2400}s (DM_TSAN_BUILD_WAIT)"
-                return 1
-            fi
-            sleep 5
-        done
-    fi
-    if [[ -n "$status" && "$(cat "$status")" != 0 ]]; then
-        tsan_build_problem="the host's TSan build failed (exit $(cat "$status")); see .build-tsan/build.log"
-        return 1
-    fi
-    [[ -x "$tsan_bundle" ]] || { tsan_build_problem="$tsan_bundle missing"; return 1; }
-}
-
 where="on this host"
 [[ "${DM_IN_VM:-0}" == 1 ]] && where="in the VM guest (kernel $(uname -r), device-mapper: yes)"
 say "running ${stages[*]} directly $where"
@@ -211,11 +187,6 @@ for stage in "${stages[@]}"; do
                 bash "$here/run-privileged-tests.sh" "$bundle"
             ;;
         tsan)
-            if ! wait_for_tsan_build; then
-                verdicts+=("tsan: FAILED: $tsan_build_problem")
-                failed=1
-                continue
-            fi
             run_stage tsan '^sanitize: tsan-privileged: ' \
                 env DM_STRESS_THREADS="${DM_TSAN_STRESS_THREADS:-8}" DM_STRESS_CYCLES="${DM_TSAN_STRESS_CYCLES:-4}" \
                 bash "$here/sanitize.sh" tsan-privileged

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the tests under the sanitizers; called by `make sanitize` (part of `make test`).
+# Runs the tests under the sanitizers; `make sanitizer-checks` (CI runs it after `make test`)
+# calls its tsan and asan stages, and run-privileged-suites.sh its tsan-privileged stage.
 #
 #   scripts/sanitize.sh [STAGE...]      default: tsan asan tsan-privileged
 #
