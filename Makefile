@@ -66,10 +66,10 @@ test:
 	exit $$rc
 
 # The debug build first; then, at once (TEST_PARALLEL=1):
-#  - the privileged suites against a real kernel: plain, powercut, plain2, udev
+#  - the privileged suites against a real kernel: plain, powercut, plain2, udev, udev-watch
 #    (scripts/run-privileged-suites.sh), where the host has no device-mapper in TWO VM boots
-#    at once (plain and udev; powercut and plain2), which boot as soon as the debug bundle
-#    exists;
+#    at once (plain and udev; powercut, plain2 and udev-watch), which boot as soon as the
+#    debug bundle exists;
 #  - the host checks: the unit suite, the docs (from the debug build's objects), the S3 tests
 #    and the fuzzer (linked against the debug build's objects).
 # TEST_PARALLEL=0 runs the same stages one after another. The sanitizers and the release
@@ -91,7 +91,8 @@ test-stages:
 		$(STAGE) privileged $(MAKE) --no-print-directory privileged-suites && \
 		$(MAKE) --no-print-directory host-checks; \
 	fi
-	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-2.log .build/privileged-tests-udev-node.log .build/privileged-tests-udev.log
+	@bash scripts/test-summary.sh .build/unit-tests.log .build/s3-tests.log .build/privileged-tests.log .build/privileged-tests-2.log .build/privileged-tests-udev-node.log .build/privileged-tests-udev.log \
+		.build/privileged-tests-udev-watch.log
 
 # The sanitizers, each a cold build of its own (without the repository's HTTP stack): the
 # unit suite under TSan, the privileged concurrency tests from the TSan bundle (in a VM boot
@@ -130,7 +131,8 @@ s3-test:
 	set -o pipefail; bash scripts/s3-test-server.sh run $(SWIFT) test --skip-build \
 		--filter '^SandboxRepositoryTests\.S3' 2>&1 | tee .build/s3-tests.log
 
-# The privileged suite's runs (plain, powercut, plain2, udev) in one go (two VM boots if needed).
+# The privileged suite's runs (plain, powercut, plain2, udev, udev-watch) in one go (two VM
+# boots if needed).
 privileged-suites:
 	bash scripts/run-privileged-suites.sh
 

@@ -2,10 +2,11 @@
 # The privileged part of `make test`: its runs against a real kernel, in two VM boots
 # at once when the host has no device-mapper (DM_VM_BOOTS, below).
 #
-#   scripts/run-privileged-suites.sh [STAGE...]     default: plain powercut plain2 udev
+#   scripts/run-privileged-suites.sh [STAGE...]     default: plain powercut plain2 udev udev-watch
 #   (tsan only when named: `make sanitizer-checks` runs it)
-#   (powercut before udev: the rig's own check devices must not meet udevd's probes, which
-#   keep them busy; once started for the udev stage, udevd runs to the end of the boot)
+#   (powercut before udev and udev-watch: the rig's own check devices must not meet udevd's
+#   probes, which keep them busy; once started for a udev stage, udevd runs to the end of
+#   the boot)
 #
 #   plain  the privileged suite, udev-less, but for plain2's classes:
 #          scripts/run-privileged-tests.sh BUNDLE          -> .build/privileged-tests.log
@@ -17,6 +18,9 @@
 #          UdevTests first, then the others (see below):
 #          scripts/run-privileged-tests.sh BUNDLE --udev   -> .build/privileged-tests-udev-node.log,
 #                                                             .build/privileged-tests-udev.log
+#   udev-watch  UdevWatchTests (200 create/write/remove cycles) with systemd-udevd running,
+#          a stage of its own so that the other boot can run it (see below):
+#          scripts/run-privileged-tests.sh BUNDLE --udev   -> .build/privileged-tests-udev-watch.log
 #   powercut  the power-cut rig on ext4, DM_POWERCUT_POINTS (default 100) points:
 #          scripts/powercut.sh --points N --files 4 --base-mib 8 ext4  -> .build/powercut.log
 #
@@ -51,11 +55,11 @@ cd "$root"
 SWIFT=${SWIFT:-swift}
 
 stages=("$@")
-((${#stages[@]})) || stages=(plain powercut plain2 udev)
+((${#stages[@]})) || stages=(plain powercut plain2 udev udev-watch)
 for stage in "${stages[@]}"; do
     case "$stage" in
-        plain | plain2 | tsan | udev | powercut) ;;
-        *) echo "run-privileged-suites: unknown stage $stage (plain, plain2, tsan, udev, powercut)" >&2; exit 2 ;;
+        plain | plain2 | tsan | udev | udev-watch | powercut) ;;
+        *) echo "run-privileged-suites: unknown stage $stage (plain, plain2, tsan, udev, udev-watch, powercut)" >&2; exit 2 ;;
     esac
 done
 has_stage() { [[ " ${stages[*]} " == *" $1 "* ]]; }
@@ -68,8 +72,9 @@ bundle=${DM_XCTEST_BUNDLE:-.build/debug/DeviceMapperPackageTests.xctest}
 # Under TCG every event costs udev a `dmsetup` start (about a second), so the whole suite
 # under udev took 25 min (make test of 2026-12-05) against 6 for these classes; and its
 # backlog of events made the rules test wait minutes for udev's queue.
-# DM_UDEV_ONLY= (empty) runs every class under udev (scripts/soak.sh does).
-udev_only='UdevWatchTests|ControlPlaneTests|DeviceMapperControlTests|DeviceNameNodeTests|DeviceNodeSafetyTests|DeviceNodeRaceTests|SnapshotLifecycleTests'
+# DM_UDEV_ONLY= (empty) runs every class under udev (scripts/soak.sh does). UdevTests and
+# UdevWatchTests run in runs of their own (below), never in this one.
+udev_only='ControlPlaneTests|DeviceMapperControlTests|DeviceNameNodeTests|DeviceNodeSafetyTests|DeviceNodeRaceTests|SnapshotLifecycleTests'
 # The plain suite is two runs, so that two VM boots can share it (see below): plain2 runs
 # these classes, plain every other one. Together they are the whole suite.
 plain2_only='DataPlaneTests|AgentFlowTests|SandboxDiskCLITests|CowFileRoundTripTests|XFSFlattenTests'
@@ -95,8 +100,10 @@ if ! { [[ "${DM_FORCE_VM:-0}" != 1 && $(id -u) -eq 0 ]] && "$here/has-device-map
         fi
         rw+=(--rwdir .build-tsan)
     fi
-    # Two boots at once (DM_VM_BOOTS=2, the default): plain and udev in one guest, powercut
-    # and plain2 (and tsan, when named) in the other. A guest's test process keeps about one of the host's cores
+    # Two boots at once (DM_VM_BOOTS=2, the default): plain and udev in one guest, powercut,
+    # plain2 and udev-watch (and tsan, when named) in the other. The split is by time: in
+    # make test of 2b493e5 boot 1 (plain, udev) took 22m22s and boot 2 (powercut, plain2)
+    # 17m17s; udev-watch is about 2 min of udev's 9.5. A guest's test process keeps about one of the host's cores
     # busy, so two guests use the second core, and neither guest's devices, loop devices or
     # udevd can meet the other's. Each guest then has one CPU (DM_VM_CPUS, default 1 here):
     # with two, a guest's CPU spins on a lock whose holder's host thread is not running, and
@@ -191,10 +198,17 @@ for stage in "${stages[@]}"; do
                 env DM_STRESS_THREADS="${DM_TSAN_STRESS_THREADS:-8}" DM_STRESS_CYCLES="${DM_TSAN_STRESS_CYCLES:-4}" \
                 bash "$here/sanitize.sh" tsan-privileged
             ;;
-        udev)
+        udev | udev-watch)
             if [[ "${DM_IN_VM:-0}" == 1 ]] && ! udevadm control --ping >/dev/null 2>&1; then
                 say "starting systemd-udevd in the guest"
-                "$here/guest-udev.sh" start || { verdicts+=("udev: FAILED: cannot start systemd-udevd"); failed=1; continue; }
+                "$here/guest-udev.sh" start || { verdicts+=("$stage: FAILED: cannot start systemd-udevd"); failed=1; continue; }
+            fi
+            if [[ "$stage" == udev-watch ]]; then
+                # Last in its boot: its cycles leave udev a queue of events.
+                run_stage udev-watch '^privileged suite:' \
+                    env DM_PRIVILEGED_LOG=.build/privileged-tests-udev-watch.log DM_PRIVILEGED_ONLY=UdevWatchTests \
+                    bash "$here/run-privileged-tests.sh" "$bundle" --udev
+                continue
             fi
             # UdevTests first, in a run of their own: the rules test needs udev's queue empty
             # (its create waits for udev's node), and the other classes leave udev minutes
@@ -204,7 +218,7 @@ for stage in "${stages[@]}"; do
                 bash "$here/run-privileged-tests.sh" "$bundle" --udev
             run_stage udev '^privileged suite:' \
                 env DM_PRIVILEGED_LOG=.build/privileged-tests-udev.log \
-                DM_PRIVILEGED_ONLY="${DM_UDEV_ONLY-$udev_only}" DM_PRIVILEGED_EXCLUDE=UdevTests \
+                DM_PRIVILEGED_ONLY="${DM_UDEV_ONLY-$udev_only}" DM_PRIVILEGED_EXCLUDE='UdevTests|UdevWatchTests' \
                 DM_STRESS_THREADS="${DM_UDEV_STRESS_THREADS:-8}" DM_STRESS_CYCLES="${DM_UDEV_STRESS_CYCLES:-5}" \
                 bash "$here/run-privileged-tests.sh" "$bundle" --udev
             ;;
