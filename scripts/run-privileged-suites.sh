@@ -75,6 +75,11 @@ bundle=${DM_XCTEST_BUNDLE:-.build/debug/DeviceMapperPackageTests.xctest}
 # DM_UDEV_ONLY= (empty) runs every class under udev (scripts/soak.sh does). UdevTests and
 # UdevWatchTests run in runs of their own (below), never in this one.
 udev_only='ControlPlaneTests|DeviceMapperControlTests|DeviceNameNodeTests|DeviceNodeSafetyTests|DeviceNodeRaceTests|SnapshotLifecycleTests'
+# Of SnapshotLifecycleTests, the udev stage leaves out the tests of data, flatten, status,
+# the registry's counts and the checks made before any device exists: udev changes none of
+# their paths, the plain stage runs them, and under udev they cost 1.8 min (of 9.5) at
+# 2b493e5, mostly waiting behind udev's queue. (DM_UDEV_ONLY= runs them too, as soak.sh does.)
+udev_skip='SnapshotLifecycleTests/test(DataSurvivesRemoveAndRestoreAndBaseIsUnchanged|FlattenEqualsADeviceReadAndIsSparse|WritingTheWholeDeviceKeepsTheSnapshotActive|CreateRefusesAnExistingCowFile|StatusOfFreshSnapshot|RegistrySharesByFileIdentity|ReleaseAfterARenameOverThePathChargesTheImageThatWasAcquired|RestoreRefusesCorruptMissingAndInvalidatedStores)'
 # The plain suite is two runs, so that two VM boots can share it (see below): plain2 runs
 # these classes, plain every other one. Together they are the whole suite.
 plain2_only='DataPlaneTests|AgentFlowTests|SandboxDiskCLITests|CowFileRoundTripTests|XFSFlattenTests'
@@ -216,9 +221,12 @@ for stage in "${stages[@]}"; do
             run_stage udev-node '^privileged suite:' \
                 env DM_PRIVILEGED_LOG=.build/privileged-tests-udev-node.log DM_PRIVILEGED_ONLY=UdevTests \
                 bash "$here/run-privileged-tests.sh" "$bundle" --udev
+            udev_exclude='UdevTests|UdevWatchTests'
+            [[ -n "${DM_UDEV_ONLY+set}" ]] || udev_exclude+="|$udev_skip"
             run_stage udev '^privileged suite:' \
                 env DM_PRIVILEGED_LOG=.build/privileged-tests-udev.log \
-                DM_PRIVILEGED_ONLY="${DM_UDEV_ONLY-$udev_only}" DM_PRIVILEGED_EXCLUDE='UdevTests|UdevWatchTests' \
+                DM_PRIVILEGED_ONLY="${DM_UDEV_ONLY-$udev_only}" \
+                DM_PRIVILEGED_EXCLUDE="$udev_exclude" \
                 DM_STRESS_THREADS="${DM_UDEV_STRESS_THREADS:-8}" DM_STRESS_CYCLES="${DM_UDEV_STRESS_CYCLES:-5}" \
                 bash "$here/run-privileged-tests.sh" "$bundle" --udev
             ;;

@@ -56,16 +56,28 @@ mkdir -p "$(dirname "$log_file")"
 # --- which tests ---------------------------------------------------------------
 # Listing tests is harmless and needs no privileges, so do it on the host.
 listing=$("$bundle" --list-tests 2>&1) || die "$bundle --list-tests failed: $listing"
-classes=$(grep -E "^${module}\.[^/]+/" <<<"$listing" | cut -d/ -f1 | sort -u | paste -sd, -) || true
+all_tests=$(grep -E "^${module}\.[^/]+/" <<<"$listing" | sort -u) || true
 # DM_PRIVILEGED_ONLY: an extended regex of class names (without the module): only those run
-# (the udev stage uses it). DM_PRIVILEGED_EXCLUDE: a regex of classes this run leaves out.
-# Classes left out are not run, so not counted as skipped.
+# (the udev stage uses it). DM_PRIVILEGED_EXCLUDE: a regex of classes, or of single tests
+# (Class/testMethod), this run leaves out. What is left out is not run, so not counted as
+# skipped.
+tests=$all_tests
 if [[ -n "${DM_PRIVILEGED_ONLY:-}" ]]; then
-    classes=$(tr ',' '\n' <<<"$classes" | grep -E "^${module}\.(${DM_PRIVILEGED_ONLY})\$" | paste -sd, -) || true
+    tests=$(grep -E "^${module}\.(${DM_PRIVILEGED_ONLY})/" <<<"$tests") || true
 fi
 if [[ -n "${DM_PRIVILEGED_EXCLUDE:-}" ]]; then
-    classes=$(tr ',' '\n' <<<"$classes" | grep -Ev "^${module}\.(${DM_PRIVILEGED_EXCLUDE})\$" | paste -sd, -) || true
+    tests=$(grep -Ev "^${module}\.(${DM_PRIVILEGED_EXCLUDE})(/|\$)" <<<"$tests") || true
 fi
+# The argument: a class by its name where all its tests run, else its tests one by one.
+classes=""
+for class in $(cut -d/ -f1 <<<"$tests" | sort -u); do
+    kept=$(grep -c "^${class}/" <<<"$tests")
+    if [[ "$kept" == "$(grep -c "^${class}/" <<<"$all_tests")" ]]; then
+        classes+="${classes:+,}$class"
+    else
+        classes+="${classes:+,}$(grep "^${class}/" <<<"$tests" | paste -sd, -)"
+    fi
+done
 [[ -n "$classes" ]] || die "no tests of module $module in $bundle"
 
 export DM_REQUIRE_PRIVILEGED=1
@@ -106,7 +118,7 @@ else
     cmd=("$here/vm-run.sh" "${vm_args[@]}" -- "$bundle" "$classes")
 fi
 
-echo "run-privileged-tests: $module ($(tr ',' '\n' <<<"$classes" | wc -l) classes) $where, udev=$([[ $udev == 1 ]] && echo on || echo off), log: $log_file"
+echo "run-privileged-tests: $module ($(grep -c . <<<"$tests") tests) $where, udev=$([[ $udev == 1 ]] && echo on || echo off), log: $log_file"
 
 # --- run -----------------------------------------------------------------------
 start=$(date +%s)
