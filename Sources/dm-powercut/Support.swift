@@ -189,7 +189,7 @@ func readBytes(_ path: String) throws(PowercutError) -> [UInt8] {
     return bytes
 }
 
-/// Reads a whole (small) file as text. The C calls are `open` and `read`.
+/// Reads a whole (small) file as text, through `readBytes`.
 func readText(_ path: String) throws(PowercutError) -> String {
     String(decoding: try readBytes(path), as: UTF8.self)
 }
