@@ -117,12 +117,13 @@ public struct Repository: Sendable {
     func contentID(of file: LocalFile) async throws -> String {
         if let known = contentIDCache.lookUp(file, frameSizeBytes: frameSizeBytes) { return known }
         let frameSizeBytes = self.frameSizeBytes
+        let buffers = FrameBuffers(frameSizeBytes: frameSizeBytes)
         let names = try await boundedConcurrentMap(count: file.frameCount(frameSizeBytes), limit: framesInFlight) {
             index in
             try await repositoryThreads.run { () throws(RepositoryError) -> String? in
                 switch try encodeFrame(
                     file.descriptor, index: index, sizeBytes: file.sizeBytes, frameSizeBytes: frameSizeBytes,
-                    compress: false, subject: file.path.string)
+                    compress: false, subject: file.path.string, buffers: buffers)
                 {
                 case .zero: return nil
                 case .data(let name, _, _): return name
@@ -144,13 +145,14 @@ public struct Repository: Sendable {
         let objects = self.objects
         // Names this push is storing already: a frame that repeats within the file is sent once.
         let claimed = Locked(Set<String>())
+        let buffers = FrameBuffers(frameSizeBytes: frameSizeBytes)
         let names = try await boundedConcurrentMap(count: file.frameCount(frameSizeBytes), limit: framesInFlight) {
             index -> String? in
             try Task.checkCancellation()
             let frame = try await repositoryThreads.run { () throws(RepositoryError) in
                 try encodeFrame(
                     file.descriptor, index: index, sizeBytes: file.sizeBytes, frameSizeBytes: frameSizeBytes,
-                    compress: true, subject: file.path.string)
+                    compress: true, subject: file.path.string, buffers: buffers)
             }
             guard case .data(let name, let compressed, let sizeBytes) = frame else {
                 let (_, count) = frameRange(index, sizeBytes: file.sizeBytes, frameSizeBytes: frameSizeBytes)
@@ -198,6 +200,7 @@ public struct Repository: Sendable {
         let objects = self.objects
         let descriptor = output.descriptor
         let subject = output.temporaryPath.string
+        let buffers = FrameBuffers(frameSizeBytes: manifest.frameSizeBytes)
         _ = try await boundedConcurrentMap(count: manifest.frames.count, limit: framesInFlight) { index -> Bool in
             try Task.checkCancellation()
             let (offset, count) = frameRange(
@@ -218,15 +221,16 @@ public struct Repository: Sendable {
                 throw RepositoryError.backend(error, key: key, frameIndex: index)
             }
             try await repositoryThreads.run { () throws(RepositoryError) in
-                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
-                defer { buffer.deallocate() }
-                try decodeFrame(compressed, name: name, index: index, into: buffer)
-                do throws(DeviceMapperError) {
-                    try TransferPhaseClock.measure(.writeOut) { () throws(DeviceMapperError) in
-                        try writeFully(descriptor, from: UnsafeRawBufferPointer(buffer), at: offset, subject: subject)
+                try buffers.withBuffer(count: count) { buffer throws(RepositoryError) in
+                    try decodeFrame(compressed, name: name, index: index, into: buffer)
+                    do throws(DeviceMapperError) {
+                        try TransferPhaseClock.measure(.writeOut) { () throws(DeviceMapperError) in
+                            try writeFully(
+                                descriptor, from: UnsafeRawBufferPointer(buffer), at: offset, subject: subject)
+                        }
+                    } catch {
+                        throw RepositoryError.local(error, "cannot write frame \(index) to \(destination)")
                     }
-                } catch {
-                    throw RepositoryError.local(error, "cannot write frame \(index) to \(destination)")
                 }
             }
             counter.add(read: count, stored: compressed.count)
