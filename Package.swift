@@ -131,6 +131,7 @@ let package = Package(
             dependencies: [
                 "DeviceMapper",
                 "CDeviceMapper",
+                "ToolSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),

@@ -43,7 +43,6 @@
 // only), 1 if the call failed or returned without reaching the hook.
 
 import DeviceMapper
-import Dispatch
 import Synchronization
 import SystemPackage
 import ToolSupport
@@ -189,7 +188,7 @@ func runNodeChurn(_ arguments: [String]) -> Never {
     }
     let zero = [DMTarget(startSector: 0, lengthSectors: 8, type: "zero", parameters: "")]
     let failures = Mutex<[String]>([])
-    DispatchQueue.concurrentPerform(iterations: threads) { index in
+    onThreads(threads) { index in
         do {
             for _ in 0..<rounds {
                 try DeviceMapperControl.create(name: names[index], targets: zero)

@@ -1,6 +1,7 @@
 import DeviceMapper
 import Foundation
 import SystemPackage
+import ToolSupport
 import XCTest
 
 #if canImport(Glibc)

@@ -3,6 +3,7 @@ import DeviceMapper
 import Foundation
 import MetricsTestKit
 import SystemPackage
+import ToolSupport
 import XCTest
 
 #if canImport(Glibc)

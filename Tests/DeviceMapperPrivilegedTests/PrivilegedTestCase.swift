@@ -221,36 +221,6 @@ struct PrivilegeMissing: Error, CustomStringConvertible {
     var description: String { "privileged suite cannot run (DM_REQUIRE_PRIVILEGED=1): \(reason)" }
 }
 
-/// Runs `body(0)` ... `body(count - 1)` each on a thread of its own, all at once, and
-/// returns when every one has returned. `DispatchQueue.concurrentPerform` is no substitute:
-/// its width is the number of CPUs, so on a one-CPU guest it runs the iterations one after
-/// another, and a test of what happens when calls overlap then checks nothing (or, where
-/// the iterations wait for each other at a rendezvous, fails).
-///
-/// The threads are joined with `pthread_join`, which ThreadSanitizer sees as the
-/// happens-before edge it is.
-func onThreads(_ count: Int, _ body: @escaping (Int) -> Void) {
-    let threads = (0..<count).map { index in
-        let work = Unmanaged.passRetained(ThreadWork { body(index) }).toOpaque()
-        var thread = pthread_t()
-        let status = pthread_create(
-            &thread, nil,
-            { context in
-                Unmanaged<ThreadWork>.fromOpaque(context!).takeRetainedValue().run()
-                return nil
-            }, work)
-        precondition(status == 0, "pthread_create: \(Errno(rawValue: status))")
-        return thread
-    }
-    for thread in threads { pthread_join(thread, nil) }
-}
-
-/// One thread's work for `onThreads`.
-private final class ThreadWork: @unchecked Sendable {
-    let run: () -> Void
-    init(_ run: @escaping () -> Void) { self.run = run }
-}
-
 /// Deterministic bytes from a 64-bit xorshift generator: each state's 8 bytes in
 /// little-endian order, stored a word at a time (the same bytes as one at a time, about
 /// 5 times faster in a debug build; most tests make an 8 MiB image, under emulation).

@@ -1,6 +1,7 @@
 import DeviceMapper
 import Foundation
 import SystemPackage
+import ToolSupport
 import XCTest
 
 #if canImport(Glibc)
@@ -41,7 +42,7 @@ final class LoopRegistryConcurrencyTests: XCTestCase {
         let iterations = 50
         let missing = FilePath(directory + "/missing.img")
         let wrong = ResultCollector()
-        DispatchQueue.concurrentPerform(iterations: threads) { thread in
+        onThreads(threads) { thread in
             for iteration in 0..<iterations {
                 let (path, code) = cases[(thread + iteration) % cases.count]
                 do {
