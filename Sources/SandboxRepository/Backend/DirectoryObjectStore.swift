@@ -36,10 +36,15 @@ public struct DirectoryObjectStore: ObjectStore {
         let path = try self.path(key)
         try await repositoryThreads.run { () throws(ObjectStoreError) in
             let directory = path.removingLastComponent()
-            try makeDirectories(directory, key: key)
             let name = path.lastComponent?.string ?? "object"
             let temporary = directory.appending(".\(name).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-            let fd = try system_open(temporary, O_WRONLY | O_CREAT | O_EXCL, permissions: 0o644).get(key, "open")
+            var opened = system_open(temporary, O_WRONLY | O_CREAT | O_EXCL, permissions: 0o644)
+            if case .failure(.noSuchFileOrDirectory) = opened {
+                // The object's directory is new (the first frame under its two hex digits).
+                try makeDirectories(directory, key: key)
+                opened = system_open(temporary, O_WRONLY | O_CREAT | O_EXCL, permissions: 0o644)
+            }
+            let fd = try opened.get(key, "open")
             var published = false
             defer {
                 system_close(fd)
@@ -197,14 +202,20 @@ func isValidObjectKey(_ key: String) -> Bool {
     }
 }
 
-/// Creates `directory` and its missing parents.
+/// Creates `directory` and its missing parents, and makes each new entry durable in its
+/// parent (an object renamed into a directory whose own entry is lost is lost with it).
+/// The corresponding C functions are `mkdir` and `fsync` (of the parent).
 private func makeDirectories(_ directory: FilePath, key: String) throws(ObjectStoreError) {
     switch system_mkdir(directory, 0o755) {
-    case .success, .failure(.fileExists): return
+    case .success:
+        syncDirectory(directory.removingLastComponent())
+    case .failure(.fileExists):
+        return
     case .failure(.noSuchFileOrDirectory) where !directory.components.isEmpty:
         try makeDirectories(directory.removingLastComponent(), key: key)
         switch system_mkdir(directory, 0o755) {
-        case .success, .failure(.fileExists): return
+        case .success: syncDirectory(directory.removingLastComponent())
+        case .failure(.fileExists): return
         case .failure(let errno): throw ObjectStoreError.failed(key: key, detail: "mkdir \(directory): \(errno)")
         }
     case .failure(let errno):
@@ -214,7 +225,7 @@ private func makeDirectories(_ directory: FilePath, key: String) throws(ObjectSt
 
 /// Makes a rename in `directory` durable; a failure only weakens durability, so it is ignored.
 private func syncDirectory(_ directory: FilePath) {
-    if case .success(let fd) = system_open(directory, O_RDONLY | O_DIRECTORY) {
+    if case .success(let fd) = system_open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY) {
         _ = system_fsync(fd)
         system_close(fd)
     }
