@@ -74,7 +74,8 @@ test:
 #    and the fuzzer (linked against the debug build's objects).
 # TEST_PARALLEL=0 runs the same stages one after another. The sanitizers and the release
 # build are not in make test (its 30 minutes on 2 cores: each is a cold build of its own):
-# `make sanitizer-checks` and `make extended-checks` run them, and CI runs sanitizer-checks.
+# `make sanitizer-checks` and `make extended-checks` run them, and CI runs sanitizer-checks
+# and release-build.
 test-stages:
 	@$(STAGE) deps bash scripts/deps.sh
 	@$(STAGE) lint $(MAKE) --no-print-directory lint
