@@ -202,25 +202,25 @@ func isValidObjectKey(_ key: String) -> Bool {
     }
 }
 
-/// Creates `directory` and its missing parents, and makes each new entry durable in its
-/// parent (an object renamed into a directory whose own entry is lost is lost with it).
+/// Creates `directory`, which was missing a moment ago, and its missing parents, and makes
+/// each entry durable in its parent (an object renamed into a directory whose own entry is
+/// lost is lost with it). A directory another put created first is synced too: its creator
+/// may not have synced it yet.
 /// The corresponding C functions are `mkdir` and `fsync` (of the parent).
 private func makeDirectories(_ directory: FilePath, key: String) throws(ObjectStoreError) {
     switch system_mkdir(directory, 0o755) {
-    case .success:
-        syncDirectory(directory.removingLastComponent())
-    case .failure(.fileExists):
-        return
+    case .success, .failure(.fileExists):
+        break
     case .failure(.noSuchFileOrDirectory) where !directory.components.isEmpty:
         try makeDirectories(directory.removingLastComponent(), key: key)
         switch system_mkdir(directory, 0o755) {
-        case .success: syncDirectory(directory.removingLastComponent())
-        case .failure(.fileExists): return
+        case .success, .failure(.fileExists): break
         case .failure(let errno): throw ObjectStoreError.failed(key: key, detail: "mkdir \(directory): \(errno)")
         }
     case .failure(let errno):
         throw ObjectStoreError.failed(key: key, detail: "mkdir \(directory): \(errno)")
     }
+    syncDirectory(directory.removingLastComponent())
 }
 
 /// Makes a rename in `directory` durable; a failure only weakens durability, so it is ignored.
